@@ -1,0 +1,1 @@
+"""The embedded development broker and topic administration."""

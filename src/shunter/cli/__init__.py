@@ -1,0 +1,1 @@
+"""The ``shunter`` command line: one module per command."""

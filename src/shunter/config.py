@@ -1,0 +1,318 @@
+"""Typed, validated configuration.
+
+Everything a deployment needs is read and checked here, once, at start. A refused
+configuration lists every problem with its key path (``subscribers[1].timeout``) and what
+was expected; nothing downstream ever re-validates or guesses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from .errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def parse_duration(value: Any) -> float:
+    """``5s``, ``250ms``, ``5m``, ``1h`` or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5s, 250ms or 5m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration such as 5s, 250ms or 5m, got {value!r}")
+        seconds = float(match.group(1)) * _UNIT[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Strict):
+    bootstrap_servers: str | None = None
+    group_id: str = "shunter"
+    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    batch_size: int = Field(default=1000, ge=1, le=100_000)
+    max_in_flight: int = Field(default=20_000, ge=1)
+    commit_interval: Duration = 0.5
+    drain_timeout: Duration = 10.0
+
+
+class TopicConfig(_Strict):
+    format: Literal["json", "raw"] = "json"
+    schema_: str | None = Field(default=None, alias="schema")
+    model: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and ":" not in value:
+            raise ValueError("expected an import path 'package.module:Name'")
+        return value
+
+
+class CategoryConfig(_Strict):
+    topics: list[str] = Field(min_length=1)
+    where: str | None = None
+
+
+class HttpConfig(_Strict):
+    url: str
+    timeout: Duration = 5.0
+    body: Literal["json", "raw"] = "json"
+    headers: dict[str, str] = Field(default_factory=dict)
+    rate_limit: float | None = Field(default=None, gt=0)
+    allow_hosts: list[str] | None = None
+    allow_private: list[str] = Field(default_factory=list)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown: Duration = 10.0
+    max_body: int = Field(default=65_536, ge=0)
+
+
+class SubscriberConfig(_Strict):
+    caller: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    category: str
+    handler: str | None = None
+    http: HttpConfig | None = None
+    ordering: Literal["key", "partition", "none"] = "key"
+    concurrency: int = Field(default=64, ge=1, le=100_000)
+    timeout: Duration = 30.0
+    isolation: Literal["inline", "thread", "process"] = "inline"
+    workers: int = Field(default=2, ge=1, le=256)
+    memory_limit_mb: int | None = Field(default=None, ge=16)
+
+    @field_validator("handler")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and ":" not in value:
+            raise ValueError("expected an import path 'package.module:function'")
+        return value
+
+
+class TierConfig(_Strict):
+    attempts: int = Field(ge=0, le=1000)
+    delay: Duration
+
+
+class FloodGuardConfig(_Strict):
+    window: int = Field(default=200, ge=10)
+    max_share: float = Field(default=0.5, gt=0, le=1)
+    action: Literal["pause", "continue"] = "pause"
+
+
+class RetryConfig(_Strict):
+    fast: TierConfig = TierConfig(attempts=3, delay=1.0)
+    slow: TierConfig = TierConfig(attempts=5, delay=300.0)
+    fast_topic: str | None = None
+    slow_topic: str | None = None
+    dlq_topic: str | None = None
+    partitions: int = Field(default=6, ge=1)
+    flood_guard: FloodGuardConfig = FloodGuardConfig()
+
+
+class CrashGuardConfig(_Strict):
+    quarantine_after: int = Field(default=3, ge=1)
+    journal_topic: str | None = None
+    enabled: bool = True
+
+
+class AdminConfig(_Strict):
+    listen: str | None = "127.0.0.1:8080"
+    token_env: str = "SHUNTER_ADMIN_TOKEN"
+
+
+class LogConfig(_Strict):
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Config(_Strict):
+    kafka: KafkaConfig = KafkaConfig()
+    topics: dict[str, TopicConfig] = Field(default_factory=dict)
+    categories: dict[str, CategoryConfig] = Field(default_factory=dict)
+    subscribers: list[SubscriberConfig] = Field(default_factory=list)
+    retry: RetryConfig = RetryConfig()
+    crash_guard: CrashGuardConfig = CrashGuardConfig()
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    base_dir: str = "."  # where relative paths (schemas) are resolved; set by the loader
+
+    @property
+    def fast_topic(self) -> str:
+        return self.retry.fast_topic or f"{self.kafka.group_id}.retry.fast"
+
+    @property
+    def slow_topic(self) -> str:
+        return self.retry.slow_topic or f"{self.kafka.group_id}.retry.slow"
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.retry.dlq_topic or f"{self.kafka.group_id}.dlq"
+
+    @property
+    def journal_topic(self) -> str:
+        return self.crash_guard.journal_topic or f"{self.kafka.group_id}.journal"
+
+    def resolve(self, path: str) -> Path:
+        return Path(self.base_dir, path)
+
+    def subscriber(self, caller: str) -> SubscriberConfig:
+        for sub in self.subscribers:
+            if sub.caller == caller:
+                return sub
+        raise KeyError(caller)
+
+
+def interpolate(node: Any, path: str, problems: list[str], secrets: set[str]) -> Any:
+    """Replace ``${VAR}`` in every string with the environment's value.
+
+    The values substituted are collected in ``secrets`` so logs can redact them.
+    """
+    if isinstance(node, dict):
+        return {k: interpolate(v, _join(path, str(k)), problems, secrets) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate(v, f"{path}[{i}]", problems, secrets) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        value = os.environ.get(name)
+        if value is None:
+            problems.append(f"{path}: environment variable {name} is not set")
+            return ""
+        if value:
+            secrets.add(value)
+        return value
+
+    return _ENV_REF.sub(substitute, node)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out = _join(out, "schema" if part == "schema_" else part)
+    return out or "(root)"
+
+
+def _cross_check(config: Config, problems: list[str]) -> None:
+    """The checks no single key can make: references between sections."""
+    for name, category in config.categories.items():
+        for i, topic in enumerate(category.topics):
+            if topic not in config.topics:
+                problems.append(
+                    f"categories.{name}.topics[{i}]: unknown topic {topic!r} "
+                    f"(expected one of: {', '.join(sorted(config.topics)) or 'none defined'})"
+                )
+        if category.where is not None:
+            from .classify.filters import compile_filter
+
+            try:
+                compile_filter(category.where)
+            except ValueError as exc:
+                problems.append(f"categories.{name}.where: not a valid CEL expression: {exc}")
+    for name, topic_cfg in config.topics.items():
+        if topic_cfg.schema_ is not None and not config.resolve(topic_cfg.schema_).is_file():
+            problems.append(f"topics.{name}.schema: file not found: {topic_cfg.schema_}")
+        if topic_cfg.format == "raw" and (topic_cfg.schema_ or topic_cfg.model):
+            problems.append(f"topics.{name}: a raw topic takes neither schema nor model")
+    seen: set[str] = set()
+    for i, sub in enumerate(config.subscribers):
+        where = f"subscribers[{i}]"
+        if sub.caller in seen:
+            problems.append(f"{where}.caller: duplicate caller {sub.caller!r}")
+        seen.add(sub.caller)
+        if sub.category not in config.categories:
+            problems.append(
+                f"{where}.category: unknown category {sub.category!r} "
+                f"(expected one of: {', '.join(sorted(config.categories)) or 'none defined'})"
+            )
+        if sub.http is not None and sub.handler is not None:
+            problems.append(f"{where}: expected either handler or http, not both")
+        if sub.http is not None and sub.isolation != "inline":
+            problems.append(f"{where}.isolation: HTTP subscribers take no isolation setting")
+    internal = {config.fast_topic, config.slow_topic, config.dlq_topic, config.journal_topic}
+    for name in config.topics:
+        if name in internal:
+            problems.append(f"topics.{name}: this name is one of shunter's own topics")
+
+
+def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None) -> Config:
+    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(["(root): expected a mapping of sections (kafka, topics, ...)"])
+    data = interpolate(data, "", problems, secrets if secrets is not None else set())
+    data["base_dir"] = base_dir
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append(f"{_loc(err['loc'])}: {_describe(err, secrets or set())}")
+        raise ConfigError(problems) from None
+    _cross_check(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _describe(err: Any, secrets: set[str]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    text = str(err["msg"])
+    text = text.removeprefix("Value error, ")
+    got = err.get("input")
+    if not isinstance(got, dict | list):
+        shown = "<redacted>" if isinstance(got, str) and any(s in got for s in secrets) else got
+        text += f" (got {shown!r})"
+    return text
+
+
+def load_config(path: str | Path, secrets: set[str] | None = None) -> Config:
+    """Read and validate a YAML configuration file."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{file}: not valid YAML: {exc}"]) from None
+    return parse_config(data, base_dir=str(file.parent.resolve()), secrets=secrets)

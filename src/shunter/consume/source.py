@@ -1,0 +1,265 @@
+"""The consumer thread.
+
+confluent-kafka's ``consume`` blocks and its rebalance callbacks run inside it, in the
+calling thread. So the consumer lives on a thread of its own and hands batches to the
+event loop in order; a revocation blocks this thread while the loop drains the revoked
+partitions, and then their offsets are committed here, inside the callback, before
+librdkafka releases them.
+
+Ordering invariant: batches, revocations and acknowledgements of control commands all
+reach the loop through ``call_soon_threadsafe`` from this one thread, so the loop sees
+them in the order they happened here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+log = logging.getLogger("shunter.consume")
+
+TP = tuple[str, int]
+
+
+class SourceHandler(Protocol):
+    """What the pipeline offers the consumer thread (all called on the loop)."""
+
+    def handle_batch(self, batch: list[Any]) -> None: ...
+
+    def parked(self, tp: TP) -> None: ...
+
+    def assigned(self, tps: list[TP]) -> Coroutine[Any, Any, None]: ...
+
+    def revoked(self, tps: list[TP], lost: bool) -> Coroutine[Any, Any, list[tuple[TP, int]]]: ...
+
+    def in_flight(self) -> int: ...
+
+
+class KafkaSource:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        topics: list[str],
+        handler: SourceHandler,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        batch_size: int = 1000,
+        max_in_flight: int = 20_000,
+    ) -> None:
+        conf = {
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 6000,
+            "max.poll.interval.ms": 300_000,
+            **settings,
+            "on_commit": self._on_commit,
+        }
+        self._consumer = Consumer(conf)
+        self._topics = topics
+        self._handler = handler
+        self._loop = loop
+        self._batch_size = batch_size
+        self._high_water = max_in_flight
+        self._low_water = max(1, max_in_flight // 2)
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._fetching = True
+        self.handed = 0  # messages handed to the loop (written by this thread only)
+        self.assignment: set[TP] = set()
+        self._parked: set[TP] = set()  # paused until a retry is due
+        self._throttled = False  # paused for back-pressure
+        self._thread = threading.Thread(target=self._run, name="shunter-consumer", daemon=True)
+        self._watermarks: dict[TP, tuple[int, int]] = {}
+
+    # -- called from the loop -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def commit(self, offsets: list[tuple[TP, int]]) -> None:
+        """Commit asynchronously, from the consumer thread.
+
+        confluent-kafka serialises calls on one consumer and ``consume`` holds that
+        lock while it waits, so a call from another thread would starve: every call on
+        the consumer is made on its own thread, through the command queue.
+        """
+        if offsets:
+            tps = [TopicPartition(t, p, o) for (t, p), o in offsets]
+            self._commands.put(lambda: self._consumer.commit(offsets=tps, asynchronous=True))
+
+    def park(self, tp: TP, offset: int) -> None:
+        """Pause ``tp`` and rewind it to ``offset``; the loop's ``parked(tp)`` confirms."""
+        self._commands.put(lambda: self._do_park(tp, offset))
+
+    def unpark(self, tp: TP) -> None:
+        self._commands.put(lambda: self._do_unpark(tp))
+
+    def stop_fetching(self) -> None:
+        """Stop handing out new messages; rebalances are still served."""
+        self._commands.put(self._do_stop_fetching)
+
+    def stop(self) -> None:
+        """Leave the group (revocation drains and commits) and end the thread."""
+        self._stopping.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def watermarks(self, tp: TP) -> tuple[int, int] | None:
+        """The partition's (low, high) watermarks as last seen by the consumer thread."""
+        return self._watermarks.get(tp)
+
+    def _refresh_watermarks(self) -> None:
+        marks = {}
+        for tp in self.assignment:
+            try:
+                low, high = self._consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                marks[tp] = (int(low), int(high))
+        self._watermarks = marks
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        consumer.subscribe(
+            self._topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        next_marks = 0.0
+        try:
+            while not self._stopping.is_set():
+                self._apply_commands()
+                self._apply_backpressure()
+                if time.monotonic() >= next_marks:
+                    self._refresh_watermarks()
+                    next_marks = time.monotonic() + 5.0
+                batch = consumer.consume(self._batch_size, 0.1)
+                if not batch:
+                    continue
+                if not self._fetching:  # paused since; the next owner re-reads these
+                    continue
+                self.handed += len(batch)
+                self._loop.call_soon_threadsafe(self._handler.handle_batch, batch)
+        except Exception:
+            log.critical("consumer thread failed", exc_info=True)
+        finally:
+            self._apply_commands()  # commits queued before the stop
+            try:
+                consumer.close()  # revokes what is left: drained and committed
+            except Exception:
+                log.exception("closing the consumer failed")
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command()
+            except KafkaException as exc:
+                log.warning("consumer control command failed: %s", exc)
+
+    def _apply_backpressure(self) -> None:
+        in_flight = self.handed - self._handler_processed() + self._handler.in_flight()
+        if not self._throttled and in_flight >= self._high_water:
+            self._throttled = True
+            self._pause(self.assignment)
+            log.info("back-pressure: %d messages in flight, partitions paused", in_flight)
+        elif self._throttled and in_flight <= self._low_water:
+            self._throttled = False
+            if self._fetching:
+                self._resume(self.assignment - self._parked)
+
+    def _handler_processed(self) -> int:
+        return int(getattr(self._handler, "processed", 0))
+
+    def _pause(self, tps: set[TP]) -> None:
+        if tps:
+            self._consumer.pause([TopicPartition(t, p) for t, p in tps])
+
+    def _resume(self, tps: set[TP]) -> None:
+        if tps:
+            self._consumer.resume([TopicPartition(t, p) for t, p in tps])
+
+    def _do_park(self, tp: TP, offset: int) -> None:
+        if tp in self.assignment:
+            self._parked.add(tp)
+            self._pause({tp})
+            self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        # Confirm in order with the batches: everything fetched before the pause has
+        # reached the loop before this does.
+        self._loop.call_soon_threadsafe(self._handler.parked, tp)
+
+    def _do_unpark(self, tp: TP) -> None:
+        self._parked.discard(tp)
+        if tp in self.assignment and not self._throttled and self._fetching:
+            self._resume({tp})
+
+    def _do_stop_fetching(self) -> None:
+        self._fetching = False
+        self._pause(self.assignment)
+
+    # -- rebalance callbacks (run inside consume, on this thread) -------------------------
+
+    def _call_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.info("assigned %s", _show(tps))
+        try:
+            self._call_loop(self._handler.assigned(tps))
+        except Exception:
+            log.exception("handling the assignment failed")
+        self.assignment.update(tps)
+        if self._throttled or not self._fetching:
+            # librdkafka applies the assignment after this returns; pause then.
+            self._commands.put(lambda: self._pause(set(tps)))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(consumer, partitions, lost=False)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._release(consumer, partitions, lost=True)
+
+    def _release(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        log.info("%s %s", "lost" if lost else "revoked", _show(tps))
+        self.assignment.difference_update(tps)
+        self._parked.difference_update(tps)
+        try:
+            offsets = self._call_loop(self._handler.revoked(tps, lost))
+        except Exception:
+            log.exception("draining revoked partitions failed; their offsets stay uncommitted")
+            return
+        if lost or not offsets:
+            return
+        try:
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets], asynchronous=False
+            )
+        except KafkaException as exc:
+            log.warning("commit on revocation failed: %s (the next owner may redeliver)", exc)
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
+            log.warning("commit failed: %s", err)
+
+
+def _show(tps: list[TP]) -> str:
+    return ", ".join(f"{t}[{p}]" for t, p in sorted(tps)) or "nothing"

@@ -1,0 +1,91 @@
+"""Per-topic decoding and validation.
+
+A decoder either returns the value or raises ``RejectedMessage`` naming the stage
+(``decode`` or ``validate``) and a reason a person can act on. It never lets a
+malformed message through to a handler, and never raises anything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import fastjsonschema
+import orjson
+
+from ..config import Config, TopicConfig
+from ..errors import ConfigError, RejectedMessage
+from ..loader import import_object
+
+Validator = Callable[[Any], Any]
+
+
+class Decoder:
+    """Decodes one topic's payloads: JSON (orjson) or raw bytes, then validates."""
+
+    __slots__ = ("_json", "_validate", "topic")
+
+    def __init__(self, topic: str, is_json: bool, validate: Validator | None) -> None:
+        self.topic = topic
+        self._json = is_json
+        self._validate = validate
+
+    def __call__(self, raw: bytes | None) -> Any:
+        if raw is None:
+            raise RejectedMessage("decode", "empty payload (tombstone)")
+        if not self._json:
+            value: Any = raw
+        else:
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise RejectedMessage("decode", f"invalid JSON: {exc}") from None
+        if self._validate is None:
+            return value
+        try:
+            return self._validate(value)
+        except RejectedMessage:
+            raise
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise RejectedMessage("validate", f"schema: {exc.message}") from None
+        except Exception as exc:  # a model's own validation error, whatever its library
+            reason = str(exc).replace("\n", "; ")[:1000]
+            raise RejectedMessage("validate", f"{type(exc).__name__}: {reason}") from None
+
+
+def _schema_validator(config: Config, name: str, path: str) -> Validator:
+    try:
+        schema = orjson.loads(config.resolve(path).read_bytes())
+        validate: Validator = fastjsonschema.compile(schema)
+    except (OSError, orjson.JSONDecodeError, fastjsonschema.JsonSchemaDefinitionException) as exc:
+        raise ConfigError([f"topics.{name}.schema: cannot load JSON Schema {path}: {exc}"]) from None
+
+    def check(value: Any) -> Any:
+        validate(value)
+        return value
+
+    return check
+
+
+def _model_validator(name: str, path: str) -> Validator:
+    model = import_object(path, f"topics.{name}.model")
+    validate = getattr(model, "model_validate", None)  # pydantic v2
+    if callable(validate):
+        return validate  # type: ignore[no-any-return]
+    if callable(model):
+        return model  # type: ignore[no-any-return]
+    raise ConfigError([f"topics.{name}.model: {path} is neither a pydantic model nor callable"])
+
+
+def build_decoder(config: Config, name: str, topic: TopicConfig) -> Decoder:
+    validate: Validator | None = None
+    if topic.schema_ is not None:
+        validate = _schema_validator(config, name, topic.schema_)
+    elif topic.model is not None:
+        validate = _model_validator(name, topic.model)
+    return Decoder(name, topic.format == "json", validate)
+
+
+def build_decoders(config: Config) -> dict[str, Decoder]:
+    """One decoder per source topic, built once at start."""
+    return {name: build_decoder(config, name, topic) for name, topic in config.topics.items()}

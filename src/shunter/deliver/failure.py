@@ -1,0 +1,41 @@
+"""Exceptions raised by handlers → outcome values."""
+
+from __future__ import annotations
+
+import traceback
+
+from ..errors import DeadLetter, DeliveryTimeout, RetryLater
+from ..outcome import DeadLettered, Failed
+
+_MAX_TRACEBACK = 16_384
+
+
+def error_type(exc: BaseException) -> str:
+    cls = type(exc)
+    module = cls.__module__
+    if module in {"builtins", "__main__"}:
+        return cls.__qualname__
+    return f"{module}.{cls.__qualname__}"
+
+
+def format_traceback(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    if len(text) > _MAX_TRACEBACK:  # keep the end: the failing line is there
+        text = "...\n" + text[-_MAX_TRACEBACK:]
+    return text
+
+
+def failure(exc: BaseException) -> Failed | DeadLettered:
+    """The outcome of a handler that raised ``exc``."""
+    if isinstance(exc, DeadLetter):
+        return DeadLettered(exc.reason, "DeadLetter", format_traceback(exc))
+    delay = exc.delay if isinstance(exc, RetryLater) else None
+    return Failed(error_type(exc), str(exc), format_traceback(exc), delay=delay)
+
+
+def timed_out(seconds: float) -> Failed:
+    return Failed(
+        error_type(DeliveryTimeout()),
+        f"handler did not finish within {seconds:g}s and was cancelled",
+        "",
+    )

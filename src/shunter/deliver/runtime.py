@@ -1,0 +1,227 @@
+"""One subscriber's deliveries: ordering lanes, a concurrency limit and a timeout.
+
+Ordering: a delivery waits in its *lane* (its key, its partition, or none) while an
+earlier delivery of the same lane is unsettled, so per-key order holds under any
+concurrency. Concurrency counts deliveries that are suspended (awaiting I/O or running
+in a thread or worker process); a delivery that completes in its first step never holds a
+slot. Isolation: every exception a handler raises becomes an outcome value here; nothing
+a handler does reaches the dispatcher's own control flow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable
+from types import CoroutineType
+from typing import Any
+
+from ..message import Message
+from ..outcome import SUCCEEDED, Outcome
+from .eager import Resumed
+from .failure import failure, timed_out
+
+# Invoke runs the handler: it returns None (done), a coroutine, or another awaitable.
+Invoke = Callable[[Message], Any]
+Settle = Callable[[Message, Outcome, float], None]
+
+log = logging.getLogger("shunter.deliver")
+
+_BUSY = None  # a lane with a delivery in flight and nothing queued behind it
+
+
+class _Expiry:
+    __slots__ = ("fired",)
+
+    def __init__(self) -> None:
+        self.fired = False
+
+
+class SubscriberRuntime:
+    def __init__(
+        self,
+        caller: str,
+        invoke: Invoke,
+        settle: Settle,
+        *,
+        ordering: str = "key",
+        concurrency: int = 64,
+        timeout: float = 30.0,
+    ) -> None:
+        self.caller = caller
+        self._invoke = invoke
+        self._settle = settle
+        self._ordering = ordering
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.active = 0  # suspended deliveries
+        self.paused = False
+        self.lost_slots = 0  # threads still running past their timeout
+        self._runners = 0
+        self._runnable: deque[Message] = deque()
+        self._lanes: dict[Hashable, deque[Message] | None] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[Message, None] = {}  # suspended deliveries
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def lane_of(self, msg: Message) -> Hashable:
+        if self._ordering == "key":
+            return msg.key
+        if self._ordering == "partition":
+            record = msg._record
+            return (record.ptrack.tp, None)
+        return None
+
+    def submit(self, msg: Message) -> None:
+        """Queue one delivery; call ``kick`` once after a batch of submits."""
+        lane = self.lane_of(msg)
+        if lane is not None:
+            lanes = self._lanes
+            if lane in lanes:
+                queued = lanes[lane]
+                if queued is None:
+                    lanes[lane] = deque((msg,))
+                else:
+                    queued.append(msg)
+                return
+            lanes[lane] = _BUSY
+        self._runnable.append(msg)
+
+    def kick(self) -> None:
+        """Make sure a runner is draining the runnable queue, if it may."""
+        if (
+            self._runnable
+            and not self._runners
+            and not self.paused
+            and self.active < self.concurrency
+        ):
+            self._runners += 1
+            task = asyncio.get_running_loop().create_task(self._run())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @property
+    def queued(self) -> int:
+        return len(self._runnable) + sum(len(q) for q in self._lanes.values() if q)
+
+    # -- running --------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Drain runnable deliveries; stay with the first one that suspends."""
+        runnable = self._runnable
+        invoke = self._invoke
+        clock = time.perf_counter
+        runner = True
+        try:
+            while runnable and self.active < self.concurrency and not self.paused:
+                msg = runnable.popleft()
+                if msg._record.ptrack.revoked:  # the partition left: its new owner redelivers
+                    self._next_in_lane(msg)
+                    continue
+                started = clock()
+                try:
+                    result = invoke(msg)
+                    if result is None:
+                        self._done(msg, SUCCEEDED, started)
+                        continue
+                    if type(result) is CoroutineType:
+                        try:
+                            first = result.send(None)
+                        except StopIteration:
+                            self._done(msg, SUCCEEDED, started)
+                            continue
+                        result = Resumed(result, first)
+                    elif not hasattr(result, "__await__"):
+                        self._done(msg, SUCCEEDED, started)
+                        continue
+                except (Exception, SystemExit) as exc:
+                    self._done(msg, failure(exc), started)
+                    continue
+                # Suspended: this task belongs to ``msg`` from here on; another runner
+                # takes over the queue.
+                runner = False
+                self._runners -= 1
+                self.active += 1
+                self._running[msg] = None
+                try:
+                    self.kick()
+                    outcome = await self._finish(result)
+                finally:
+                    self.active -= 1
+                    del self._running[msg]
+                self._done(msg, outcome, started)
+                self.kick()
+                return
+        finally:
+            if runner:
+                self._runners -= 1
+
+    async def _finish(self, pending: Awaitable[Any]) -> Outcome:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        expiry = _Expiry()
+        timer = loop.call_later(self.timeout, self._expire, task, expiry)
+        try:
+            await pending
+        except asyncio.CancelledError:
+            if not expiry.fired:
+                raise
+            task.uncancel()
+            if isinstance(pending, asyncio.Future) and not pending.done():
+                self.lost_slots += 1  # a thread that cannot be stopped keeps running
+            return timed_out(self.timeout)
+        except (Exception, SystemExit) as exc:
+            return failure(exc)
+        finally:
+            timer.cancel()
+        return SUCCEEDED
+
+    @staticmethod
+    def _expire(task: asyncio.Task[None], expiry: _Expiry) -> None:
+        expiry.fired = True
+        task.cancel()
+
+    def _done(self, msg: Message, outcome: Outcome, started: float) -> None:
+        self._next_in_lane(msg)
+        try:
+            self._settle(msg, outcome, time.perf_counter() - started)
+        except Exception:  # settling must never stop the runner; the offset stays held
+            log.critical("settling %r failed; its offset stays uncommitted", msg, exc_info=True)
+
+    def _next_in_lane(self, msg: Message) -> None:
+        lane = self.lane_of(msg)
+        if lane is None:
+            return
+        queued = self._lanes.get(lane)
+        if queued:
+            self._runnable.append(queued.popleft())
+        else:
+            self._lanes.pop(lane, None)
+
+    # -- control --------------------------------------------------------------------------
+
+    def pause(self) -> list[Message]:
+        """Stop starting deliveries; return those not started, for the caller to set aside."""
+        self.paused = True
+        waiting = list(self._runnable)
+        for queued in self._lanes.values():
+            if queued:
+                waiting.extend(queued)
+        self._runnable.clear()
+        self._lanes = {lane: _BUSY for m in self._running if (lane := self.lane_of(m)) is not None}
+        return waiting
+
+    def resume(self) -> None:
+        self.paused = False
+        self.kick()
+
+    async def close(self) -> None:
+        """Cancel deliveries still running (their offsets stay uncommitted)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,60 @@
+"""One error tree for shunter.
+
+Whether an error is worth retrying is an attribute (``transient``), never a guess made
+from the exception's type name at the place that catches it.
+"""
+
+from __future__ import annotations
+
+
+class ShunterError(Exception):
+    """Root of every error shunter raises on purpose."""
+
+    transient: bool = False
+
+
+class ConfigError(ShunterError):
+    """The configuration is refused; the message names each bad key path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class RejectedMessage(ShunterError):
+    """A message failed decoding or validation: it goes to the dead-letter topic."""
+
+    def __init__(self, stage: str, reason: str) -> None:
+        self.stage = stage
+        self.reason = reason
+        super().__init__(f"{stage}: {reason}")
+
+
+class RetryLater(ShunterError):  # noqa: N818 - the public name is the spec's
+    """Raised by a handler: retry this delivery later, after ``delay`` seconds if given."""
+
+    transient = True
+
+    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+        self.delay = delay
+        super().__init__(reason)
+
+
+class DeadLetter(ShunterError):  # noqa: N818 - the public name is the spec's
+    """Raised by a handler: send this message straight to the dead-letter topic."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class DeliveryTimeout(ShunterError):
+    """A delivery ran past its subscriber's timeout."""
+
+    transient = True
+
+
+class BrokerUnavailable(ShunterError):
+    """The Kafka cluster could not be reached."""
+
+    transient = True

@@ -1,0 +1,65 @@
+"""The dead-letter flood guard.
+
+A bad deploy makes one caller fail everything; without a guard its whole stream would
+pour into the dead-letter topic. Over the last ``window`` settled deliveries of a caller,
+when more than ``max_share`` went to the dead-letter topic, the caller is paused (its
+deliveries are set aside in the slow tier, unrun) and a loud error is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+from ..config import FloodGuardConfig
+
+log = logging.getLogger("shunter.flood")
+
+
+class FloodGuard:
+    def __init__(self, config: FloodGuardConfig) -> None:
+        self._config = config
+        self._recent: dict[str, deque[bool]] = {}
+        self._dead: dict[str, int] = {}
+        self.runtimes: dict[str, Any] = {}
+        self.park: Any = None  # Settler.park: where a paused caller's deliveries wait
+        self.tripped: set[str] = set()
+
+    def observe(self, caller: str, dead_lettered: bool) -> None:
+        recent = self._recent.get(caller)
+        if recent is None:
+            recent = self._recent[caller] = deque(maxlen=self._config.window)
+            self._dead[caller] = 0
+        if len(recent) == recent.maxlen and recent[0]:
+            self._dead[caller] -= 1
+        recent.append(dead_lettered)
+        if not dead_lettered:
+            return
+        self._dead[caller] += 1
+        if len(recent) < self._config.window:
+            return
+        share = self._dead[caller] / len(recent)
+        if share > self._config.max_share and caller not in self.tripped:
+            self._trip(caller, share)
+
+    def _trip(self, caller: str, share: float) -> None:
+        self.tripped.add(caller)
+        if self._config.action == "continue":
+            log.error("DEAD-LETTER FLOOD: %.0f%% of caller %s's last %d deliveries were "
+                      "dead-lettered (continuing as configured)", share * 100, caller,
+                      self._config.window)
+            return
+        log.critical("DEAD-LETTER FLOOD: %.0f%% of caller %s's last %d deliveries were "
+                     "dead-lettered; caller %s is PAUSED (its messages wait in the slow tier). "
+                     "Fix the handler, then resume it through the admin API.",
+                     share * 100, caller, self._config.window, caller)
+        runtime = self.runtimes.get(caller)
+        if runtime is not None:
+            for msg in runtime.pause():
+                self.park(msg, "caller paused by the dead-letter flood guard")
+
+    def reset(self, caller: str) -> None:
+        self.tripped.discard(caller)
+        self._recent.pop(caller, None)
+        self._dead.pop(caller, None)

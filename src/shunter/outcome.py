@@ -1,0 +1,41 @@
+"""How a delivery ends, as a value.
+
+A handler's return or exception becomes one of these; ``settle.route`` is the one
+function that turns an outcome into where the message goes next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    pass
+
+
+SUCCEEDED = Succeeded()
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The handler raised, timed out or its worker died: retry through the tiers."""
+
+    error_type: str
+    error: str
+    traceback: str
+    delay: float | None = None  # a RetryLater's own delay overrides the tier's
+    stage: str = "deliver"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """Straight to the dead-letter topic: DeadLetter raised, message rejected, crash."""
+
+    reason: str
+    error_type: str
+    traceback: str = ""
+    stage: str = "deliver"
+
+
+Outcome = Succeeded | Failed | DeadLettered

@@ -1,0 +1,172 @@
+"""Assembling and running one shunter instance.
+
+Start-up order: broker → topics → decoders, router, subscribers, settler → pipeline →
+admin API → consumer. Shutdown reverses it: stop fetching → drain (bounded) → final
+synchronous commit on leaving the group → close subscribers → flush the producer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .broker.admin import ensure_topics, existing_topics
+from .broker.embedded import CONSUMER_SETTINGS, EmbeddedBroker
+from .classify import Router
+from .config import Config
+from .decode import build_decoders
+from .deliver import SubscriberRuntime
+from .deliver.invoke import Handler, inline, threaded
+from .errors import ConfigError
+from .observe.flood import FloodGuard
+from .observe.stats import Stats
+from .pipeline import Pipeline
+from .settle import Settler
+from .settle.producer import ReliableProducer
+
+log = logging.getLogger("shunter")
+
+
+class Service:
+    def __init__(self, config: Config, handlers: dict[str, Handler | None]) -> None:
+        self.config = config
+        self.handlers = handlers
+        self.broker: EmbeddedBroker | None = None
+        self.bootstrap = config.kafka.bootstrap_servers
+        self.pipeline: Pipeline | None = None
+        self.stats = Stats({s.caller: s.category for s in config.subscribers})
+        self.ready = asyncio.Event()
+        self._pools: list[ThreadPoolExecutor] = []
+        self._closers: list[Any] = []
+
+    def client_settings(self) -> dict[str, Any]:
+        settings: dict[str, Any] = dict(self.config.kafka.client)
+        settings["bootstrap.servers"] = self.bootstrap
+        return settings
+
+    def _start_broker(self) -> None:
+        if self.bootstrap is not None:
+            return
+        self.broker = EmbeddedBroker().start()
+        self.bootstrap = self.broker.bootstrap
+        log.warning("kafka.bootstrap_servers is not set: started the embedded development "
+                    "broker on %s (memory only: everything on it is lost when it stops)",
+                    self.bootstrap)
+
+    def _ensure_topics(self) -> None:
+        settings = self.client_settings()
+        cfg = self.config
+        internal = {t: cfg.retry.partitions for t in (cfg.fast_topic, cfg.slow_topic, cfg.dlq_topic)}
+        ensure_topics(settings, internal)
+        missing = sorted(set(cfg.topics) - existing_topics(settings))
+        if missing:
+            log.warning("source topics not found (yet): %s", ", ".join(missing))
+
+    def _runtimes(self, loop: asyncio.AbstractEventLoop, settler: Settler) -> dict[str, SubscriberRuntime]:
+        runtimes = {}
+        for i, sub in enumerate(self.config.subscribers):
+            handler = self.handlers.get(sub.caller)
+            if sub.http is not None:
+                from .deliver.http import http_invoke
+
+                invoke, closer = http_invoke(sub, f"subscribers[{i}]", self.stats)
+                self._closers.append(closer)
+            elif handler is None:
+                raise ConfigError([f"subscribers[{i}]: no handler for caller {sub.caller!r}"])
+            elif sub.isolation == "thread":
+                invoke, pool = threaded(handler, sub, f"subscribers[{i}]")
+                self._pools.append(pool)
+            elif sub.isolation == "process":
+                from .deliver.process import process_invoke
+
+                invoke, closer = process_invoke(handler, sub, f"subscribers[{i}]")
+                self._closers.append(closer)
+            else:
+                invoke = inline(handler)
+            runtimes[sub.caller] = SubscriberRuntime(
+                sub.caller, invoke, settler, ordering=sub.ordering,
+                concurrency=sub.concurrency, timeout=sub.timeout,
+            )
+        return runtimes
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from .consume import KafkaSource
+
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._start_broker)
+        try:
+            await asyncio.to_thread(self._ensure_topics)
+            producer = ReliableProducer(self.client_settings(), loop)
+            guard = FloodGuard(self.config.retry.flood_guard)
+            settler = Settler(self.config, producer, self.stats, on_dead_letter=guard.observe)
+            runtimes = self._runtimes(loop, settler)
+            guard.runtimes = runtimes
+            guard.park = settler.park
+            self.guard = guard
+            pipeline = self.pipeline = Pipeline(
+                self.config, build_decoders(self.config), Router(self.config), runtimes,
+                settler, self.stats,
+            )
+            consumer_settings = {**self.client_settings(), "group.id": self.config.kafka.group_id}
+            if self.broker is not None:
+                consumer_settings = {**CONSUMER_SETTINGS, **consumer_settings}
+            topics = [*self.config.topics, self.config.fast_topic, self.config.slow_topic]
+            source = KafkaSource(
+                consumer_settings, topics, pipeline, loop,
+                batch_size=self.config.kafka.batch_size,
+                max_in_flight=self.config.kafka.max_in_flight,
+            )
+            pipeline.source = source
+            admin = await self._start_admin()
+            source.start()
+            self.ready.set()
+            log.info("shunter is running: %d topics, %d subscribers, group %s",
+                     len(self.config.topics), len(runtimes), self.config.kafka.group_id)
+            await self._serve(stop, pipeline)
+            await self._shutdown(source, pipeline, runtimes, producer)
+            if admin is not None:
+                await admin.cleanup()
+        finally:
+            if self.broker is not None:
+                self.broker.stop()
+
+    async def _serve(self, stop: asyncio.Event, pipeline: Pipeline) -> None:
+        interval = self.config.kafka.commit_interval
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+            pipeline.commit_due()
+
+    async def _shutdown(self, source: Any, pipeline: Pipeline, runtimes: dict[str, SubscriberRuntime],
+                        producer: ReliableProducer) -> None:
+        log.info("stopping: draining in-flight deliveries")
+        source.stop_fetching()
+        timeout = self.config.kafka.drain_timeout
+        if not await pipeline.drain(timeout):
+            log.warning("some deliveries did not settle within %.0fs; they stay uncommitted "
+                        "and will be redelivered", timeout)
+        # Commit synchronously on the way out of the group: forget what the periodic
+        # (asynchronous) commits claimed, since they may not have reached the broker.
+        for tracker in pipeline.tracker.partitions.values():
+            tracker.committed = -1
+        source.stop()
+        await asyncio.to_thread(source.join)
+        for runtime in runtimes.values():
+            await runtime.close()
+        for closer in self._closers:
+            await closer()
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(producer.close)
+        log.info("stopped")
+
+    async def _start_admin(self) -> Any:
+        if not self.config.admin.listen:
+            return None
+        from .observe.admin import start_admin
+
+        return await start_admin(self)

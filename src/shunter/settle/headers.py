@@ -1,0 +1,116 @@
+"""The headers shunter puts on retry and dead-letter records, and reads back.
+
+The payload and key are the source record's own bytes, unchanged; everything shunter
+knows about the failure travels in these headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "shunter-"
+CALLER = PREFIX + "caller"
+CATEGORY = PREFIX + "category"
+ATTEMPT = PREFIX + "attempt"  # the attempt this record will be delivered as
+STAGE = PREFIX + "stage"  # decode | validate | classify | deliver | crash
+ERROR_TYPE = PREFIX + "error-type"
+ERROR = PREFIX + "error"
+TRACEBACK = PREFIX + "traceback"
+FIRST_FAILURE = PREFIX + "first-failure-ms"
+NOT_BEFORE = PREFIX + "not-before-ms"
+ORIGIN_TOPIC = PREFIX + "origin-topic"
+ORIGIN_PARTITION = PREFIX + "origin-partition"
+ORIGIN_OFFSET = PREFIX + "origin-offset"
+ORIGIN_TIMESTAMP = PREFIX + "origin-timestamp-ms"
+ORIGIN_KEY = PREFIX + "origin-key"
+TIER = PREFIX + "tier"  # fast | slow | dlq
+SIGNAL = PREFIX + "signal"
+
+MAX_TRACEBACK = 8_192
+MAX_ERROR = 2_048
+
+
+def bounded(text: str, limit: int) -> bytes:
+    """UTF-8 bytes of ``text`` cut to ``limit``, keeping the end (where the failing line is)."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data
+    return b"..." + data[-(limit - 3) :]
+
+
+@dataclass(frozen=True, slots=True)
+class FailureInfo:
+    """What the headers of a retry or dead-letter record say."""
+
+    caller: str
+    category: str
+    attempt: int
+    stage: str
+    error_type: str
+    error: str
+    traceback: str
+    first_failure_ms: int
+    not_before_ms: int
+    origin_topic: str
+    origin_partition: int
+    origin_offset: int
+    origin_timestamp_ms: int
+    tier: str
+    origin_key: bytes | None = None
+    signal: str = ""
+
+
+def encode(info: FailureInfo) -> list[tuple[str, bytes]]:
+    headers = [
+        (CALLER, info.caller.encode()),
+        (CATEGORY, info.category.encode()),
+        (ATTEMPT, str(info.attempt).encode()),
+        (STAGE, info.stage.encode()),
+        (ERROR_TYPE, info.error_type.encode()),
+        (ERROR, bounded(info.error, MAX_ERROR)),
+        (TRACEBACK, bounded(info.traceback, MAX_TRACEBACK)),
+        (FIRST_FAILURE, str(info.first_failure_ms).encode()),
+        (NOT_BEFORE, str(info.not_before_ms).encode()),
+        (ORIGIN_TOPIC, info.origin_topic.encode()),
+        (ORIGIN_PARTITION, str(info.origin_partition).encode()),
+        (ORIGIN_OFFSET, str(info.origin_offset).encode()),
+        (ORIGIN_TIMESTAMP, str(info.origin_timestamp_ms).encode()),
+        (TIER, info.tier.encode()),
+    ]
+    if info.origin_key is not None:
+        headers.append((ORIGIN_KEY, info.origin_key))
+    if info.signal:
+        headers.append((SIGNAL, info.signal.encode()))
+    return headers
+
+
+def decode(headers: list[tuple[str, bytes]] | None) -> FailureInfo:
+    """Read the failure headers back; KeyError/ValueError when they are incomplete."""
+    found = {k: v for k, v in headers or [] if k.startswith(PREFIX)}
+
+    def text(name: str, default: str | None = None) -> str:
+        value = found.get(name)
+        if value is None:
+            if default is None:
+                raise KeyError(name)
+            return default
+        return value.decode("utf-8", "replace")
+
+    return FailureInfo(
+        caller=text(CALLER),
+        category=text(CATEGORY, ""),
+        attempt=int(text(ATTEMPT)),
+        stage=text(STAGE, "deliver"),
+        error_type=text(ERROR_TYPE, ""),
+        error=text(ERROR, ""),
+        traceback=text(TRACEBACK, ""),
+        first_failure_ms=int(text(FIRST_FAILURE, "0")),
+        not_before_ms=int(text(NOT_BEFORE, "0")),
+        origin_topic=text(ORIGIN_TOPIC),
+        origin_partition=int(text(ORIGIN_PARTITION)),
+        origin_offset=int(text(ORIGIN_OFFSET)),
+        origin_timestamp_ms=int(text(ORIGIN_TIMESTAMP, "0")),
+        tier=text(TIER, ""),
+        origin_key=found.get(ORIGIN_KEY),
+        signal=text(SIGNAL, ""),
+    )

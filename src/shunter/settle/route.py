@@ -1,0 +1,37 @@
+"""The one function that turns an outcome into where the message goes next."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import RetryConfig
+from ..outcome import DeadLettered, Failed, Outcome, Succeeded
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    tier: str  # done | fast | slow | dlq
+    next_attempt: int
+    delay: float
+
+
+DONE = Destination("done", 0, 0.0)
+
+
+def route(retry: RetryConfig, attempt: int, outcome: Outcome) -> Destination:
+    """Attempt 1 is the first delivery; ``fast.attempts`` more run in the fast tier, then
+    ``slow.attempts`` in the slow tier; a failure after that is dead-lettered."""
+    if isinstance(outcome, Succeeded):
+        return DONE
+    if isinstance(outcome, DeadLettered):
+        return Destination("dlq", attempt, 0.0)
+    assert isinstance(outcome, Failed)
+    if attempt <= retry.fast.attempts:
+        tier, delay = "fast", retry.fast.delay
+    elif attempt <= retry.fast.attempts + retry.slow.attempts:
+        tier, delay = "slow", retry.slow.delay
+    else:
+        return Destination("dlq", attempt, 0.0)
+    if outcome.delay is not None:
+        delay = outcome.delay
+    return Destination(tier, attempt + 1, delay)

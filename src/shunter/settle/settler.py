@@ -1,0 +1,167 @@
+"""Settling deliveries.
+
+A delivery is *settled* when it succeeded, or when its record is acknowledged by the
+broker in the caller's retry tier or in the dead-letter topic. Only then is its share of
+the source offset released (``Record.settle_one``); a write that fails is written again
+after a backoff, so nothing is ever committed past without being somewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from confluent_kafka import KafkaError
+
+from ..config import Config
+from ..errors import RejectedMessage
+from ..message import Message, Record
+from ..observe.stats import Stats
+from ..outcome import SUCCEEDED, DeadLettered, Failed, Outcome
+from . import headers as h
+from .producer import ReliableProducer
+from .route import Destination, route
+
+log = logging.getLogger("shunter.settle")
+
+_BACKOFF_MAX = 30.0
+
+
+class Settler:
+    def __init__(
+        self,
+        config: Config,
+        producer: ReliableProducer,
+        stats: Stats,
+        on_dead_letter: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._retry = config.retry
+        self._producer = producer
+        self._stats = stats
+        self._topics = {"fast": config.fast_topic, "slow": config.slow_topic, "dlq": config.dlq_topic}
+        self._on_dead_letter = on_dead_letter  # (caller, dead_lettered) for the flood guard
+
+    def __call__(self, msg: Message, outcome: Outcome, elapsed: float) -> None:
+        """Settle one delivery (the runtime's ``Settle`` callback)."""
+        record = msg._record
+        if outcome is SUCCEEDED:
+            self._stats.delivered(record.topic, msg.caller, elapsed)
+            if self._on_dead_letter is not None:
+                self._on_dead_letter(msg.caller, False)
+            record.settle_one()
+            return
+        assert isinstance(outcome, Failed | DeadLettered)
+        dest = route(self._retry, msg.attempt, outcome)
+        self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
+        self._log_failure(msg, outcome, dest)
+        if self._on_dead_letter is not None:
+            self._on_dead_letter(msg.caller, dest.tier == "dlq")
+        self._write(record, self._info(msg, outcome, dest), dest.tier)
+
+    def park(self, msg: Message, reason: str) -> None:
+        """Set a delivery aside in the slow tier without counting an attempt (caller paused)."""
+        info = self._info(
+            msg,
+            Failed("CallerPaused", reason, ""),
+            Destination("slow", msg.attempt, self._retry.slow.delay),
+        )
+        self._stats.parked(msg._record.topic, msg.caller)
+        self._write(msg._record, info, "slow")
+
+    def reject(self, record: Record, exc: RejectedMessage) -> None:
+        """A message that failed decoding or validation: once to the dead-letter topic."""
+        log.warning(
+            "rejected %s[%d]@%d at %s: %s",
+            record.topic, record.partition, record.offset, exc.stage, exc.reason,
+            extra={"topic": record.topic, "partition": record.partition,
+                   "offset": record.offset, "stage": exc.stage},
+        )
+        self._stats.rejected(record.topic, exc.stage)
+        now = _now_ms()
+        info = h.FailureInfo(
+            caller="", category="", attempt=1, stage=exc.stage,
+            error_type="RejectedMessage", error=exc.reason, traceback="",
+            first_failure_ms=now, not_before_ms=now,
+            origin_topic=record.topic, origin_partition=record.partition,
+            origin_offset=record.offset, origin_timestamp_ms=record.timestamp,
+            tier="dlq", origin_key=record.key,
+        )
+        self._write(record, info, "dlq")
+
+    def quarantine(self, record: Record, reason: str, signal: str = "") -> None:
+        """A record suspected of killing the process: to the dead-letter topic, unrun."""
+        now = _now_ms()
+        info = h.FailureInfo(
+            caller="", category="", attempt=1, stage="crash", error_type="crash",
+            error=reason, traceback="", first_failure_ms=now, not_before_ms=now,
+            origin_topic=record.topic, origin_partition=record.partition,
+            origin_offset=record.offset, origin_timestamp_ms=record.timestamp,
+            tier="dlq", origin_key=record.key, signal=signal,
+        )
+        self._stats.rejected(record.topic, "crash")
+        self._write(record, info, "dlq")
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _info(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> h.FailureInfo:
+        record = msg._record
+        now = _now_ms()
+        if isinstance(outcome, Failed):
+            error_type, error = outcome.error_type, outcome.error
+        else:
+            error_type, error = outcome.error_type, outcome.reason
+        return h.FailureInfo(
+            caller=msg.caller,
+            category=msg.category,
+            attempt=dest.next_attempt,
+            stage=outcome.stage,
+            error_type=error_type,
+            error=error,
+            traceback=outcome.traceback,
+            first_failure_ms=record.first_failure or now,
+            not_before_ms=now + int(dest.delay * 1000),
+            origin_topic=record.topic,
+            origin_partition=record.partition,
+            origin_offset=record.offset,
+            origin_timestamp_ms=record.timestamp,
+            tier=dest.tier,
+            origin_key=record.key,
+        )
+
+    def _write(self, record: Record, info: h.FailureInfo, tier: str, backoff: float = 0.5) -> None:
+        topic = self._topics[tier]
+        encoded = h.encode(info)
+
+        def done(err: KafkaError | None) -> None:
+            if err is None:
+                self._stats.written(tier)
+                record.settle_one()
+                return
+            log.error(
+                "write to %s failed (%s); offset %s[%d]@%d stays held, retrying in %.1fs",
+                topic, err, record.topic, record.partition, record.offset, backoff,
+            )
+            asyncio.get_running_loop().call_later(
+                backoff, self._write, record, info, tier, min(backoff * 2, _BACKOFF_MAX)
+            )
+
+        self._producer.send(topic, record.key, record.raw, encoded, done)
+
+    def _log_failure(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> None:
+        record = msg._record
+        what = outcome.error if isinstance(outcome, Failed) else outcome.reason
+        log.error(
+            "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s\n%s",
+            msg.caller, record.topic, record.partition, record.offset, msg.category,
+            msg.attempt, dest.tier, outcome.error_type, what, outcome.traceback.rstrip(),
+            extra={"caller": msg.caller, "category": msg.category, "topic": record.topic,
+                   "partition": record.partition, "offset": record.offset,
+                   "attempt": msg.attempt, "next": dest.tier},
+        )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
