@@ -56,6 +56,7 @@ class KafkaConfig(_Strict):
     bootstrap_servers: str | None = None
     group_id: str = "shunter"
     client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    consumer: dict[str, str | int | float | bool] = Field(default_factory=dict)
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     max_in_flight: int = Field(default=20_000, ge=1)
     commit_interval: Duration = 0.5

@@ -109,7 +109,8 @@ class Service:
                 self.config, build_decoders(self.config), Router(self.config), runtimes,
                 settler, self.stats,
             )
-            consumer_settings = {**self.client_settings(), "group.id": self.config.kafka.group_id}
+            consumer_settings = {**self.client_settings(), **self.config.kafka.consumer,
+                                 "group.id": self.config.kafka.group_id}
             if self.broker is not None:
                 consumer_settings = {**CONSUMER_SETTINGS, **consumer_settings}
             topics = [*self.config.topics, self.config.fast_topic, self.config.slow_topic]
