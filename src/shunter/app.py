@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -91,13 +92,16 @@ class Dispatcher:
                 out[sub.caller] = registered.handler
             elif sub.handler is not None:
                 try:
-                    out[sub.caller] = _callable(import_object(sub.handler, f"subscribers[{i}].handler"),
-                                                sub, i)
+                    out[sub.caller] = _callable(
+                        import_object(sub.handler, f"subscribers[{i}].handler"), sub, i
+                    )
                 except ConfigError as exc:
                     problems.extend(exc.problems)
             else:
-                problems.append(f"subscribers[{i}]: caller {sub.caller!r} has neither handler "
-                                "nor http, and no handler was registered in code")
+                problems.append(
+                    f"subscribers[{i}]: caller {sub.caller!r} has neither handler "
+                    "nor http, and no handler was registered in code"
+                )
         if problems:
             raise ConfigError(problems)
         return out
@@ -112,10 +116,8 @@ class Dispatcher:
         stop = stop or asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
                 loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
         self.service = Service(self.config, self.handlers())
         await self.service.run(stop)
 

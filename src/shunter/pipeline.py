@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+from collections import deque
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError
 
 from .classify import Router
-from .commit import OffsetTracker
+from .commit import OffsetTracker, PartitionTracker
 from .config import Config
+from .crashguard.guard import CrashGuard, SuspectRun
 from .decode import Decoder
 from .deliver import SubscriberRuntime
 from .errors import RejectedMessage
@@ -36,6 +40,18 @@ log = logging.getLogger("shunter.pipeline")
 
 TP = tuple[str, int]
 
+class _Waiting:
+    """A batch waiting for its journal records to be acknowledged."""
+
+    __slots__ = ("batch", "left")
+
+    def __init__(self, batch: list[Any]) -> None:
+        self.batch = batch
+        self.left = 0
+
+
+_UNTIL_RELEASED = math.inf  # parked until the crash suspects are done, not until a time
+
 
 class Pipeline:
     def __init__(
@@ -46,6 +62,7 @@ class Pipeline:
         runtimes: dict[str, SubscriberRuntime],
         settler: Settler,
         stats: Stats,
+        guard: CrashGuard | None = None,
     ) -> None:
         self.config = config
         self.decoders = decoders
@@ -57,37 +74,105 @@ class Pipeline:
         self.retry_topics = {config.fast_topic, config.slow_topic}
         self.processed = 0  # messages taken from batches (written on the loop only)
         self.source: Any = None  # the KafkaSource, set once it exists
-        # Retry partitions whose head is not yet due: tp -> (offset, due time, confirmed)
+        self.guard = guard
+        # Partitions paused at an offset: tp -> (offset, due time, pause confirmed). A
+        # retry partition whose head is not yet due, or one waiting for its crash suspects.
         self._parking: dict[TP, tuple[int, float, bool]] = {}
+        self._suspects: dict[TP, SuspectRun] = {}
+        self._waiting: deque[_Waiting] = deque()  # batches waiting for their journal record
+        self._suspect_task: asyncio.Task[None] | None = None
+        self._deferred: list[Any] = []  # messages held back while crash suspects run
 
     # -- the path of a batch --------------------------------------------------------------
 
     def handle_batch(self, batch: list[Any]) -> None:
+        """Take a batch from the consumer thread: journal it, then process it in order."""
+        if self.guard is None:
+            self._process(batch)
+            return
+        # The crash guard's journal: before any delivery of this batch starts, record
+        # per partition the offsets that may be in a handler, and wait for the broker.
+        first: dict[TP, int] = {}
+        last: dict[TP, int] = {}
+        for kmsg in batch:
+            if kmsg.error() is None:
+                tp = (kmsg.topic(), kmsg.partition())
+                last[tp] = kmsg.offset()
+                first.setdefault(tp, last[tp])
+        waiting = _Waiting(batch)
+        for tp, hi in last.items():
+            ptrack = self.tracker.partitions.get(tp)
+            state = self.guard.states.get(tp)
+            if ptrack is None or state is None or tp in self._suspects or tp in self._parking:
+                continue
+            lo = ptrack.committable() if ptrack.high >= 0 else first[tp]
+            state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
+            waiting.left += 1
+            self.guard.write(tp, state.encode("batch", lo, hi), partial(self._journaled, waiting))
+        self._waiting.append(waiting)
+        self._flush_waiting()
+
+    def _journaled(self, waiting: _Waiting, _err: object) -> None:
+        waiting.left -= 1
+        self._flush_waiting()
+
+    def _flush_waiting(self) -> None:
+        """Process journaled batches, oldest first: batches never overtake each other."""
+        while self._waiting and self._waiting[0].left == 0:
+            self._process(self._waiting.popleft().batch)
+
+    def _process(self, batch: list[Any]) -> None:
         self.processed += len(batch)
         touched: set[SubscriberRuntime] = set()
         accepted: dict[str, int] = {}
+        special = bool(self._parking or self._suspects)
         for kmsg in batch:
             if kmsg.error() is not None:
                 self._consumer_error(kmsg.error())
                 continue
             topic = kmsg.topic()
-            if topic in self.decoders:
-                self._source_record(kmsg, topic, touched)
-                accepted[topic] = accepted.get(topic, 0) + 1
-            elif topic in self.retry_topics:
-                self._retry_record(kmsg, topic, touched)
+            if special:
+                tp = (topic, kmsg.partition())
+                if tp in self._parking:  # fetched before the pause took effect: read again
+                    continue
+                if tp in self._suspects:
+                    self._take_suspect(tp, kmsg)
+                    continue
+                if self._suspects:  # nothing else runs while a suspect runs alone
+                    self._deferred.append(kmsg)
+                    self.processed -= 1
+                    continue
+            self._one(kmsg, topic, touched, accepted)
         for topic, n in accepted.items():
             self.stats.accepted(topic, n)
         for runtime in touched:
             runtime.kick()
 
+    def _one(
+        self, kmsg: Any, topic: str, touched: set[SubscriberRuntime], accepted: dict[str, int]
+    ) -> None:
+        if topic in self.decoders:
+            self._source_record(kmsg, topic, touched)
+            accepted[topic] = accepted.get(topic, 0) + 1
+        elif topic in self.retry_topics:
+            self._retry_record(kmsg, topic, touched)
+
     def _source_record(self, kmsg: Any, topic: str, touched: set[SubscriberRuntime]) -> None:
         partition = kmsg.partition()
         offset = kmsg.offset()
-        ptrack = self.tracker.get(topic, partition)
+        ptrack = self.tracker.partitions.get((topic, partition))
+        if ptrack is None:  # revoked while this batch waited: the next owner reads it
+            return
         record = Record(
-            topic, partition, offset, kmsg.key(), kmsg.value(), kmsg.timestamp()[1],
-            kmsg.headers(), ptrack, offset,
+            topic,
+            partition,
+            offset,
+            kmsg.key(),
+            kmsg.value(),
+            kmsg.timestamp()[1],
+            kmsg.headers(),
+            ptrack,
+            offset,
         )
         try:
             record.value = self.decoders[topic](record.raw)
@@ -115,23 +200,34 @@ class Pipeline:
         partition = kmsg.partition()
         offset = kmsg.offset()
         tp = (topic, partition)
-        if tp in self._parking:  # fetched before the pause took effect: read again later
+        ptrack = self.tracker.partitions.get(tp)
+        if ptrack is None:  # revoked while this batch waited
             return
         try:
             info = h.decode(kmsg.headers())
         except (KeyError, ValueError) as exc:
-            log.error("retry record %s[%d]@%d has no usable headers (%s); skipped",
-                      topic, partition, offset, exc)
-            self.tracker.get(topic, partition).hold(offset, 0)
+            log.error(
+                "retry record %s[%d]@%d has no usable headers (%s); skipped",
+                topic,
+                partition,
+                offset,
+                exc,
+            )
+            ptrack.hold(offset, 0)
             return
-        now = time.time()
-        if info.not_before_ms > now * 1000:
+        if info.not_before_ms > time.time() * 1000:
             self._park(tp, offset, info.not_before_ms / 1000)
             return
-        ptrack = self.tracker.get(topic, partition)
         record = Record(
-            info.origin_topic, info.origin_partition, info.origin_offset, kmsg.key(),
-            kmsg.value(), info.origin_timestamp_ms, kmsg.headers(), ptrack, offset,
+            info.origin_topic,
+            info.origin_partition,
+            info.origin_offset,
+            kmsg.key(),
+            kmsg.value(),
+            info.origin_timestamp_ms,
+            kmsg.headers(),
+            ptrack,
+            offset,
             first_failure=info.first_failure_ms,
         )
         ptrack.hold(offset, 1)
@@ -171,33 +267,172 @@ class Pipeline:
             return
         offset, due, _ = state
         self._parking[tp] = (offset, due, True)
-        delay = max(0.0, due - time.time())
-        asyncio.get_running_loop().call_later(delay, self._unpark, tp)
+        if due != _UNTIL_RELEASED:
+            delay = max(0.0, due - time.time())
+            asyncio.get_running_loop().call_later(delay, self._unpark, tp)
+        elif tp not in self._suspects:  # the suspects finished before the pause landed
+            self._unpark(tp)
 
     def _unpark(self, tp: TP) -> None:
-        if self._parking.pop(tp, None) is not None:
+        state = self._parking.get(tp)
+        if state is not None and state[2]:  # confirmed: nothing stale can arrive after
+            del self._parking[tp]
             self.source.unpark(tp)
+
+    # -- crash suspects: the window a dead owner left, re-run one offset at a time -------
+
+    def _take_suspect(self, tp: TP, kmsg: Any) -> None:
+        run = self._suspects[tp]
+        offset = kmsg.offset()
+        if run.complete:
+            return
+        if offset <= run.hi:
+            run.queue.append(kmsg)
+            run.complete = offset == run.hi
+        else:  # past the window: hold the rest of the partition until the suspects are done
+            run.complete = True
+            self._parking[tp] = (offset, _UNTIL_RELEASED, False)
+            self.source.park(tp, offset)
+        if self._suspect_task is None:
+            self._suspect_task = asyncio.get_running_loop().create_task(self._run_suspects())
+
+    async def _run_suspects(self) -> None:
+        """Re-run every suspect of every partition strictly one at a time.
+
+        One at a time across partitions too, and with all other deliveries held back
+        (``_deferred``): if the process dies now, the journal names exactly one offset.
+        """
+        guard = self.guard
+        assert guard is not None
+        try:
+            while True:
+                ready = [(tp, run) for tp, run in self._suspects.items() if run.queue]
+                if not ready:
+                    break
+                for tp, run in ready:
+                    await self._run_suspects_of(guard, tp, run)
+                for tp, run in list(self._suspects.items()):
+                    if run.complete and not run.queue:
+                        await self._suspects_done(guard, tp)
+        finally:
+            self._suspect_task = None
+        if not self._suspects and self._deferred:
+            deferred, self._deferred = self._deferred, []
+            self._process(deferred)
+
+    async def _run_suspects_of(self, guard: CrashGuard, tp: TP, run: SuspectRun) -> None:
+        ptrack = self.tracker.partitions.get(tp)
+        state = guard.states.get(tp)
+        while run.queue and ptrack is not None and state is not None and not ptrack.revoked:
+            kmsg = run.queue.popleft()
+            offset = kmsg.offset()
+            crashes = state.crashes(offset)
+            if crashes >= guard.quarantine_after:
+                self._quarantine(kmsg, ptrack, crashes)
+                continue
+            lo = ptrack.committable() if ptrack.high >= 0 else offset
+            await guard.write_and_wait(tp, state.encode("single", lo, offset, offset))
+            touched: set[SubscriberRuntime] = set()
+            self._one(kmsg, tp[0], touched, {})
+            for runtime in touched:
+                runtime.kick()
+            while offset in ptrack.pending and not ptrack.revoked:  # noqa: ASYNC110 - rare path
+                await asyncio.sleep(0.005)
+
+    async def _suspects_done(self, guard: CrashGuard, tp: TP) -> None:
+        del self._suspects[tp]
+        ptrack = self.tracker.partitions.get(tp)
+        state = guard.states.get(tp)
+        if ptrack is None or state is None:
+            return
+        state.suspects_hi = -1
+        await guard.write_and_wait(tp, state.encode("clean", ptrack.committable(), -1))
+        log.info("%s[%d]: crash suspects done; back to normal", *tp)
+        if tp in self._parking:
+            self._unpark(tp)
+
+    def _quarantine(self, kmsg: Any, ptrack: PartitionTracker, crashes: int) -> None:
+        assert self.guard is not None
+        offset = kmsg.offset()
+        record = Record(
+            kmsg.topic(),
+            kmsg.partition(),
+            offset,
+            kmsg.key(),
+            kmsg.value(),
+            kmsg.timestamp()[1],
+            kmsg.headers(),
+            ptrack,
+            offset,
+        )
+        if kmsg.topic() in self.retry_topics:  # name the origin, like every DLQ record
+            try:
+                info = h.decode(kmsg.headers())
+                record.topic, record.partition = info.origin_topic, info.origin_partition
+                record.offset, record.timestamp = info.origin_offset, info.origin_timestamp_ms
+            except (KeyError, ValueError):
+                pass
+        last = self.guard.last_exit
+        reason = f"crash: the process died {crashes} times while this message was in flight" + (
+            f" (last exit: {last})" if last else ""
+        )
+        log.error(
+            "quarantined %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
+        )
+        ptrack.hold(offset, 1)
+        self.settler.quarantine(record, reason, signal=last)
 
     # -- partitions coming and going ------------------------------------------------------
 
-    async def assigned(self, tps: list[TP]) -> None:
+    async def assigned(self, tps: list[TP], committed: dict[TP, int]) -> None:
         for tp in tps:
             self.tracker.get(*tp)
+        if self.guard is None:
+            return
+        states = await self.guard.recover(tps, committed)
+        for tp, state in states.items():
+            if state.suspects_hi >= 0:
+                self._suspects[tp] = SuspectRun(hi=state.suspects_hi)
 
     async def revoked(self, tps: list[TP], lost: bool) -> list[tuple[TP, int]]:
         """Drain the revoked partitions (bounded), then say what to commit for them."""
         for tp in tps:
             self._parking.pop(tp, None)
+            self._suspects.pop(tp, None)
+        if not self._suspects and self._deferred and self._suspect_task is None:
+            deferred, self._deferred = self._deferred, []
+            asyncio.get_running_loop().call_soon(self._process, deferred)
         trackers = [self.tracker.partitions[tp] for tp in tps if tp in self.tracker.partitions]
+        drained = []
         if not lost:
             timeout = self.config.kafka.drain_timeout
             results = await asyncio.gather(*(t.drained(timeout) for t in trackers))
             for tracker, ok in zip(trackers, results, strict=True):
-                if not ok:
-                    log.warning("%s[%d]: %d offsets still unsettled after %.0fs; the next "
-                                "owner redelivers them", *tracker.tp, tracker.in_flight, timeout)
+                if ok:
+                    drained.append(tracker)
+                else:
+                    log.warning(
+                        "%s[%d]: %d offsets still unsettled after %.0fs; the next "
+                        "owner redelivers them",
+                        *tracker.tp,
+                        tracker.in_flight,
+                        timeout,
+                    )
         offsets = [(t.tp, o) for t in trackers if (o := t.due()) is not None]
         self.tracker.drop([t.tp for t in trackers])
+        if self.guard is not None:
+            # Nothing of these is in a handler any more: the next owner suspects nothing.
+            guard = self.guard
+            await asyncio.gather(
+                *(
+                    guard.write_and_wait(
+                        t.tp, guard.states[t.tp].encode("clean", t.committable(), -1)
+                    )
+                    for t in drained
+                    if t.tp in guard.states
+                )
+            )
+            guard.forget(tps)
         return offsets
 
     def in_flight(self) -> int:
@@ -212,7 +447,7 @@ class Pipeline:
             self.source.commit(offsets)
             self.tracker.mark_committed(offsets)
 
-    async def drain(self, timeout: float) -> bool:
+    async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait (bounded) until every held offset is settled."""
         trackers = list(self.tracker.partitions.values())
         results = await asyncio.gather(*(t.drained(timeout) for t in trackers))

@@ -8,6 +8,7 @@ synchronous commit on leaving the group → close subscribers → flush the prod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,6 +17,7 @@ from .broker.admin import ensure_topics, existing_topics
 from .broker.embedded import CONSUMER_SETTINGS, EmbeddedBroker
 from .classify import Router
 from .config import Config
+from .crashguard.guard import CrashGuard
 from .decode import build_decoders
 from .deliver import SubscriberRuntime
 from .deliver.invoke import Handler, inline, threaded
@@ -51,20 +53,32 @@ class Service:
             return
         self.broker = EmbeddedBroker().start()
         self.bootstrap = self.broker.bootstrap
-        log.warning("kafka.bootstrap_servers is not set: started the embedded development "
-                    "broker on %s (memory only: everything on it is lost when it stops)",
-                    self.bootstrap)
+        log.warning(
+            "kafka.bootstrap_servers is not set: started the embedded development "
+            "broker on %s (memory only: everything on it is lost when it stops)",
+            self.bootstrap,
+        )
 
     def _ensure_topics(self) -> None:
         settings = self.client_settings()
         cfg = self.config
-        internal = {t: cfg.retry.partitions for t in (cfg.fast_topic, cfg.slow_topic, cfg.dlq_topic)}
+        internal = {
+            t: cfg.retry.partitions for t in (cfg.fast_topic, cfg.slow_topic, cfg.dlq_topic)
+        }
         ensure_topics(settings, internal)
+        if cfg.crash_guard.enabled:
+            ensure_topics(
+                settings,
+                {cfg.journal_topic: 1},
+                configs={cfg.journal_topic: {"cleanup.policy": "compact"}},
+            )
         missing = sorted(set(cfg.topics) - existing_topics(settings))
         if missing:
             log.warning("source topics not found (yet): %s", ", ".join(missing))
 
-    def _runtimes(self, loop: asyncio.AbstractEventLoop, settler: Settler) -> dict[str, SubscriberRuntime]:
+    def _runtimes(
+        self, loop: asyncio.AbstractEventLoop, settler: Settler
+    ) -> dict[str, SubscriberRuntime]:
         runtimes = {}
         for i, sub in enumerate(self.config.subscribers):
             handler = self.handlers.get(sub.caller)
@@ -86,8 +100,12 @@ class Service:
             else:
                 invoke = inline(handler)
             runtimes[sub.caller] = SubscriberRuntime(
-                sub.caller, invoke, settler, ordering=sub.ordering,
-                concurrency=sub.concurrency, timeout=sub.timeout,
+                sub.caller,
+                invoke,
+                settler,
+                ordering=sub.ordering,
+                concurrency=sub.concurrency,
+                timeout=sub.timeout,
             )
         return runtimes
 
@@ -99,23 +117,41 @@ class Service:
         try:
             await asyncio.to_thread(self._ensure_topics)
             producer = ReliableProducer(self.client_settings(), loop)
-            guard = FloodGuard(self.config.retry.flood_guard)
-            settler = Settler(self.config, producer, self.stats, on_dead_letter=guard.observe)
+            flood = self.flood = FloodGuard(self.config.retry.flood_guard)
+            settler = Settler(self.config, producer, self.stats, on_dead_letter=flood.observe)
             runtimes = self._runtimes(loop, settler)
-            guard.runtimes = runtimes
-            guard.park = settler.park
-            self.guard = guard
+            flood.runtimes = runtimes
+            flood.park = settler.park
+            guard = None
+            if self.config.crash_guard.enabled:
+                guard = CrashGuard(
+                    producer,
+                    self.config.journal_topic,
+                    self.client_settings(),
+                    self.config.crash_guard.quarantine_after,
+                )
             pipeline = self.pipeline = Pipeline(
-                self.config, build_decoders(self.config), Router(self.config), runtimes,
-                settler, self.stats,
+                self.config,
+                build_decoders(self.config),
+                Router(self.config),
+                runtimes,
+                settler,
+                self.stats,
+                guard,
             )
-            consumer_settings = {**self.client_settings(), **self.config.kafka.consumer,
-                                 "group.id": self.config.kafka.group_id}
+            consumer_settings = {
+                **self.client_settings(),
+                **self.config.kafka.consumer,
+                "group.id": self.config.kafka.group_id,
+            }
             if self.broker is not None:
                 consumer_settings = {**CONSUMER_SETTINGS, **consumer_settings}
             topics = [*self.config.topics, self.config.fast_topic, self.config.slow_topic]
             source = KafkaSource(
-                consumer_settings, topics, pipeline, loop,
+                consumer_settings,
+                topics,
+                pipeline,
+                loop,
                 batch_size=self.config.kafka.batch_size,
                 max_in_flight=self.config.kafka.max_in_flight,
             )
@@ -123,8 +159,12 @@ class Service:
             admin = await self._start_admin()
             source.start()
             self.ready.set()
-            log.info("shunter is running: %d topics, %d subscribers, group %s",
-                     len(self.config.topics), len(runtimes), self.config.kafka.group_id)
+            log.info(
+                "shunter is running: %d topics, %d subscribers, group %s",
+                len(self.config.topics),
+                len(runtimes),
+                self.config.kafka.group_id,
+            )
             await self._serve(stop, pipeline)
             await self._shutdown(source, pipeline, runtimes, producer)
             if admin is not None:
@@ -136,20 +176,26 @@ class Service:
     async def _serve(self, stop: asyncio.Event, pipeline: Pipeline) -> None:
         interval = self.config.kafka.commit_interval
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            except TimeoutError:
-                pass
             pipeline.commit_due()
 
-    async def _shutdown(self, source: Any, pipeline: Pipeline, runtimes: dict[str, SubscriberRuntime],
-                        producer: ReliableProducer) -> None:
+    async def _shutdown(
+        self,
+        source: Any,
+        pipeline: Pipeline,
+        runtimes: dict[str, SubscriberRuntime],
+        producer: ReliableProducer,
+    ) -> None:
         log.info("stopping: draining in-flight deliveries")
         source.stop_fetching()
         timeout = self.config.kafka.drain_timeout
         if not await pipeline.drain(timeout):
-            log.warning("some deliveries did not settle within %.0fs; they stay uncommitted "
-                        "and will be redelivered", timeout)
+            log.warning(
+                "some deliveries did not settle within %.0fs; they stay uncommitted "
+                "and will be redelivered",
+                timeout,
+            )
         # Commit synchronously on the way out of the group: forget what the periodic
         # (asynchronous) commits claimed, since they may not have reached the broker.
         for tracker in pipeline.tracker.partitions.values():

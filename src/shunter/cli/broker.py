@@ -14,8 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with EmbeddedBroker(port=args.port) as broker:
-        print(f"embedded broker listening on {broker.bootstrap} (memory only); Ctrl-C stops it",
-              flush=True)
+        print(
+            f"embedded broker listening on {broker.bootstrap} (memory only); Ctrl-C stops it",
+            flush=True,
+        )
         try:
             while True:
                 time.sleep(3600)

@@ -20,23 +20,38 @@ def run(args: argparse.Namespace) -> int:
     app = Dispatcher(config)
     app.handlers()  # imports every handler: a typo fails here, not at 3 a.m.
     table = Table(title=f"shunter topology (group {config.kafka.group_id})")
-    for column in ("topic", "category", "filter", "caller", "handler / URL", "isolation", "ordering"):
+    for column in (
+        "topic",
+        "category",
+        "filter",
+        "caller",
+        "handler / URL",
+        "isolation",
+        "ordering",
+    ):
         table.add_column(column)
     for name, category in config.categories.items():
         subs = [s for s in config.subscribers if s.category == name]
         for topic in category.topics:
-            for sub in subs or [None]:
+            for sub in subs or [None]:  # type: ignore[list-item]
                 if sub is None:
                     table.add_row(topic, name, category.where or "", "(no subscriber)", "", "", "")
                     continue
                 target = sub.http.url if sub.http else sub.handler or "(code)"
-                table.add_row(topic, name, category.where or "", sub.caller, target,
-                              sub.isolation if not sub.http else "http", sub.ordering)
+                table.add_row(
+                    topic,
+                    name,
+                    category.where or "",
+                    sub.caller,
+                    target,
+                    sub.isolation if not sub.http else "http",
+                    sub.ordering,
+                )
     console = Console()
     console.print(table)
     console.print(
-        f"retry: fast {config.retry.fast.attempts}×{config.retry.fast.delay:g}s → "
-        f"slow {config.retry.slow.attempts}×{config.retry.slow.delay:g}s → {config.dlq_topic}; "
+        f"retry: fast {config.retry.fast.attempts}x{config.retry.fast.delay:g}s → "
+        f"slow {config.retry.slow.attempts}x{config.retry.slow.delay:g}s → {config.dlq_topic}; "
         f"crash guard: quarantine after {config.crash_guard.quarantine_after} crashes"
     )
     console.print("[green]configuration OK[/green]")

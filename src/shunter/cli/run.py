@@ -1,4 +1,9 @@
-"""``shunter run -c FILE``: the service. SIGTERM/SIGINT drain, commit and exit 0."""
+"""``shunter run -c FILE``: the service. SIGTERM/SIGINT drain, commit and exit 0.
+
+By default a supervisor process runs the dispatcher in a worker process and restarts it
+after an unclean death (see crashguard/supervisor.py). Under systemd or Kubernetes,
+``--no-supervise`` runs the dispatcher in this process and leaves restarts to them.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,32 @@ import signal
 
 from ..app import Dispatcher
 from ..config import load_config
+from ..crashguard.supervisor import supervise
 from ..observe.logs import setup_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", required=True, help="the YAML configuration")
+    parser.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="run in this process; restarts are left to an outer supervisor",
+    )
+    parser.add_argument(
+        "--max-restarts",
+        type=int,
+        default=10,
+        help="deaths within 10 minutes before the supervisor gives up",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     secrets: set[str] = set()
-    config = load_config(args.config, secrets=secrets)
+    config = load_config(args.config, secrets=secrets)  # refuse a bad file before forking
     setup_logging(config.log.format, config.log.level, secrets)
+    if not args.no_supervise:
+        return supervise(["run", "-c", args.config, "--no-supervise"], args.max_restarts)
+    faulthandler.enable()  # a fatal signal prints every thread's stack to stderr
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every stack
     Dispatcher(config).run()
     return 0

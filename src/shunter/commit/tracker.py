@@ -58,7 +58,7 @@ class PartitionTracker:
             return offset
         return None
 
-    async def drained(self, timeout: float) -> bool:
+    async def drained(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until nothing is held; False when ``timeout`` passed first."""
         if not self.pending:
             return True

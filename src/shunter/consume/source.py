@@ -35,7 +35,7 @@ class SourceHandler(Protocol):
 
     def parked(self, tp: TP) -> None: ...
 
-    def assigned(self, tps: list[TP]) -> Coroutine[Any, Any, None]: ...
+    def assigned(self, tps: list[TP], committed: dict[TP, int]) -> Coroutine[Any, Any, None]: ...
 
     def revoked(self, tps: list[TP], lost: bool) -> Coroutine[Any, Any, list[tuple[TP, int]]]: ...
 
@@ -222,8 +222,14 @@ class KafkaSource:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         log.info("assigned %s", _show(tps))
+        committed: dict[TP, int] = {}
         try:
-            self._call_loop(self._handler.assigned(tps))
+            for tp in consumer.committed(partitions, timeout=30):
+                committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else -1
+        except KafkaException as exc:
+            log.warning("reading committed offsets failed: %s", exc)
+        try:
+            self._call_loop(self._handler.assigned(tps, committed))
         except Exception:
             log.exception("handling the assignment failed")
         self.assignment.update(tps)

@@ -58,7 +58,9 @@ def _schema_validator(config: Config, name: str, path: str) -> Validator:
         schema = orjson.loads(config.resolve(path).read_bytes())
         validate: Validator = fastjsonschema.compile(schema)
     except (OSError, orjson.JSONDecodeError, fastjsonschema.JsonSchemaDefinitionException) as exc:
-        raise ConfigError([f"topics.{name}.schema: cannot load JSON Schema {path}: {exc}"]) from None
+        raise ConfigError(
+            [f"topics.{name}.schema: cannot load JSON Schema {path}: {exc}"]
+        ) from None
 
     def check(value: Any) -> Any:
         validate(value)

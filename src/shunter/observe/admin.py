@@ -34,25 +34,39 @@ def topology(service: Service) -> list[dict[str, Any]]:
                 continue
             target = sub.http.url if sub.http else (sub.handler or "(registered in code)")
             for topic in category.topics:
-                rows.append({"topic": topic, "category": name, "where": category.where,
-                             "caller": sub.caller, "target": target,
-                             "isolation": sub.isolation, "ordering": sub.ordering})
+                rows.append(
+                    {
+                        "topic": topic,
+                        "category": name,
+                        "where": category.where,
+                        "caller": sub.caller,
+                        "target": target,
+                        "isolation": sub.isolation,
+                        "ordering": sub.ordering,
+                    }
+                )
     return rows
 
 
 def _gauges(service: Service) -> Any:
     def collect() -> Any:
         pipeline = service.pipeline
-        pending = GaugeMetricFamily("shunter_caller_pending",
-                                    "Deliveries queued or running per caller.", labels=["caller"])
-        paused = GaugeMetricFamily("shunter_caller_paused", "1 when the caller is paused.",
-                                   labels=["caller"])
-        lag = GaugeMetricFamily("shunter_consumer_lag",
-                                "Messages between the committable offset and the partition end.",
-                                labels=["topic", "partition"])
-        held = GaugeMetricFamily("shunter_partition_in_flight",
-                                 "Offsets held (not yet settled) per partition.",
-                                 labels=["topic", "partition"])
+        pending = GaugeMetricFamily(
+            "shunter_caller_pending", "Deliveries queued or running per caller.", labels=["caller"]
+        )
+        paused = GaugeMetricFamily(
+            "shunter_caller_paused", "1 when the caller is paused.", labels=["caller"]
+        )
+        lag = GaugeMetricFamily(
+            "shunter_consumer_lag",
+            "Messages between the committable offset and the partition end.",
+            labels=["topic", "partition"],
+        )
+        held = GaugeMetricFamily(
+            "shunter_partition_in_flight",
+            "Offsets held (not yet settled) per partition.",
+            labels=["topic", "partition"],
+        )
         if pipeline is not None:
             for caller, runtime in pipeline.runtimes.items():
                 pending.add_metric([caller], runtime.queued + runtime.active)
@@ -92,8 +106,9 @@ async def start_admin(service: Service) -> web.AppRunner:
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry),
-                            headers={"Content-Type": "text/plain; version=0.0.4"})
+        return web.Response(
+            body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
 
     async def topo(_: web.Request) -> web.Response:
         return web.json_response(topology(service))
@@ -113,20 +128,22 @@ async def start_admin(service: Service) -> web.AppRunner:
             for msg in runtime.pause():
                 pipeline.settler.park(msg, "caller paused through the admin API")  # type: ignore[union-attr]
         else:
-            service.guard.reset(caller)
+            service.flood.reset(caller)
             runtime.resume()
         log.warning("caller %s %sd through the admin API", caller, request.match_info["action"])
         return web.json_response({"caller": caller, "paused": runtime.paused})
 
     app = web.Application()
-    app.add_routes([
-        web.get("/health", health),
-        web.get("/ready", ready),
-        web.get("/metrics", metrics),
-        web.get("/topology", topo),
-        web.get("/stats", stats),
-        web.post(r"/callers/{caller}/{action:pause|resume}", pause_resume),
-    ])
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/ready", ready),
+            web.get("/metrics", metrics),
+            web.get("/topology", topo),
+            web.get("/stats", stats),
+            web.post(r"/callers/{caller}/{action:pause|resume}", pause_resume),
+        ]
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host or "127.0.0.1", int(port))

@@ -46,14 +46,23 @@ class FloodGuard:
     def _trip(self, caller: str, share: float) -> None:
         self.tripped.add(caller)
         if self._config.action == "continue":
-            log.error("DEAD-LETTER FLOOD: %.0f%% of caller %s's last %d deliveries were "
-                      "dead-lettered (continuing as configured)", share * 100, caller,
-                      self._config.window)
+            log.error(
+                "DEAD-LETTER FLOOD: %.0f%% of caller %s's last %d deliveries were "
+                "dead-lettered (continuing as configured)",
+                share * 100,
+                caller,
+                self._config.window,
+            )
             return
-        log.critical("DEAD-LETTER FLOOD: %.0f%% of caller %s's last %d deliveries were "
-                     "dead-lettered; caller %s is PAUSED (its messages wait in the slow tier). "
-                     "Fix the handler, then resume it through the admin API.",
-                     share * 100, caller, self._config.window, caller)
+        log.critical(
+            "DEAD-LETTER FLOOD: %.0f%% of caller %s's last %d deliveries were "
+            "dead-lettered; caller %s is PAUSED (its messages wait in the slow tier). "
+            "Fix the handler, then resume it through the admin API.",
+            share * 100,
+            caller,
+            self._config.window,
+            caller,
+        )
         runtime = self.runtimes.get(caller)
         if runtime is not None:
             for msg in runtime.pause():

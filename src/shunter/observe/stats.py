@@ -101,7 +101,8 @@ class StatsCollector(Collector):
             messages.add_metric([topic, outcome], n)
         yield messages
         writes = CounterMetricFamily(
-            "shunter_tier_writes", "Records acknowledged in a retry tier or the dead-letter topic.",
+            "shunter_tier_writes",
+            "Records acknowledged in a retry tier or the dead-letter topic.",
             labels=["tier"],
         )
         for tier, n in sorted(stats.writes.items()):

@@ -67,8 +67,14 @@ class ReliableProducer:
                 loop.call_soon(done, KafkaError(KafkaError._INVALID_ARG, str(exc)))
                 return
 
-    async def wait(self, topic: str, key: bytes | None, value: bytes | None,
-                   headers: list[tuple[str, bytes]], partition: int | None = None) -> None:
+    async def wait(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        partition: int | None = None,
+    ) -> None:
         """Write one record and wait for the broker; raise on failure."""
         future: asyncio.Future[KafkaError | None] = self._loop.create_future()
 

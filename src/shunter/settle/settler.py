@@ -41,7 +41,11 @@ class Settler:
         self._retry = config.retry
         self._producer = producer
         self._stats = stats
-        self._topics = {"fast": config.fast_topic, "slow": config.slow_topic, "dlq": config.dlq_topic}
+        self._topics = {
+            "fast": config.fast_topic,
+            "slow": config.slow_topic,
+            "dlq": config.dlq_topic,
+        }
         self._on_dead_letter = on_dead_letter  # (caller, dead_lettered) for the flood guard
 
     def __call__(self, msg: Message, outcome: Outcome, elapsed: float) -> None:
@@ -75,19 +79,36 @@ class Settler:
         """A message that failed decoding or validation: once to the dead-letter topic."""
         log.warning(
             "rejected %s[%d]@%d at %s: %s",
-            record.topic, record.partition, record.offset, exc.stage, exc.reason,
-            extra={"topic": record.topic, "partition": record.partition,
-                   "offset": record.offset, "stage": exc.stage},
+            record.topic,
+            record.partition,
+            record.offset,
+            exc.stage,
+            exc.reason,
+            extra={
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "stage": exc.stage,
+            },
         )
         self._stats.rejected(record.topic, exc.stage)
         now = _now_ms()
         info = h.FailureInfo(
-            caller="", category="", attempt=1, stage=exc.stage,
-            error_type="RejectedMessage", error=exc.reason, traceback="",
-            first_failure_ms=now, not_before_ms=now,
-            origin_topic=record.topic, origin_partition=record.partition,
-            origin_offset=record.offset, origin_timestamp_ms=record.timestamp,
-            tier="dlq", origin_key=record.key,
+            caller="",
+            category="",
+            attempt=1,
+            stage=exc.stage,
+            error_type="RejectedMessage",
+            error=exc.reason,
+            traceback="",
+            first_failure_ms=now,
+            not_before_ms=now,
+            origin_topic=record.topic,
+            origin_partition=record.partition,
+            origin_offset=record.offset,
+            origin_timestamp_ms=record.timestamp,
+            tier="dlq",
+            origin_key=record.key,
         )
         self._write(record, info, "dlq")
 
@@ -95,18 +116,31 @@ class Settler:
         """A record suspected of killing the process: to the dead-letter topic, unrun."""
         now = _now_ms()
         info = h.FailureInfo(
-            caller="", category="", attempt=1, stage="crash", error_type="crash",
-            error=reason, traceback="", first_failure_ms=now, not_before_ms=now,
-            origin_topic=record.topic, origin_partition=record.partition,
-            origin_offset=record.offset, origin_timestamp_ms=record.timestamp,
-            tier="dlq", origin_key=record.key, signal=signal,
+            caller="",
+            category="",
+            attempt=1,
+            stage="crash",
+            error_type="crash",
+            error=reason,
+            traceback="",
+            first_failure_ms=now,
+            not_before_ms=now,
+            origin_topic=record.topic,
+            origin_partition=record.partition,
+            origin_offset=record.offset,
+            origin_timestamp_ms=record.timestamp,
+            tier="dlq",
+            origin_key=record.key,
+            signal=signal,
         )
         self._stats.rejected(record.topic, "crash")
         self._write(record, info, "dlq")
 
     # -- internals ------------------------------------------------------------------------
 
-    def _info(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> h.FailureInfo:
+    def _info(
+        self, msg: Message, outcome: Failed | DeadLettered, dest: Destination
+    ) -> h.FailureInfo:
         record = msg._record
         now = _now_ms()
         if isinstance(outcome, Failed):
@@ -142,7 +176,12 @@ class Settler:
                 return
             log.error(
                 "write to %s failed (%s); offset %s[%d]@%d stays held, retrying in %.1fs",
-                topic, err, record.topic, record.partition, record.offset, backoff,
+                topic,
+                err,
+                record.topic,
+                record.partition,
+                record.offset,
+                backoff,
             )
             asyncio.get_running_loop().call_later(
                 backoff, self._write, record, info, tier, min(backoff * 2, _BACKOFF_MAX)
@@ -155,11 +194,25 @@ class Settler:
         what = outcome.error if isinstance(outcome, Failed) else outcome.reason
         log.error(
             "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s\n%s",
-            msg.caller, record.topic, record.partition, record.offset, msg.category,
-            msg.attempt, dest.tier, outcome.error_type, what, outcome.traceback.rstrip(),
-            extra={"caller": msg.caller, "category": msg.category, "topic": record.topic,
-                   "partition": record.partition, "offset": record.offset,
-                   "attempt": msg.attempt, "next": dest.tier},
+            msg.caller,
+            record.topic,
+            record.partition,
+            record.offset,
+            msg.category,
+            msg.attempt,
+            dest.tier,
+            outcome.error_type,
+            what,
+            outcome.traceback.rstrip(),
+            extra={
+                "caller": msg.caller,
+                "category": msg.category,
+                "topic": record.topic,
+                "partition": record.partition,
+                "offset": record.offset,
+                "attempt": msg.attempt,
+                "next": dest.tier,
+            },
         )
 
 

@@ -27,7 +27,16 @@ def make_message(
     """A message as a handler would receive it; ``raw`` defaults to ``value`` as JSON."""
     if raw is None:
         raw = value if isinstance(value, bytes) else orjson.dumps(value)
-    record = Record(topic, partition, offset, key, raw, timestamp, headers,
-                    PartitionTracker((topic, partition)), offset)
+    record = Record(
+        topic,
+        partition,
+        offset,
+        key,
+        raw,
+        timestamp,
+        headers,
+        PartitionTracker((topic, partition)),
+        offset,
+    )
     record.value = value
     return Message(record, caller, category, attempt)

@@ -1,0 +1,179 @@
+"""The in-flight journal: what each partition had in handlers, recorded in Kafka.
+
+Before a batch's deliveries start, one record per partition says which offsets may be
+in a handler (``lo``..``hi``); the batch waits for the broker's acknowledgement. A clean
+release (drained, committed) writes ``clean``. The journal is a compacted topic keyed by
+``topic:partition``, so whichever instance is assigned the partition next — on this
+machine or another — reads the last word about it.
+
+On assignment, a partition whose last record is not ``clean`` had an owner that died with
+deliveries in flight. Each offset of that window gets one crash count, and the window is
+re-run *one offset at a time*, the single offset recorded first: if the process dies
+again, only that offset is blamed, and its innocent neighbours go through. An offset
+whose count reaches ``crash_guard.quarantine_after`` is dead-lettered with reason
+``crash`` and never run again. The counts travel in the records themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, TopicPartition
+
+log = logging.getLogger("shunter.crashguard")
+
+TP = tuple[str, int]
+
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class PartitionState:
+    """What the journal knows of one partition's crash suspects."""
+
+    runs: list[list[int]] = field(default_factory=list)  # [lo, hi, crashes] over a range
+    single: dict[int, int] = field(default_factory=dict)  # offset -> crashes while run alone
+    suspects_hi: int = -1  # the last suspect offset; -1 when there are none
+
+    def crashes(self, offset: int) -> int:
+        n = self.single.get(offset, 0)
+        for lo, hi, count in self.runs:
+            if lo <= offset <= hi:
+                n += count
+        return n
+
+    def prune(self, below: int) -> None:
+        """Forget counts of offsets that are committed: they can never run again."""
+        self.runs = [[max(lo, below), hi, n] for lo, hi, n in self.runs if hi >= below]
+        self.single = {o: n for o, n in self.single.items() if o >= below}
+
+    def encode(self, mode: str, lo: int, hi: int, offset: int = -1) -> bytes:
+        return orjson.dumps(
+            {
+                "v": 1,
+                "mode": mode,
+                "lo": lo,
+                "hi": hi,
+                "offset": offset,
+                "suspects_hi": self.suspects_hi,
+                "runs": self.runs,
+                "single": {str(o): n for o, n in self.single.items()},
+                "owner": OWNER,
+                "ts": int(time.time() * 1000),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Entry:
+    mode: str  # batch | single | clean
+    lo: int
+    hi: int
+    offset: int
+    suspects_hi: int
+    runs: list[list[int]]
+    single: dict[int, int]
+    owner: str
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Entry:
+        data = orjson.loads(raw)
+        return cls(
+            mode=data["mode"],
+            lo=int(data["lo"]),
+            hi=int(data["hi"]),
+            offset=int(data.get("offset", -1)),
+            suspects_hi=int(data.get("suspects_hi", -1)),
+            runs=[[int(a), int(b), int(n)] for a, b, n in data.get("runs", [])],
+            single={int(o): int(n) for o, n in data.get("single", {}).items()},
+            owner=str(data.get("owner", "")),
+        )
+
+
+def key_of(tp: TP) -> bytes:
+    return f"{tp[0]}:{tp[1]}".encode()
+
+
+def recover(entry: Entry | None, committed: int) -> PartitionState:
+    """The suspects of a partition, given its last journal entry and committed offset.
+
+    ``committed`` is the offset the group will resume from (-1 when none: then nothing
+    before the entry's window can have been settled, so the window is taken as is).
+    """
+    state = PartitionState()
+    if entry is None:
+        return state
+    state.runs = [list(r) for r in entry.runs]
+    state.single = dict(entry.single)
+    start = committed if committed >= 0 else entry.lo
+    if entry.mode == "clean":
+        state.prune(start)
+        return state
+    if entry.mode == "single":
+        # The previous owner died while this one offset ran alone: only it is blamed.
+        state.single[entry.offset] = state.single.get(entry.offset, 0) + 1
+        state.suspects_hi = max(entry.suspects_hi, entry.offset)
+    else:
+        lo = max(start, entry.lo)
+        if lo <= entry.hi:
+            state.runs.append([lo, entry.hi, 1])
+        state.suspects_hi = max(entry.hi, entry.suspects_hi)
+    state.prune(start)
+    if state.suspects_hi < start:
+        state.suspects_hi = -1
+    return state
+
+
+def read_latest(
+    settings: dict[str, Any], topic: str, keys: set[bytes], timeout: float = 30.0
+) -> dict[bytes, Entry]:
+    """The last journal entry of each key, reading the journal topic to its end."""
+    consumer = Consumer(
+        {
+            **settings,
+            "group.id": "shunter-journal-reader",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    found: dict[bytes, Entry] = {}
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return found
+        ends = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return found
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        position = {p: 0 for p in ends}
+        deadline = time.monotonic() + timeout
+        while any(position[p] < ends[p] for p in ends):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading the journal {topic} took over {timeout:.0f}s")
+            for msg in consumer.consume(1000, 0.2):
+                offset, value = msg.offset(), msg.value()
+                if msg.error() is not None or offset is None:
+                    continue
+                position[msg.partition() or 0] = offset + 1
+                key = msg.key()
+                if key in keys and value is not None:
+                    try:
+                        found[key] = Entry.decode(value)
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        log.error(
+                            "journal record %s@%d is unreadable; ignored", topic, msg.offset()
+                        )
+    finally:
+        consumer.close()
+    return found

@@ -1,0 +1,82 @@
+"""``shunter run`` supervises its worker: an unclean death is followed by a restart.
+
+Restarts back off (0.5 s doubling to 30 s, reset after a minute of health). A crash loop
+ends because the crash guard quarantines the message that causes it; as a last resort,
+more than ``max_restarts`` deaths within ten minutes stop the supervisor with status 1
+so an outer supervisor (systemd, Kubernetes) sees the failure. SIGTERM/SIGINT are
+passed to the worker, which drains, commits and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from types import FrameType
+
+from .guard import LAST_EXIT_ENV
+
+log = logging.getLogger("shunter.supervisor")
+
+_WINDOW = 600.0
+_HEALTHY = 60.0
+
+
+def describe_exit(status: int) -> str:
+    if status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def supervise(worker_args: list[str], max_restarts: int = 10) -> int:
+    """Run ``shunter <worker_args>`` in a child process until it exits cleanly."""
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    deaths: deque[float] = deque()
+    backoff = 0.5
+    last_exit = ""
+    while True:
+        env = {**os.environ, LAST_EXIT_ENV: last_exit}
+        child = subprocess.Popen([sys.executable, "-m", "shunter.cli.main", *worker_args], env=env)
+        started = time.monotonic()
+        status = child.wait()
+        if status == 0 or stopping:
+            return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else status
+        last_exit = describe_exit(status)
+        now = time.monotonic()
+        if now - started > _HEALTHY:
+            backoff = 0.5
+        deaths.append(now)
+        while deaths and now - deaths[0] > _WINDOW:
+            deaths.popleft()
+        if len(deaths) > max_restarts:
+            log.critical(
+                "worker %s; %d deaths within %.0f minutes: giving up",
+                last_exit,
+                len(deaths),
+                _WINDOW / 60,
+            )
+            return 1
+        log.error("worker %s; restarting in %.1fs (restart %d)", last_exit, backoff, len(deaths))
+        deadline = time.monotonic() + backoff
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if stopping:
+            return 0
+        backoff = min(backoff * 2, 30.0)

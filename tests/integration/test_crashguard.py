@@ -1,0 +1,166 @@
+"""Given a handler that kills the interpreter on one message among many, when shunter
+runs under its supervisor, then the process restarts at most ``quarantine_after`` times,
+that message lands in the dead-letter topic with reason ``crash`` without running
+again, and every other (message, subscriber) pair is delivered."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kafkatools import Broker
+from shunter.settle import headers as h
+
+pytestmark = pytest.mark.kafka
+
+MESSAGES = 1200
+KILLER = 737
+
+HANDLERS = """
+import asyncio, ctypes, os, signal
+
+LEDGER = os.environ["LEDGER"]
+KILL = os.environ["KILL"]
+
+def record(caller, msg):
+    with open(LEDGER, "a") as f:
+        f.write(f"{caller},{msg.partition},{msg.offset}\\n")
+
+async def steady(msg):
+    await asyncio.sleep(0.0005)
+    record("steady", msg)
+
+def fragile(msg):
+    if msg.value["n"] == KILLER:
+        if KILL == "segfault":
+            ctypes.string_at(0)          # SIGSEGV inside a C call
+        elif KILL == "exit":
+            os._exit(1)                  # no cleanup, no exception
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)   # what the OOM killer does
+    record("fragile", msg)
+""".replace("KILLER", str(KILLER))
+
+
+def write_service(tmp: Path, broker: Broker, group: str, topic: str) -> Path:
+    (tmp / "crashy.py").write_text(textwrap.dedent(HANDLERS))
+    config = {
+        "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group,
+                  "consumer": broker.client, "commit_interval": "100ms"},
+        "topics": {topic: {}},
+        "categories": {"revenue": {"topics": [topic]}},
+        "subscribers": [
+            {"caller": "steady", "category": "revenue", "handler": "crashy:steady"},
+            {"caller": "fragile", "category": "revenue", "handler": "crashy:fragile"},
+        ],
+        "crash_guard": {"quarantine_after": 3},
+        "admin": {"listen": None},
+        "retry": {"partitions": 2},
+    }
+    path = tmp / "shunter.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start(config: Path, tmp: Path, kill: str, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(tmp), "LEDGER": str(tmp / "ledger.txt"), "KILL": kill}
+    with open(tmp / "service.log", "ab") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [sys.executable, "-m", "shunter.cli.main", "run", "-c", str(config), *extra],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def ledger(tmp: Path) -> set[tuple[str, int, int]]:
+    path = tmp / "ledger.txt"
+    if not path.exists():
+        return set()
+    out = set()
+    for line in path.read_text().splitlines():
+        caller, part, off = line.split(",")
+        out.add((caller, int(part), int(off)))
+    return out
+
+
+def killer_coordinates(broker: Broker, topic: str) -> tuple[int, int]:
+    import orjson
+
+    for msg in broker.read_all(topic, expect=MESSAGES):
+        if orjson.loads(msg.value())["n"] == KILLER:
+            return msg.partition(), msg.offset()
+    raise AssertionError("killer message not found")
+
+
+@pytest.mark.parametrize("kill", ["segfault", "exit", "sigkill"])
+def test_a_message_that_kills_the_process_is_quarantined(
+    broker: Broker, unique: str, tmp_path: Path, kill: str
+) -> None:
+    topic, group = f"crash-{unique}", f"g-{unique}"
+    broker.create({topic: 3})
+    broker.produce(topic, [{"n": i} for i in range(MESSAGES)], key=lambda i, v: f"u{i % 17}")
+    k_part, k_off = killer_coordinates(broker, topic)
+    config = write_service(tmp_path, broker, group, topic)
+    proc = start(config, tmp_path, kill)
+    try:
+        # everything but the killer, for both callers
+        want = {(c, m.partition(), m.offset()) for m in broker.read_all(topic, expect=MESSAGES)
+                for c in ("steady", "fragile")} - {("fragile", k_part, k_off),
+                                                   ("steady", k_part, k_off)}
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not want <= ledger(tmp_path):
+            assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
+            time.sleep(0.5)
+        dlq = [m for m in broker.read_all(f"{group}.dlq") if m.headers()]
+    finally:
+        proc.terminate()
+        status = proc.wait(60)
+    log = (tmp_path / "service.log").read_text()
+    missing = want - ledger(tmp_path)
+    assert not missing, f"{len(missing)} pairs never delivered, e.g. {sorted(missing)[:5]}"
+    restarts = log.count("restarting in")
+    assert 1 <= restarts <= 3, log[-3000:]
+    crash = [h.decode(m.headers()) for m in dlq]
+    crash = [i for i in crash if i.stage == "crash"]
+    assert [(i.origin_topic, i.origin_partition, i.origin_offset) for i in crash] == [
+        (topic, k_part, k_off)
+    ], "exactly the killer is quarantined"
+    assert "died 3 times" in crash[0].error
+    assert ("fragile", k_part, k_off) not in ledger(tmp_path), "the killer never completed"
+    assert status == 0, "SIGTERM drains and exits 0"
+
+
+def test_journal_is_read_by_the_next_instance(broker: Broker, unique: str, tmp_path: Path) -> None:
+    """Given instance A dies with the killer in flight, when separate instances (no shared
+    supervisor, as on other machines) take the partition over one after another, then
+    each applies the count that the journal in Kafka carries, and the third quarantines."""
+    topic, group = f"crashj-{unique}", f"g-{unique}"
+    broker.create({topic: 1})
+    broker.produce(topic, [{"n": i} for i in range(MESSAGES)])
+    config = write_service(tmp_path, broker, group, topic)
+    owners = []
+    for _ in range(3):
+        proc = start(config, tmp_path, "exit", "--no-supervise")
+        owners.append(proc.pid)
+        assert proc.wait(120) == 1, "the instance dies on the killer message"
+    log = (tmp_path / "service.log").read_text()
+    assert f":{owners[0]}) died with deliveries in flight" in log
+    assert f":{owners[1]}) died with deliveries in flight" in log
+    proc = start(config, tmp_path, "exit", "--no-supervise")
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(ledger(tmp_path)) < 2 * MESSAGES - 2:
+            assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    log = (tmp_path / "service.log").read_text()
+    assert "quarantined" in log and "died 3 times" in log
+    assert len({(p, o) for c, p, o in ledger(tmp_path) if c == "fragile"}) == MESSAGES - 1
