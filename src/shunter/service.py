@@ -29,6 +29,7 @@ from .settle import Settler
 from .settle.producer import ReliableProducer
 
 log = logging.getLogger("shunter")
+KAFKA_LOG = logging.getLogger("shunter.kafka")
 
 
 class Service:
@@ -46,6 +47,7 @@ class Service:
     def client_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = dict(self.config.kafka.client)
         settings["bootstrap.servers"] = self.bootstrap
+        settings["logger"] = KAFKA_LOG  # librdkafka's own lines go through logging too
         return settings
 
     def _start_broker(self) -> None:

@@ -23,11 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shunter", description="Kafka message dispatcher.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules = {}
+    broken: dict[str, str] = {}
     for name, summary in COMMANDS.items():
-        module = importlib.import_module(f"shunter.cli.{name}")
-        module.add_arguments(sub.add_parser(name, help=summary, description=summary))
+        command = sub.add_parser(name, help=summary, description=summary)
+        try:  # one broken command module must not take the others (``run``!) down
+            module = importlib.import_module(f"shunter.cli.{name}")
+        except Exception as exc:
+            broken[name] = f"{type(exc).__name__}: {exc}"
+            command.add_argument("rest", nargs=argparse.REMAINDER)
+            continue
+        module.add_arguments(command)
         modules[name] = module
     args = parser.parse_args(argv)
+    if args.command in broken:
+        print(f"shunter {args.command}: cannot load: {broken[args.command]}", file=sys.stderr)
+        return 1
     try:
         return int(modules[args.command].run(args) or 0)
     except ConfigError as exc:
