@@ -40,6 +40,7 @@ log = logging.getLogger("shunter.pipeline")
 
 TP = tuple[str, int]
 
+
 class _Waiting:
     """A batch waiting for its journal records to be acknowledged."""
 
@@ -125,13 +126,14 @@ class Pipeline:
         self.processed += len(batch)
         touched: set[SubscriberRuntime] = set()
         accepted: dict[str, int] = {}
-        special = bool(self._parking or self._suspects)
         for kmsg in batch:
             if kmsg.error() is not None:
                 self._consumer_error(kmsg.error())
                 continue
             topic = kmsg.topic()
-            if special:
+            # Checked per record: a retry record parks its partition mid-batch, and the
+            # rest of that partition in this batch must then be read again later.
+            if self._parking or self._suspects:
                 tp = (topic, kmsg.partition())
                 if tp in self._parking:  # fetched before the pause took effect: read again
                     continue
@@ -152,17 +154,17 @@ class Pipeline:
         self, kmsg: Any, topic: str, touched: set[SubscriberRuntime], accepted: dict[str, int]
     ) -> None:
         if topic in self.decoders:
-            self._source_record(kmsg, topic, touched)
-            accepted[topic] = accepted.get(topic, 0) + 1
+            if self._source_record(kmsg, topic, touched):
+                accepted[topic] = accepted.get(topic, 0) + 1
         elif topic in self.retry_topics:
             self._retry_record(kmsg, topic, touched)
 
-    def _source_record(self, kmsg: Any, topic: str, touched: set[SubscriberRuntime]) -> None:
+    def _source_record(self, kmsg: Any, topic: str, touched: set[SubscriberRuntime]) -> bool:
         partition = kmsg.partition()
         offset = kmsg.offset()
         ptrack = self.tracker.partitions.get((topic, partition))
         if ptrack is None:  # revoked while this batch waited: the next owner reads it
-            return
+            return False
         record = Record(
             topic,
             partition,
@@ -179,7 +181,7 @@ class Pipeline:
         except RejectedMessage as exc:
             ptrack.hold(offset, 1)
             self.settler.reject(record, exc)
-            return
+            return False
         routes, filter_errors = self.router.routes(record)
         ptrack.hold(offset, len(routes) + len(filter_errors))
         runtimes = self.runtimes
@@ -195,6 +197,7 @@ class Pipeline:
             msg = Message(record, failed.route.caller, failed.route.category)
             outcome = DeadLettered(failed.error, "FilterError", stage="classify")
             self.settler(msg, outcome, 0.0)
+        return True
 
     def _retry_record(self, kmsg: Any, topic: str, touched: set[SubscriberRuntime]) -> None:
         partition = kmsg.partition()

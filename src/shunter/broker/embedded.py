@@ -83,8 +83,8 @@ class EmbeddedBroker:
         if self._process is None:
             return
         self._process.terminate()
-        try:
-            self._process.wait(5)
+        try:  # memory only: nothing to flush, and it lingers while clients stay connected
+            self._process.wait(1)
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()

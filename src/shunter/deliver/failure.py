@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import traceback
+from types import TracebackType
 
 from ..errors import DeadLetter, DeliveryTimeout, RetryLater
 from ..outcome import DeadLettered, Failed
 
 _MAX_TRACEBACK = 16_384
+_DELIVER = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def error_type(exc: BaseException) -> str:
@@ -18,7 +21,19 @@ def error_type(exc: BaseException) -> str:
     return f"{module}.{cls.__qualname__}"
 
 
+def _own_frames(tb: TracebackType | None) -> TracebackType | None:
+    """Skip shunter's own frames at the top: the operator wants the handler's lines."""
+    while (
+        tb is not None
+        and tb.tb_next is not None
+        and tb.tb_frame.f_code.co_filename.startswith(_DELIVER)
+    ):
+        tb = tb.tb_next
+    return tb
+
+
 def format_traceback(exc: BaseException) -> str:
+    exc.__traceback__ = _own_frames(exc.__traceback__)
     text = "".join(traceback.format_exception(exc))
     if len(text) > _MAX_TRACEBACK:  # keep the end: the failing line is there
         text = "...\n" + text[-_MAX_TRACEBACK:]

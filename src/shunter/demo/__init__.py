@@ -1,0 +1,11 @@
+"""``shunter demo``: a zero-configuration tour on the embedded broker.
+
+``stream`` makes a seeded live-revenue stream and says what it holds (its ``Plan``);
+``topology`` is the deployment, written as YAML; ``handlers`` are the example
+subscribers, one of them buggy; ``revenue`` runs the stream through them; ``tour`` runs
+the steps in order.
+"""
+
+from .tour import Options, run
+
+__all__ = ["Options", "run"]
