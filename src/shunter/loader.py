@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -24,3 +27,11 @@ def import_object(path: str, key: str) -> Any:
         except AttributeError:
             raise ConfigError([f"{key}: module {module_name!r} has no {attr!r}"]) from None
     return obj
+
+
+def make_importable(config_path: str) -> None:
+    """Put the current directory and the configuration's directory on ``sys.path``, as
+    ``python -m`` would the former: handler and model paths name modules found there."""
+    for path in (str(Path(config_path).resolve().parent), os.getcwd()):
+        if path not in sys.path:
+            sys.path.insert(0, path)

@@ -6,9 +6,11 @@ import argparse
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..app import Dispatcher
 from ..config import load_config
+from ..loader import make_importable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    make_importable(args.config)
     config = load_config(args.config)
     app = Dispatcher(config)
     app.handlers()  # imports every handler: a typo fails here, not at 3 a.m.
@@ -33,20 +36,13 @@ def run(args: argparse.Namespace) -> int:
     for name, category in config.categories.items():
         subs = [s for s in config.subscribers if s.category == name]
         for topic in category.topics:
-            for sub in subs or [None]:  # type: ignore[list-item]
-                if sub is None:
-                    table.add_row(topic, name, category.where or "", "(no subscriber)", "", "", "")
-                    continue
+            where = Text(category.where or "")  # a CEL ``[x]`` is not rich markup
+            if not subs:
+                table.add_row(topic, name, where, "(no subscriber)", "", "", "")
+            for sub in subs:
                 target = sub.http.url if sub.http else sub.handler or "(code)"
-                table.add_row(
-                    topic,
-                    name,
-                    category.where or "",
-                    sub.caller,
-                    target,
-                    sub.isolation if not sub.http else "http",
-                    sub.ordering,
-                )
+                kind = "http" if sub.http else sub.isolation
+                table.add_row(topic, name, where, sub.caller, Text(target), kind, sub.ordering)
     console = Console()
     console.print(table)
     console.print(

@@ -14,6 +14,7 @@ import signal
 from ..app import Dispatcher
 from ..config import load_config
 from ..crashguard.supervisor import supervise
+from ..loader import make_importable
 from ..observe.logs import setup_logging
 
 
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    make_importable(args.config)
     secrets: set[str] = set()
     config = load_config(args.config, secrets=secrets)  # refuse a bad file before forking
     setup_logging(config.log.format, config.log.level, secrets)

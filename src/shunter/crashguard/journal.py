@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 log = logging.getLogger("shunter.crashguard")
 
@@ -148,31 +148,27 @@ def read_latest(
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
             return found
-        ends = {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-        if not ends:
-            return found
-        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
-        position = {p: 0 for p in ends}
+        # Read until librdkafka says end-of-partition, not up to the high watermark:
+        # the embedded broker reports a watermark that lags its last batch.
+        pending = set(meta.partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
         deadline = time.monotonic() + timeout
-        while any(position[p] < ends[p] for p in ends):
+        while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading the journal {topic} took over {timeout:.0f}s")
             for msg in consumer.consume(1000, 0.2):
-                offset, value = msg.offset(), msg.value()
-                if msg.error() is not None or offset is None:
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(msg.partition() or 0)
                     continue
-                position[msg.partition() or 0] = offset + 1
-                key = msg.key()
+                key, value = msg.key(), msg.value()
                 if key in keys and value is not None:
                     try:
                         found[key] = Entry.decode(value)
                     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                         log.error(
-                            "journal record %s@%d is unreadable; ignored", topic, msg.offset()
+                            "journal record %s@%s is unreadable; ignored", topic, msg.offset()
                         )
     finally:
         consumer.close()

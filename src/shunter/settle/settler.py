@@ -167,7 +167,10 @@ class Settler:
 
     def _write(self, record: Record, info: h.FailureInfo, tier: str, backoff: float = 0.5) -> None:
         topic = self._topics[tier]
-        encoded = h.encode(info)
+        # shunter's headers, then the record's own (a handler sees them on every attempt)
+        encoded = h.encode(info) + [
+            (k, v) for k, v in record.headers or [] if not k.startswith(h.PREFIX)
+        ]
 
         def done(err: KafkaError | None) -> None:
             if err is None:
