@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from .errors import ConfigError
@@ -82,16 +83,63 @@ class CategoryConfig(_Strict):
 
 
 class HttpConfig(_Strict):
+    """An HTTP subscriber's endpoint (see ``deliver/http.py`` for the request and the
+    response contract, ``deliver/http_guard.py`` for the allowlists)."""
+
     url: str
-    timeout: Duration = 5.0
+    timeout: Duration = 5.0  # one request, connection included
     body: Literal["json", "raw"] = "json"
+    content_type: str = "application/octet-stream"  # raw bodies whose record has none
     headers: dict[str, str] = Field(default_factory=dict)
-    rate_limit: float | None = Field(default=None, gt=0)
-    allow_hosts: list[str] | None = None
-    allow_private: list[str] = Field(default_factory=list)
+    rate_limit: float | None = Field(default=None, gt=0)  # requests per second
+    allow_hosts: list[str] | None = None  # host names, IP addresses or *.domain
+    allow_ports: list[int] | None = None
+    allow_private: list[str] = Field(default_factory=list)  # addresses or CIDR ranges
     breaker_failures: int = Field(default=5, ge=1)
     breaker_cooldown: Duration = 10.0
-    max_body: int = Field(default=65_536, ge=0)
+    max_body: int = Field(default=65_536, ge=0)  # response bytes read at most
+    max_retry_after: Duration = 300.0
+    ca_file: str | None = None  # extra trusted CAs; verification itself cannot be turned off
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        from .deliver.http_guard import check_headers
+
+        check_headers(value)  # ValueError names the bad header
+        return value
+
+    @field_validator("content_type")
+    @classmethod
+    def _content_type(cls, value: str) -> str:
+        if not value or any(c in value for c in "\r\n\0"):
+            raise ValueError("expected a media type such as application/octet-stream")
+        return value
+
+    @field_validator("allow_private")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from .deliver.http_guard import parse_allowed
+
+        parse_allowed(value)  # ValueError names the bad entry
+        return value
+
+    @field_validator("allow_ports")
+    @classmethod
+    def _ports(cls, value: list[int] | None) -> list[int] | None:
+        for port in value or []:
+            if not 0 < port < 65536:
+                raise ValueError(f"{port} is not a TCP port")
+        return value
+
+    @model_validator(mode="after")
+    def _url(self) -> HttpConfig:
+        from .deliver.http_guard import url_problems
+
+        problems = url_problems(self.url, self.allow_hosts, self.allow_ports, self.allow_private)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class SubscriberConfig(_Strict):

@@ -30,17 +30,26 @@ class RejectedMessage(ShunterError):
         super().__init__(f"{stage}: {reason}")
 
 
-class RetryLater(ShunterError):  # noqa: N818 - the public name is the spec's
+class RetryLater(ShunterError):
     """Raised by a handler: retry this delivery later, after ``delay`` seconds if given."""
 
     transient = True
 
-    def __init__(self, delay: float | None = None, reason: str = "retry requested") -> None:
+    def __init__(
+        self,
+        delay: float | None = None,
+        reason: str = "retry requested",
+        count_attempt: bool = True,
+    ) -> None:
         self.delay = delay
+        # False: a deferral (e.g. an open circuit), not a failure of this attempt; the
+        # delivery comes back with the same attempt number, so an outage cannot use up
+        # the tiers and dead-letter healthy messages.
+        self.count_attempt = count_attempt
         super().__init__(reason)
 
 
-class DeadLetter(ShunterError):  # noqa: N818 - the public name is the spec's
+class DeadLetter(ShunterError):
     """Raised by a handler: send this message straight to the dead-letter topic."""
 
     def __init__(self, reason: str) -> None:

@@ -44,8 +44,10 @@ def failure(exc: BaseException) -> Failed | DeadLettered:
     """The outcome of a handler that raised ``exc``."""
     if isinstance(exc, DeadLetter):
         return DeadLettered(exc.reason, "DeadLetter", format_traceback(exc))
-    delay = exc.delay if isinstance(exc, RetryLater) else None
-    return Failed(error_type(exc), str(exc), format_traceback(exc), delay=delay)
+    if isinstance(exc, RetryLater):
+        tb = format_traceback(exc) if exc.count_attempt else ""
+        return Failed(error_type(exc), str(exc), tb, delay=exc.delay, counts=exc.count_attempt)
+    return Failed(error_type(exc), str(exc), format_traceback(exc))
 
 
 def timed_out(seconds: float) -> Failed:

@@ -153,8 +153,10 @@ class SubscriberRuntime:
                     self.active -= 1
                     del self._running[msg]
                 self._done(msg, outcome, started)
-                self.kick()
-                return
+                if self._runners:  # another task is draining the queue
+                    return
+                self._runners += 1  # carry on as the runner: no new task per delivery
+                runner = True
         finally:
             if runner:
                 self._runners -= 1

@@ -26,6 +26,11 @@ def route(retry: RetryConfig, attempt: int, outcome: Outcome) -> Destination:
     if isinstance(outcome, DeadLettered):
         return Destination("dlq", attempt, 0.0)
     assert isinstance(outcome, Failed)
+    if not outcome.counts:  # a deferral: the same attempt again, from its own tier
+        tier = "slow" if attempt > 1 + retry.fast.attempts else "fast"
+        tier_delay = retry.slow.delay if tier == "slow" else retry.fast.delay
+        delay = outcome.delay if outcome.delay is not None else tier_delay
+        return Destination(tier, attempt, delay)
     if attempt <= retry.fast.attempts:
         tier, delay = "fast", retry.fast.delay
     elif attempt <= retry.fast.attempts + retry.slow.attempts:

@@ -194,6 +194,18 @@ class Settler:
 
     def _log_failure(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> None:
         record = msg._record
+        if isinstance(outcome, Failed) and not outcome.counts:
+            log.info(
+                "caller %s deferred %s[%d]@%d to %s: %s",
+                msg.caller,
+                record.topic,
+                record.partition,
+                record.offset,
+                dest.tier,
+                outcome.error,
+                extra={"caller": msg.caller, "topic": record.topic},
+            )
+            return
         what = outcome.error if isinstance(outcome, Failed) else outcome.reason
         log.error(
             "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s\n%s",
