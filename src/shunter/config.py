@@ -223,6 +223,10 @@ class Config(_Strict):
         return self.retry.dlq_topic or f"{self.kafka.group_id}.dlq"
 
     @property
+    def control_topic(self) -> str:
+        return f"{self.kafka.group_id}.control"
+
+    @property
     def journal_topic(self) -> str:
         return self.crash_guard.journal_topic or f"{self.kafka.group_id}.journal"
 
@@ -311,7 +315,13 @@ def _cross_check(config: Config, problems: list[str]) -> None:
             problems.append(f"{where}: expected either handler or http, not both")
         if sub.http is not None and sub.isolation != "inline":
             problems.append(f"{where}.isolation: HTTP subscribers take no isolation setting")
-    internal = {config.fast_topic, config.slow_topic, config.dlq_topic, config.journal_topic}
+    internal = {
+        config.fast_topic,
+        config.slow_topic,
+        config.dlq_topic,
+        config.journal_topic,
+        config.control_topic,
+    }
     for name in config.topics:
         if name in internal:
             problems.append(f"topics.{name}: this name is one of shunter's own topics")

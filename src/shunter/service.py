@@ -22,6 +22,7 @@ from .decode import build_decoders
 from .deliver import SubscriberRuntime
 from .deliver.invoke import Handler, inline, threaded
 from .errors import ConfigError
+from .observe.control import CallerControl
 from .observe.flood import FloodGuard
 from .observe.stats import Stats
 from .pipeline import Pipeline
@@ -43,6 +44,8 @@ class Service:
         self.ready = asyncio.Event()
         self._pools: list[ThreadPoolExecutor] = []
         self._closers: list[Any] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self.control: CallerControl
 
     def client_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = dict(self.config.kafka.client)
@@ -68,6 +71,11 @@ class Service:
             t: cfg.retry.partitions for t in (cfg.fast_topic, cfg.slow_topic, cfg.dlq_topic)
         }
         ensure_topics(settings, internal)
+        ensure_topics(
+            settings,
+            {cfg.control_topic: 1},
+            configs={cfg.control_topic: {"cleanup.policy": "compact"}},
+        )
         if cfg.crash_guard.enabled:
             ensure_topics(
                 settings,
@@ -124,6 +132,18 @@ class Service:
             runtimes = self._runtimes(loop, settler)
             flood.runtimes = runtimes
             flood.park = settler.park
+            control = self.control = CallerControl(
+                producer, self.config.control_topic, self.client_settings()
+            )
+            flood.on_pause = self._persist_pause
+            for caller, reason in (await asyncio.to_thread(control.paused)).items():
+                if caller in runtimes:
+                    runtimes[caller].pause()
+                    log.warning(
+                        "caller %s is paused (%s); resume it through the admin API",
+                        caller,
+                        reason or "no reason recorded",
+                    )
             guard = None
             if self.config.crash_guard.enabled:
                 guard = CrashGuard(
@@ -212,6 +232,11 @@ class Service:
             pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(producer.close)
         log.info("stopped")
+
+    def _persist_pause(self, caller: str, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.control.record(caller, True, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _start_admin(self) -> Any:
         if not self.config.admin.listen:

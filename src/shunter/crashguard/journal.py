@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from ..broker.compacted import read_table
 
 log = logging.getLogger("shunter.crashguard")
 
@@ -133,43 +134,13 @@ def recover(entry: Entry | None, committed: int) -> PartitionState:
 def read_latest(
     settings: dict[str, Any], topic: str, keys: set[bytes], timeout: float = 30.0
 ) -> dict[bytes, Entry]:
-    """The last journal entry of each key, reading the journal topic to its end."""
-    consumer = Consumer(
-        {
-            **settings,
-            "group.id": "shunter-journal-reader",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
+    """The last journal entry of each key."""
     found: dict[bytes, Entry] = {}
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return found
-        # Read until librdkafka says end-of-partition, not up to the high watermark:
-        # the embedded broker reports a watermark that lags its last batch.
-        pending = set(meta.partitions)
-        consumer.assign([TopicPartition(topic, p, 0) for p in pending])
-        deadline = time.monotonic() + timeout
-        while pending:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading the journal {topic} took over {timeout:.0f}s")
-            for msg in consumer.consume(1000, 0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition() or 0)
-                    continue
-                key, value = msg.key(), msg.value()
-                if key in keys and value is not None:
-                    try:
-                        found[key] = Entry.decode(value)
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        log.error(
-                            "journal record %s@%s is unreadable; ignored", topic, msg.offset()
-                        )
-    finally:
-        consumer.close()
+    for key, value in read_table(settings, topic, keys, timeout).items():
+        try:
+            found[key] = Entry.decode(value)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.error(
+                "the journal record of %s is unreadable; ignored", key.decode(errors="replace")
+            )
     return found

@@ -127,9 +127,11 @@ async def start_admin(service: Service) -> web.AppRunner:
         if request.match_info["action"] == "pause":
             for msg in runtime.pause():
                 pipeline.settler.park(msg, "caller paused through the admin API")  # type: ignore[union-attr]
+            await service.control.record(caller, True, "paused through the admin API")
         else:
             service.flood.reset(caller)
             runtime.resume()
+            await service.control.record(caller, False, "resumed through the admin API")
         log.warning("caller %s %sd through the admin API", caller, request.match_info["action"])
         return web.json_response({"caller": caller, "paused": runtime.paused})
 

@@ -24,6 +24,7 @@ class FloodGuard:
         self._dead: dict[str, int] = {}
         self.runtimes: dict[str, Any] = {}
         self.park: Any = None  # Settler.park: where a paused caller's deliveries wait
+        self.on_pause: Any = None  # (caller, reason): records the pause so it survives restarts
         self.tripped: set[str] = set()
 
     def observe(self, caller: str, dead_lettered: bool) -> None:
@@ -67,6 +68,8 @@ class FloodGuard:
         if runtime is not None:
             for msg in runtime.pause():
                 self.park(msg, "caller paused by the dead-letter flood guard")
+        if self.on_pause is not None:
+            self.on_pause(caller, f"dead-letter flood: {share:.0%} of the last deliveries")
 
     def reset(self, caller: str) -> None:
         self.tripped.discard(caller)

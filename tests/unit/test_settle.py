@@ -1,0 +1,81 @@
+"""Settling: the route an outcome takes, and a failed write that keeps its offset held."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from confluent_kafka import KafkaError
+
+from shunter.commit.tracker import PartitionTracker
+from shunter.config import parse_config
+from shunter.message import Message, Record
+from shunter.observe.stats import Stats
+from shunter.outcome import DeadLettered, Failed
+from shunter.settle import Settler, route
+from shunter.settle import headers as h
+
+CONFIG = parse_config({
+    "topics": {"gift": {}},
+    "categories": {"revenue": {"topics": ["gift"]}},
+    "subscribers": [{"caller": "medal", "category": "revenue", "handler": "x:y"}],
+    "retry": {"fast": {"attempts": 3, "delay": "1s"}, "slow": {"attempts": 5, "delay": "5m"}},
+})
+
+
+def test_attempts_go_fast_three_times_then_slow_five_times_then_dead_letter() -> None:
+    failed = Failed("KeyError", "'effect'", "tb")
+    tiers = [route(CONFIG.retry, attempt, failed).tier for attempt in range(1, 11)]
+    assert tiers == ["fast"] * 3 + ["slow"] * 5 + ["dlq", "dlq"]
+    assert route(CONFIG.retry, 1, failed).next_attempt == 2
+    assert route(CONFIG.retry, 4, failed).delay == 300.0
+
+
+def test_retry_later_delay_and_dead_letter_and_deferral() -> None:
+    assert route(CONFIG.retry, 1, Failed("RetryLater", "", "", delay=7.0)).delay == 7.0
+    assert route(CONFIG.retry, 1, DeadLettered("bad", "DeadLetter")).tier == "dlq"
+    deferred = Failed("CircuitOpen", "open", "", delay=2.0, counts=False)
+    assert (route(CONFIG.retry, 1, deferred).tier, route(CONFIG.retry, 1, deferred).next_attempt) == (
+        "fast", 1)
+    assert route(CONFIG.retry, 6, deferred).tier == "slow"
+    assert route(CONFIG.retry, 6, deferred).next_attempt == 6
+
+
+class FlakyProducer:
+    """Fails the first ``failures`` writes the way a broker would, then acknowledges."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.sent: list[tuple[str, list[tuple[str, bytes]]]] = []
+
+    def send(self, topic: str, key: Any, value: Any, headers: Any, done: Any,
+             partition: Any = None) -> None:
+        self.sent.append((topic, headers))
+        err = None
+        if self.failures:
+            self.failures -= 1
+            err = KafkaError(KafkaError._MSG_TIMED_OUT)
+        asyncio.get_running_loop().call_soon(done, err)
+
+
+def test_a_failed_write_keeps_the_offset_held_until_a_write_succeeds() -> None:
+    async def scenario() -> None:
+        producer = FlakyProducer(failures=2)
+        settler = Settler(CONFIG, producer, Stats({"medal": "revenue"}))  # type: ignore[arg-type]
+        tracker = PartitionTracker(("gift", 0))
+        record = Record("gift", 0, 41, b"k", b'{"a":1}', 123, [("trace", b"t1")], tracker, 41)
+        tracker.hold(41, 1)
+        tracker.hold(42, 0)
+        settler(Message(record, "medal", "revenue"), Failed("KeyError", "'x'", "tb"), 0.01)
+        await asyncio.sleep(0.1)
+        assert tracker.committable() == 41, "nothing is committed past a failed write"
+        await asyncio.sleep(2.0)  # backoff 0.5 s, then 1 s
+        assert len(producer.sent) == 3
+        assert tracker.committable() == 43
+        topic, headers = producer.sent[-1]
+        info = h.decode(headers)
+        assert topic == CONFIG.fast_topic
+        assert (info.caller, info.attempt, info.origin_offset, info.tier) == ("medal", 2, 41, "fast")
+        assert ("trace", b"t1") in headers, "the record's own headers travel with it"
+
+    asyncio.run(scenario())
