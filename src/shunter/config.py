@@ -187,6 +187,8 @@ class CrashGuardConfig(_Strict):
     quarantine_after: int = Field(default=3, ge=1)
     journal_topic: str | None = None
     enabled: bool = True
+    loop_blocked_after: Duration = 5.0  # the loop watchdog's threshold; 0 turns it off
+    crash_dir: str | None = None  # fatal-signal dumps; default <tmp>/shunter-<group_id>
 
 
 class AdminConfig(_Strict):

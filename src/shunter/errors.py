@@ -63,6 +63,17 @@ class DeliveryTimeout(ShunterError):
     transient = True
 
 
+class WorkerDied(ShunterError):
+    """The worker process running a delivery (``isolation: process``) died."""
+
+    transient = True
+
+    def __init__(self, message: str, signal: str = "", status: int | None = None) -> None:
+        self.signal = signal  # "SIGSEGV", ...; empty when the worker exited with a status
+        self.status = status  # the exit status, negative for a signal; None if unknown
+        super().__init__(message)
+
+
 class BrokerUnavailable(ShunterError):
     """The Kafka cluster could not be reached."""
 

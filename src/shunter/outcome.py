@@ -26,6 +26,7 @@ class Failed:
     traceback: str
     delay: float | None = None  # a RetryLater's own delay overrides the tier's
     stage: str = "deliver"
+    signal: str = ""  # the signal that killed the worker process, e.g. SIGSEGV
     counts: bool = True  # False: a deferral that does not use up an attempt
 
 

@@ -18,6 +18,7 @@ from .broker.embedded import CONSUMER_SETTINGS, EmbeddedBroker
 from .classify import Router
 from .config import Config
 from .crashguard.guard import CrashGuard
+from .crashguard.watchdog import start_watchdog
 from .decode import build_decoders
 from .deliver import SubscriberRuntime
 from .deliver.invoke import Handler, inline, threaded
@@ -44,6 +45,7 @@ class Service:
         self.ready = asyncio.Event()
         self._pools: list[ThreadPoolExecutor] = []
         self._closers: list[Any] = []
+        self.stuck_threads = 0  # handler threads still running past their timeout at exit
         self._background: set[asyncio.Task[None]] = set()
         self.control: CallerControl
 
@@ -114,7 +116,12 @@ class Service:
                 invoke,
                 settler,
                 ordering=sub.ordering,
-                concurrency=sub.concurrency,
+                # A delivery waiting for a worker process must not spend its timeout there.
+                concurrency=(
+                    min(sub.concurrency, sub.workers)
+                    if sub.isolation == "process"
+                    else sub.concurrency
+                ),
                 timeout=sub.timeout,
             )
         return runtimes
@@ -123,6 +130,8 @@ class Service:
         from .consume import KafkaSource
 
         loop = asyncio.get_running_loop()
+        threshold = self.config.crash_guard.loop_blocked_after
+        stop_watchdog = start_watchdog(loop, threshold) if threshold > 0 else None
         await asyncio.to_thread(self._start_broker)
         try:
             await asyncio.to_thread(self._ensure_topics)
@@ -192,6 +201,8 @@ class Service:
             if admin is not None:
                 await admin.cleanup()
         finally:
+            if stop_watchdog is not None:
+                stop_watchdog()
             if self.broker is not None:
                 self.broker.stop()
 
@@ -230,6 +241,13 @@ class Service:
             await closer()
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
+        self.stuck_threads = sum(r.lost_slots for r in runtimes.values())
+        if self.stuck_threads:
+            log.warning(
+                "%d handler threads are still stuck past their timeout; their "
+                "deliveries are settled, and the process exits without them",
+                self.stuck_threads,
+            )
         await asyncio.to_thread(producer.close)
         log.info("stopped")
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import logging
+import os
 import signal
+import tempfile
 
 from ..app import Dispatcher
 from ..config import load_config
+from ..crashguard import crashfile
 from ..crashguard.supervisor import supervise
 from ..loader import make_importable
 from ..observe.logs import setup_logging
@@ -38,9 +42,22 @@ def run(args: argparse.Namespace) -> int:
     secrets: set[str] = set()
     config = load_config(args.config, secrets=secrets)  # refuse a bad file before forking
     setup_logging(config.log.format, config.log.level, secrets)
+    crash_dir = config.crash_guard.crash_dir or os.path.join(
+        tempfile.gettempdir(), f"shunter-{config.kafka.group_id}"
+    )
     if not args.no_supervise:
-        return supervise(["run", "-c", args.config, "--no-supervise"], args.max_restarts)
-    faulthandler.enable()  # a fatal signal prints every thread's stack to stderr
+        return supervise(["run", "-c", args.config, "--no-supervise"], args.max_restarts, crash_dir)
+    for path, dump in crashfile.leftovers(crash_dir):  # unsupervised: nobody logged it yet
+        logging.getLogger("shunter").error(
+            "an earlier shunter process died of a fatal signal; its dump (%s):\n%s", path, dump
+        )
+    crashfile.enable(crash_dir)  # a fatal signal writes every thread's stack there
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every stack
-    Dispatcher(config).run()
+    app = Dispatcher(config)
+    app.run()
+    crashfile.disable()
+    if app.service is not None and app.service.stuck_threads:
+        # concurrent.futures joins its threads at exit: a stuck one would hold us forever
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from types import FrameType
 
+from . import crashfile
 from .guard import LAST_EXIT_ENV
 
 log = logging.getLogger("shunter.supervisor")
@@ -35,7 +36,7 @@ def describe_exit(status: int) -> str:
     return f"exited with status {status}"
 
 
-def supervise(worker_args: list[str], max_restarts: int = 10) -> int:
+def supervise(worker_args: list[str], max_restarts: int = 10, crash_dir: str | None = None) -> int:
     """Run ``shunter <worker_args>`` in a child process until it exits cleanly."""
     stopping = False
     child: subprocess.Popen[bytes] | None = None
@@ -59,6 +60,8 @@ def supervise(worker_args: list[str], max_restarts: int = 10) -> int:
         if status == 0 or stopping:
             return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else status
         last_exit = describe_exit(status)
+        for path, dump in crashfile.leftovers(crash_dir) if crash_dir else []:
+            log.error("the worker's fatal-signal dump (%s):\n%s", path, dump)
         now = time.monotonic()
         if now - started > _HEALTHY:
             backoff = 0.5

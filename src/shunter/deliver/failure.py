@@ -6,7 +6,7 @@ import os
 import traceback
 from types import TracebackType
 
-from ..errors import DeadLetter, DeliveryTimeout, RetryLater
+from ..errors import DeadLetter, DeliveryTimeout, RetryLater, WorkerDied
 from ..outcome import DeadLettered, Failed
 
 _MAX_TRACEBACK = 16_384
@@ -47,7 +47,8 @@ def failure(exc: BaseException) -> Failed | DeadLettered:
     if isinstance(exc, RetryLater):
         tb = format_traceback(exc) if exc.count_attempt else ""
         return Failed(error_type(exc), str(exc), tb, delay=exc.delay, counts=exc.count_attempt)
-    return Failed(error_type(exc), str(exc), format_traceback(exc))
+    signal = exc.signal if isinstance(exc, WorkerDied) else ""
+    return Failed(error_type(exc), str(exc), format_traceback(exc), signal=signal)
 
 
 def timed_out(seconds: float) -> Failed:

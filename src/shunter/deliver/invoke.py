@@ -27,12 +27,17 @@ def inline(handler: Handler) -> Invoke:
     return handler
 
 
-def threaded(handler: Handler, sub: SubscriberConfig, where: str) -> tuple[Invoke, ThreadPoolExecutor]:
+def threaded(
+    handler: Handler, sub: SubscriberConfig, where: str
+) -> tuple[Invoke, ThreadPoolExecutor]:
     """Run a sync handler on a bounded pool of ``concurrency`` threads."""
     if is_async(handler):
-        raise ConfigError([f"{where}.isolation: 'thread' is for sync handlers; "
-                           f"{sub.caller}'s handler is async"])
-    pool = ThreadPoolExecutor(max_workers=sub.concurrency, thread_name_prefix=f"shunter-{sub.caller}")
+        raise ConfigError(
+            [f"{where}.isolation: 'thread' is for sync handlers; {sub.caller}'s handler is async"]
+        )
+    pool = ThreadPoolExecutor(
+        max_workers=sub.concurrency, thread_name_prefix=f"shunter-{sub.caller}"
+    )
 
     def invoke(msg: Message) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().run_in_executor(pool, handler, msg)

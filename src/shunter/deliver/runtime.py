@@ -4,7 +4,10 @@ Ordering: a delivery waits in its *lane* (its key, its partition, or none) while
 earlier delivery of the same lane is unsettled, so per-key order holds under any
 concurrency. Concurrency counts deliveries that are suspended (awaiting I/O or running
 in a thread or worker process); a delivery that completes in its first step never holds a
-slot. Isolation: every exception a handler raises becomes an outcome value here; nothing
+slot. A thread cannot be stopped: one still running past its timeout keeps its slot
+(``lost_slots``) until it returns, so no later delivery waits for a thread while its own
+timeout runs.
+Isolation: every exception a handler raises becomes an outcome value here; nothing
 a handler does reaches the dispatcher's own control flow.
 """
 
@@ -39,6 +42,16 @@ class _Expiry:
         self.fired = False
 
 
+def _coordinates(msg: Message) -> dict[str, Any]:
+    return {
+        "caller": msg.caller,
+        "topic": msg.topic,
+        "partition": msg.partition,
+        "offset": msg.offset,
+        "attempt": msg.attempt,
+    }
+
+
 class SubscriberRuntime:
     def __init__(
         self,
@@ -58,7 +71,7 @@ class SubscriberRuntime:
         self.timeout = timeout
         self.active = 0  # suspended deliveries
         self.paused = False
-        self.lost_slots = 0  # threads still running past their timeout
+        self.lost_slots = 0  # threads still running past their timeout: slots not free
         self._runners = 0
         self._runnable: deque[Message] = deque()
         self._lanes: dict[Hashable, deque[Message] | None] = {}
@@ -96,7 +109,7 @@ class SubscriberRuntime:
             self._runnable
             and not self._runners
             and not self.paused
-            and self.active < self.concurrency
+            and self.active + self.lost_slots < self.concurrency
         ):
             self._runners += 1
             task = asyncio.get_running_loop().create_task(self._run())
@@ -116,7 +129,7 @@ class SubscriberRuntime:
         clock = time.perf_counter
         runner = True
         try:
-            while runnable and self.active < self.concurrency and not self.paused:
+            while runnable and self.active + self.lost_slots < self.concurrency and not self.paused:
                 msg = runnable.popleft()
                 if msg._record.ptrack.revoked:  # the partition left: its new owner redelivers
                     self._next_in_lane(msg)
@@ -148,7 +161,7 @@ class SubscriberRuntime:
                 self._running[msg] = None
                 try:
                     self.kick()
-                    outcome = await self._finish(result)
+                    outcome = await self._finish(msg, result)
                 finally:
                     self.active -= 1
                     del self._running[msg]
@@ -161,20 +174,23 @@ class SubscriberRuntime:
             if runner:
                 self._runners -= 1
 
-    async def _finish(self, pending: Awaitable[Any]) -> Outcome:
+    async def _finish(self, msg: Message, pending: Awaitable[Any]) -> Outcome:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         expiry = _Expiry()
         timer = loop.call_later(self.timeout, self._expire, task, expiry)
+        # A bare future is a thread's: shielded, so that cancelling the wait leaves it
+        # telling whether the thread still runs.
+        thread = pending if isinstance(pending, asyncio.Future) else None
         try:
-            await pending
+            await (pending if thread is None else asyncio.shield(thread))
         except asyncio.CancelledError:
             if not expiry.fired:
                 raise
             task.uncancel()
-            if isinstance(pending, asyncio.Future) and not pending.done():
-                self.lost_slots += 1  # a thread that cannot be stopped keeps running
+            if thread is not None and not thread.done():
+                self._lose_slot(msg, thread)
             return timed_out(self.timeout)
         except (Exception, SystemExit) as exc:
             return failure(exc)
@@ -186,6 +202,36 @@ class SubscriberRuntime:
     def _expire(task: asyncio.Task[None], expiry: _Expiry) -> None:
         expiry.fired = True
         task.cancel()
+
+    def _lose_slot(self, msg: Message, thread: asyncio.Future[Any]) -> None:
+        self.lost_slots += 1
+        log.error(
+            "caller %s: handler still running on %s[%d]@%d (attempt %d) past its %gs "
+            "timeout; its thread keeps the slot until it returns (%d of %d slots lost)",
+            self.caller,
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            msg.attempt,
+            self.timeout,
+            self.lost_slots,
+            self.concurrency,
+            extra=_coordinates(msg),
+        )
+        thread.add_done_callback(lambda _: self._slot_back(msg))
+
+    def _slot_back(self, msg: Message) -> None:
+        self.lost_slots -= 1
+        log.warning(
+            "caller %s: the handler stuck on %s[%d]@%d returned; its slot is free again (%d lost)",
+            self.caller,
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            self.lost_slots,
+            extra=_coordinates(msg),
+        )
+        self.kick()
 
     def _done(self, msg: Message, outcome: Outcome, started: float) -> None:
         self._next_in_lane(msg)

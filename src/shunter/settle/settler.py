@@ -143,8 +143,9 @@ class Settler:
     ) -> h.FailureInfo:
         record = msg._record
         now = _now_ms()
+        signal = ""
         if isinstance(outcome, Failed):
-            error_type, error = outcome.error_type, outcome.error
+            error_type, error, signal = outcome.error_type, outcome.error, outcome.signal
         else:
             error_type, error = outcome.error_type, outcome.reason
         return h.FailureInfo(
@@ -163,6 +164,7 @@ class Settler:
             origin_timestamp_ms=record.timestamp,
             tier=dest.tier,
             origin_key=record.key,
+            signal=signal,
         )
 
     def _write(self, record: Record, info: h.FailureInfo, tier: str, backoff: float = 0.5) -> None:

@@ -1,0 +1,138 @@
+"""Crash reports: what a dying process leaves for whoever looks next.
+
+``enable(dir)`` points faulthandler at ``<dir>/crash-<pid>.log``: a fatal signal
+(SIGSEGV, SIGFPE, SIGABRT, SIGBUS, SIGILL) writes every thread's Python stack there
+from C, with no Python code running. ``leftovers(dir)`` finds the dumps of processes
+that are gone, once, for the next start to log.
+
+A dump names functions and lines, not data: *which* delivery was running comes from the
+in-flight journal, or, while the process is alive (the loop watchdog, a debugger),
+from ``describe_current()``, which finds the ``Message`` each thread is handling on its
+own stack — no bookkeeping on the delivery path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from ..message import Message
+
+_HEADER_END = "--\n"
+
+_file: TextIO | None = None
+_path: Path | None = None
+
+
+def enable(path_dir: str | Path) -> Path:
+    """Send faulthandler's fatal-signal dump of every thread to ``<dir>/crash-<pid>.log``."""
+    global _file, _path
+    directory = Path(path_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"crash-{os.getpid()}.log"
+    file = open(path, "w")  # noqa: SIM115 - faulthandler writes to it for the life of the process
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    file.write(f"shunter pid {os.getpid()} started {started}: {' '.join(sys.argv)}\n"
+               f"{_HEADER_END}")
+    file.flush()
+    faulthandler.enable(file, all_threads=True)
+    if _file is not None:
+        _file.close()
+    _file, _path = file, path
+    return path
+
+
+def disable() -> None:
+    """A clean exit: stop writing dumps, and remove the crash file if none was written."""
+    global _file, _path
+    if _file is None or _path is None:
+        return
+    faulthandler.disable()
+    _file.close()
+    if not _dumped(_path.read_text(errors="replace")):
+        _path.unlink(missing_ok=True)
+    _file = _path = None
+
+
+def leftovers(path_dir: str | Path) -> list[tuple[Path, str]]:
+    """Crash files that hold a dump and whose process is gone: ``(path, text)`` each.
+
+    Each is returned once: it is renamed ``*.seen``. Files of processes that ended
+    without a fatal signal (SIGKILL, ``os._exit``, power loss) hold no dump and are removed.
+    """
+    found = []
+    for path in sorted(Path(path_dir).glob("crash-*.log")):
+        pid = path.stem.removeprefix("crash-")
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        text = path.read_text(errors="replace")
+        if _dumped(text):
+            path.rename(path.with_suffix(".seen"))
+            found.append((path.with_suffix(".seen"), text))
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def running_deliveries() -> dict[int, Message]:
+    """Thread id → the delivery that thread is inside, found on its stack.
+
+    Cheap enough for a report, not for a hot path: it reads the locals of frames of
+    other threads (under the GIL, as a debugger does), innermost first.
+    """
+    out = {}
+    for ident, frame in sys._current_frames().items():
+        msg = _innermost_message(frame)
+        if msg is not None:
+            out[ident] = msg
+    return out
+
+
+def describe(msg: Message) -> str:
+    """``caller X on topic[partition]@offset (attempt n)``."""
+    where = f"{msg.topic}[{msg.partition}]@{msg.offset}"
+    return f"caller {msg.caller} on {where} (attempt {msg.attempt})"
+
+
+def describe_current(thread_id: int | None = None) -> str | None:
+    """The delivery running on ``thread_id`` (every thread when None), or None."""
+    running = running_deliveries()
+    if thread_id is not None:
+        msg = running.get(thread_id)
+        return None if msg is None else describe(msg)
+    if not running:
+        return None
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "; ".join(f"{describe(m)} [thread {names.get(i, i)}]" for i, m in running.items())
+
+
+def _innermost_message(frame: FrameType | None) -> Message | None:
+    while frame is not None:
+        with contextlib.suppress(Exception):
+            for value in frame.f_locals.values():
+                if isinstance(value, Message):
+                    return value
+        frame = frame.f_back
+    return None
+
+
+def _dumped(text: str) -> bool:
+    _, _, after = text.partition(_HEADER_END)
+    return bool(after.strip())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,112 @@
+"""The blocked-loop watchdog.
+
+Everything inline shares one event loop: a sync handler that sleeps, spins or waits on a
+lock stops every subscriber, and a timeout cannot interrupt it. A daemon thread pings the
+loop (``call_soon_threadsafe``) every ``interval``; when a ping has gone unanswered for
+``threshold`` seconds it logs every thread's stack and the delivery running on the loop,
+once per stall, and says how long the stall lasted when the loop answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .crashfile import describe, running_deliveries
+
+log = logging.getLogger("shunter.watchdog")
+
+_STACK_LIMIT = 40  # innermost frames per thread
+
+
+def start_watchdog(loop: asyncio.AbstractEventLoop, threshold: float = 5.0, *,
+                   interval: float = 0.1) -> Callable[[], None]:
+    """Watch ``loop`` from a daemon thread; return the function that stops watching."""
+    dog = _Watchdog(loop, threshold, interval)
+    dog.start()
+    return dog.stop
+
+
+class _Watchdog(threading.Thread):
+    def __init__(self, loop: asyncio.AbstractEventLoop, threshold: float, interval: float) -> None:
+        super().__init__(name="shunter-watchdog", daemon=True)
+        self._loop = loop
+        self._threshold = threshold
+        self._interval = min(interval, threshold / 2)
+        self._stopped = threading.Event()
+        self._answered = True
+        self._sent = 0.0
+        self._answered_at = 0.0
+        self._reported = False
+        self._loop_thread = _thread_of(loop)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(1.0)
+
+    def run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            now = time.monotonic()
+            if self._answered:
+                if self._reported:
+                    log.warning("event loop answered again after %.1fs",
+                                self._answered_at - self._sent)
+                    self._reported = False
+                self._answered = False
+                self._sent = now
+                try:
+                    self._loop.call_soon_threadsafe(self._pong)
+                except RuntimeError:  # the loop is closed: nothing left to watch
+                    return
+            elif not self._reported and now - self._sent >= self._threshold:
+                self._reported = True
+                self._report(now - self._sent)
+
+    def _pong(self) -> None:
+        self._loop_thread = threading.get_ident()
+        self._answered_at = time.monotonic()
+        self._answered = True
+
+    def _report(self, blocked: float) -> None:
+        running = running_deliveries()
+        msg = running.get(self._loop_thread) if self._loop_thread is not None else None
+        where = describe(msg) if msg is not None else "no delivery found on its stack"
+        extra: dict[str, Any] = {}
+        if msg is not None:
+            extra = {"caller": msg.caller, "topic": msg.topic, "partition": msg.partition,
+                     "offset": msg.offset, "attempt": msg.attempt}
+        log.error("event loop blocked for %.1fs (threshold %gs); running on it: %s\n%s",
+                  blocked, self._threshold, where, self._stacks(running), extra=extra)
+
+    def _stacks(self, running: dict[int, Any]) -> str:
+        names = {t.ident: t.name for t in threading.enumerate()}
+        parts = []
+        frames = sys._current_frames()
+        order = sorted(frames, key=lambda ident: ident != self._loop_thread)  # the loop first
+        for ident in order:
+            frame = frames[ident]
+            if ident == threading.get_ident():
+                continue  # the watchdog itself
+            title = f"Thread {names.get(ident, '?')} ({ident})"
+            if ident == self._loop_thread:
+                title += " — the event loop"
+            if ident in running:
+                title += f" — {describe(running[ident])}"
+            stack = traceback.format_stack(frame, _STACK_LIMIT)
+            parts.append(title + ":\n" + "".join(stack))
+        return "\n".join(parts)
+
+
+def _thread_of(loop: asyncio.AbstractEventLoop) -> int | None:
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return threading.get_ident() if running is loop else None

@@ -1,0 +1,132 @@
+"""The blocked-loop watchdog and the crash file, without Kafka: a sync handler that blocks
+the event loop is reported with every thread's stack and the delivery it is running; a
+loop that only pauses briefly is not; a fatal signal leaves its stack in the crash file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import shunter
+from shunter.crashguard import crashfile, describe_current, start_watchdog
+from shunter.deliver import SubscriberRuntime
+from shunter.outcome import Outcome
+from shunter.testing import make_message
+
+
+def sleeps_on_the_loop(msg: shunter.Message) -> None:
+    time.sleep(0.8)  # the mistake the watchdog exists for: a blocking call inline
+
+
+def run_one_inline(handler: object, msg: shunter.Message, threshold: float) -> list[Outcome]:
+    settled: list[Outcome] = []
+
+    async def scenario() -> None:
+        stop = start_watchdog(asyncio.get_running_loop(), threshold, interval=0.02)
+        try:
+            rt = SubscriberRuntime(msg.caller, handler, lambda m, o, e: settled.append(o))
+            await asyncio.sleep(0.1)  # the watchdog has seen the loop answer
+            rt.submit(msg)
+            rt.kick()  # the runner starts on the next step: the handler blocks the loop there
+            await asyncio.sleep(0)
+            assert len(settled) == 1
+            await asyncio.sleep(0.2)  # long enough for the watchdog to see the loop answer
+        finally:
+            stop()
+
+    asyncio.run(scenario())
+    return settled
+
+
+def test_a_blocked_loop_is_reported_with_the_running_delivery_and_every_stack(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given a watchdog with a 0.3 s threshold, when an inline sync handler of caller
+    "medal" sleeps 0.8 s on gift[2]@41, then one error names the caller and the message
+    coordinates and carries the loop thread's stack down to the sleeping line, and a
+    warning says when the loop answered again."""
+    caplog.set_level(logging.WARNING, logger="shunter.watchdog")
+    msg = make_message({"n": 1}, topic="gift", partition=2, offset=41, caller="medal")
+    run_one_inline(sleeps_on_the_loop, msg, threshold=0.3)
+    reports = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(reports) == 1, [r.getMessage()[:200] for r in reports]
+    text = reports[0].getMessage()
+    assert "event loop blocked for" in text
+    assert "running on it: caller medal on gift[2]@41 (attempt 1)" in text
+    assert "— the event loop — caller medal on gift[2]@41" in text
+    assert "in sleeps_on_the_loop" in text and "time.sleep(0.8)" in text
+    assert "Thread MainThread" in text
+    assert reports[0].__dict__["caller"] == "medal"
+    assert (reports[0].__dict__["topic"], reports[0].__dict__["offset"]) == ("gift", 41)
+    answered = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(answered) == 1 and answered[0].startswith("event loop answered again after")
+
+
+def test_a_loop_that_answers_within_the_threshold_is_not_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given a 1 s threshold, when a handler blocks the loop for 0.2 s, nothing is logged."""
+    caplog.set_level(logging.DEBUG, logger="shunter.watchdog")
+
+    def brief(msg: shunter.Message) -> None:
+        time.sleep(0.2)
+
+    run_one_inline(brief, make_message({"n": 1}), threshold=1.0)
+    assert [r.getMessage() for r in caplog.records if r.name == "shunter.watchdog"] == []
+
+
+def test_describe_current_finds_the_delivery_a_thread_is_inside() -> None:
+    """Given a handler running on this thread, describe_current names its delivery;
+    outside any handler it says None."""
+    seen: list[str | None] = []
+
+    def handler(msg: shunter.Message) -> None:
+        seen.append(describe_current(threading.get_ident()))
+
+    handler(make_message({"n": 1}, topic="lottery", partition=0, offset=7, caller="rank",
+                         attempt=3))
+    assert seen == ["caller rank on lottery[0]@7 (attempt 3)"]
+    assert describe_current(threading.get_ident()) is None
+
+
+def test_a_fatal_signal_leaves_every_stack_in_the_crash_file(tmp_path: Path) -> None:
+    """Given a process that enabled the crash file, when it segfaults inside a function,
+    then crash-<pid>.log holds the dump naming that function, leftovers() returns it once
+    (renamed .seen), and a process that exits cleanly after disable() leaves no file."""
+    crash = textwrap.dedent(f"""
+        import ctypes
+        from shunter.crashguard import crashfile
+        crashfile.enable({str(tmp_path)!r})
+        def parse_gift():
+            ctypes.string_at(0)
+        parse_gift()
+    """)
+    clean = textwrap.dedent(f"""
+        from shunter.crashguard import crashfile
+        crashfile.enable({str(tmp_path)!r})
+        crashfile.disable()
+    """)
+    dead = subprocess.run([sys.executable, "-c", crash], capture_output=True, timeout=60)
+    assert dead.returncode == -11
+    subprocess.run([sys.executable, "-c", clean], check=True, timeout=60)
+    assert [p.name for p in tmp_path.iterdir()] == [f"crash-{_pid_of(tmp_path)}.log"]
+    found = crashfile.leftovers(tmp_path)
+    assert len(found) == 1
+    path, text = found[0]
+    assert path.suffix == ".seen"
+    assert "Fatal Python error: Segmentation fault" in text
+    assert "in parse_gift" in text
+    assert crashfile.leftovers(tmp_path) == []
+
+
+def _pid_of(directory: Path) -> str:
+    (only,) = directory.glob("crash-*.log")
+    return only.stem.removeprefix("crash-")
