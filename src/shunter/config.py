@@ -330,27 +330,45 @@ def _cross_check(config: Config, problems: list[str]) -> None:
 
 
 def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None) -> Config:
-    """Validate a parsed YAML document; raise ConfigError listing every problem."""
+    """Validate a parsed YAML document; raise ConfigError listing every problem.
+
+    Values substituted from the environment are added to ``secrets`` and never appear in
+    a refusal, whatever the key or the validator that quotes them.
+    """
     problems: list[str] = []
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(["(root): expected a mapping of sections (kafka, topics, ...)"])
-    data = interpolate(data, "", problems, secrets if secrets is not None else set())
+    found: set[str] = set()
+    data = interpolate(data, "", problems, found)
+    if secrets is not None:
+        secrets.update(found)
     data["base_dir"] = base_dir
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            problems.append(f"{_loc(err['loc'])}: {_describe(err, secrets or set())}")
-        raise ConfigError(problems) from None
+            problems.append(f"{_loc(err['loc'])}: {_describe(err)}")
+        raise ConfigError(redact(problems, found)) from None
     _cross_check(config, problems)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(redact(problems, found))
     return config
 
 
-def _describe(err: Any, secrets: set[str]) -> str:
+def redact(lines: list[str], secrets: set[str]) -> list[str]:
+    """The lines with every secret value replaced by ``***``."""
+    ordered = sorted((s for s in secrets if s), key=len, reverse=True)
+    out = []
+    for line in lines:
+        for secret in ordered:
+            line = line.replace(secret, "***")
+        out.append(line)
+    return out
+
+
+def _describe(err: Any) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         return "unknown key"
@@ -360,8 +378,7 @@ def _describe(err: Any, secrets: set[str]) -> str:
     text = text.removeprefix("Value error, ")
     got = err.get("input")
     if not isinstance(got, dict | list):
-        shown = "<redacted>" if isinstance(got, str) and any(s in got for s in secrets) else got
-        text += f" (got {shown!r})"
+        text += f" (got {got!r})"
     return text
 
 

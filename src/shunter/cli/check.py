@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..app import Dispatcher
-from ..config import load_config
+from ..config import load_config, redact
 from ..loader import make_importable
 
 
@@ -19,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     make_importable(args.config)
-    config = load_config(args.config)
+    secrets: set[str] = set()
+    config = load_config(args.config, secrets=secrets)
     app = Dispatcher(config)
     app.handlers()  # imports every handler: a typo fails here, not at 3 a.m.
     table = Table(title=f"shunter topology (group {config.kafka.group_id})")
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
                 table.add_row(topic, name, where, "(no subscriber)", "", "", "")
             for sub in subs:
                 target = sub.http.url if sub.http else sub.handler or "(code)"
+                target = redact([target], secrets)[0]  # a URL may carry a ${TOKEN}
                 kind = "http" if sub.http else sub.isolation
                 table.add_row(topic, name, where, sub.caller, Text(target), kind, sub.ordering)
     console = Console()
