@@ -287,15 +287,14 @@ class Pipeline:
     def _take_suspect(self, tp: TP, kmsg: Any) -> None:
         run = self._suspects[tp]
         offset = kmsg.offset()
-        if run.complete:
-            return
-        if offset <= run.hi:
-            run.queue.append(kmsg)
-            run.complete = offset == run.hi
-        else:  # past the window: hold the rest of the partition until the suspects are done
+        if offset > run.hi:  # past the window: hold the rest until the suspects are done
             run.complete = True
-            self._parking[tp] = (offset, _UNTIL_RELEASED, False)
-            self.source.park(tp, offset)
+            if tp not in self._parking:
+                self._parking[tp] = (offset, _UNTIL_RELEASED, False)
+                self.source.park(tp, offset)
+            return
+        run.queue.append(kmsg)
+        run.complete = run.complete or offset == run.hi
         if self._suspect_task is None:
             self._suspect_task = asyncio.get_running_loop().create_task(self._run_suspects())
 
@@ -399,9 +398,20 @@ class Pipeline:
 
     async def revoked(self, tps: list[TP], lost: bool) -> list[tuple[TP, int]]:
         """Drain the revoked partitions (bounded), then say what to commit for them."""
+        gone = set(tps)
         for tp in tps:
             self._parking.pop(tp, None)
             self._suspects.pop(tp, None)
+        # Batches still waiting for their journal record, and messages held back behind
+        # crash suspects, must not reach a later owner's tracker (this instance may be
+        # assigned the partition again and read them again).
+        for waiting in self._waiting:
+            kept = [m for m in waiting.batch if (m.topic(), m.partition()) not in gone]
+            self.processed += len(waiting.batch) - len(kept)  # dropped counts as taken
+            waiting.batch = kept
+        kept = [m for m in self._deferred if (m.topic(), m.partition()) not in gone]
+        self.processed += len(self._deferred) - len(kept)
+        self._deferred = kept
         if not self._suspects and self._deferred and self._suspect_task is None:
             deferred, self._deferred = self._deferred, []
             asyncio.get_running_loop().call_soon(self._process, deferred)

@@ -62,7 +62,8 @@ class PartitionTracker:
         """Wait until nothing is held; False when ``timeout`` passed first."""
         if not self.pending:
             return True
-        self._drained = asyncio.Event()
+        if self._drained is None or self._drained.is_set():
+            self._drained = asyncio.Event()  # shared by every waiter until it is set
         try:
             await asyncio.wait_for(self._drained.wait(), timeout)
         except TimeoutError:

@@ -52,6 +52,11 @@ def _coordinates(msg: Message) -> dict[str, Any]:
     }
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class SubscriberRuntime:
     def __init__(
         self,
@@ -153,6 +158,11 @@ class SubscriberRuntime:
                 except (Exception, SystemExit) as exc:
                     self._done(msg, failure(exc), started)
                     continue
+                except asyncio.CancelledError as exc:
+                    if _being_cancelled():  # shutdown: the runner itself is cancelled
+                        raise
+                    self._done(msg, failure(exc), started)  # the handler's own doing
+                    continue
                 # Suspended: this task belongs to ``msg`` from here on; another runner
                 # takes over the queue.
                 runner = False
@@ -185,9 +195,11 @@ class SubscriberRuntime:
         thread = pending if isinstance(pending, asyncio.Future) else None
         try:
             await (pending if thread is None else asyncio.shield(thread))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if not expiry.fired:
-                raise
+                if task.cancelling():  # shutdown
+                    raise
+                return failure(exc)  # something the handler awaited was cancelled
             task.uncancel()
             if thread is not None and not thread.done():
                 self._lose_slot(msg, thread)
