@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout",
         type=float,
         default=_DEFAULTS.timeout,
-        help="seconds to wait for everything to settle before giving up",
+        help="seconds each step waits for everything to settle before giving up",
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
@@ -32,9 +33,10 @@ class StreamProducer:
     def run(self) -> None:
         producer = Producer(self._settings)
         started = time.monotonic()
+        every = max(1, min(100, self._rate // 50))  # paced in steps of at most 20 ms
         try:
             for i, event in enumerate(self._events):
-                if i % 100 == 0:
+                if i % every == 0:
                     if self._stop.is_set():
                         break
                     ahead = started + i / self._rate - time.monotonic() if self._rate else 0
@@ -71,10 +73,23 @@ class StreamProducer:
             self.last_error = str(err)
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    info: h.FailureInfo  # what its headers say
+    value: bytes | None  # the source record's payload, unchanged
+
+
 def read_dead_letters(
     bootstrap: str, topic: str, expect: int, timeout: float = 15.0
 ) -> list[h.FailureInfo]:
-    """The failure headers of the dead-letter topic's records, oldest failure first.
+    """The failure headers of the dead-letter topic's records, oldest failure first."""
+    return [record.info for record in read_dead_letter_records(bootstrap, topic, expect, timeout)]
+
+
+def read_dead_letter_records(
+    bootstrap: str, topic: str, expect: int, timeout: float = 15.0
+) -> list[DeadLetterRecord]:
+    """The dead-letter topic's records, headers decoded, oldest failure first.
 
     Reads until ``expect`` records or the end of every partition, whichever comes first.
     The end is the one fetching reports: the embedded broker's answer to a watermark
@@ -88,7 +103,7 @@ def read_dead_letters(
             "enable.partition.eof": True,
         }
     )
-    found: list[h.FailureInfo] = []
+    found: list[DeadLetterRecord] = []
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
@@ -105,9 +120,10 @@ def read_dead_letters(
                     continue
                 at_end.discard(msg.partition())
                 try:
-                    found.append(h.decode(cast("list[tuple[str, bytes]] | None", msg.headers())))
+                    info = h.decode(cast("list[tuple[str, bytes]] | None", msg.headers()))
                 except (KeyError, ValueError):
                     continue
+                found.append(DeadLetterRecord(info, msg.value()))
     finally:
         consumer.close()
-    return sorted(found, key=lambda info: info.first_failure_ms)
+    return sorted(found, key=lambda record: record.info.first_failure_ms)

@@ -15,6 +15,7 @@ import orjson
 
 GIFT, LOTTERY, GUARD = "gift", "lottery", "guard_purchase"
 TOPICS = {GIFT: 6, LOTTERY: 3, GUARD: 3}  # topic -> partitions
+NIGHT = "guard_purchase_night"  # the crash guard's step: one partition of guard purchases
 
 # (gift_id, name, price in coins): cheap gifts are sent far more often than rockets.
 GIFTS = [
@@ -84,15 +85,8 @@ def generate(
     events = []
     for event_id in range(total):
         ts = start_ms + event_id * 1000 // max(1, events_per_second)
-        user = f"u{int(USERS * rng.random() ** 3)}"  # a few whales send most
-        room = int(ROOMS * rng.random() ** 2)
-        base = {
-            "event_id": event_id,
-            "user_id": user,
-            "room_id": f"r{room}",
-            "anchor_id": f"a{room}",
-            "ts": ts,
-        }
+        base = _base(rng, event_id, ts)
+        user = base["user_id"]
         pick = rng.random()
         if pick < 0.70:
             topic, value = GIFT, _gift(rng, base, plan)
@@ -103,6 +97,48 @@ def generate(
         plan.produced[topic] += 1
         events.append(Event(topic, user.encode(), value, ts))
     return events, plan
+
+
+@dataclass(frozen=True, slots=True)
+class Night:
+    """The crash guard's stream: guard purchases, exactly one buy of them malformed."""
+
+    events: list[Event]
+    buys: frozenset[int]  # event ids of the buys: the guard category's filter keeps them
+    culprit: int  # the event id of the buy whose nested ``effect`` object is missing
+
+
+def night(
+    total: int = 300, seed: int = 7, start_ms: int = 0, events_per_second: int = 100
+) -> Night:
+    """``total`` guard purchases on one topic; the first buy past 60% lacks its effect."""
+    rng = random.Random(seed)
+    events, buys, culprit = [], set(), -1
+    for event_id in range(total):
+        ts = start_ms + event_id * 1000 // max(1, events_per_second)
+        value = _guard_value(rng, _base(rng, event_id, ts))
+        if value["type"] == "buy":
+            buys.add(event_id)
+            if culprit < 0 and event_id >= total * 3 // 5:
+                culprit = event_id
+                del value["effect"]
+        key = str(value["user_id"]).encode()
+        events.append(Event(NIGHT, key, orjson.dumps(value), ts))
+    if culprit < 0:
+        raise ValueError(f"no guard purchase of type 'buy' in the last 40% of {total} events")
+    return Night(events, frozenset(buys), culprit)
+
+
+def _base(rng: random.Random, event_id: int, ts: int) -> dict[str, Any]:
+    user = f"u{int(USERS * rng.random() ** 3)}"  # a few whales send most
+    room = int(ROOMS * rng.random() ** 2)
+    return {
+        "event_id": event_id,
+        "user_id": user,
+        "room_id": f"r{room}",
+        "anchor_id": f"a{room}",
+        "ts": ts,
+    }
 
 
 def _gift(rng: random.Random, base: dict[str, Any], plan: Plan) -> bytes:
@@ -130,12 +166,12 @@ def _lottery(rng: random.Random, base: dict[str, Any], plan: Plan) -> bytes:
     return _maybe_broken(rng, value, LOTTERY, plan)
 
 
-def _guard(rng: random.Random, base: dict[str, Any], plan: Plan) -> bytes:
+def _guard_value(rng: random.Random, base: dict[str, Any]) -> dict[str, Any]:
     level = rng.choices([1, 2, 3], [85, 13, 2])[0]
     name, monthly = GUARD_LEVELS[level]
     months = rng.choice([1, 1, 1, 3, 12])
     kind = rng.choices(["buy", "renew", "upgrade"], [55, 40, 5])[0]
-    value: dict[str, Any] = {
+    return {
         **base,
         "type": kind,
         "level": level,
@@ -144,6 +180,11 @@ def _guard(rng: random.Random, base: dict[str, Any], plan: Plan) -> bytes:
         "price": monthly * months,
         "effect": {"level": level, "badge": f"{name}-badge", "entrance": f"{name}-entrance"},
     }
+
+
+def _guard(rng: random.Random, base: dict[str, Any], plan: Plan) -> bytes:
+    value = _guard_value(rng, base)
+    kind = value["type"]
     plan.guard_buys += kind == "buy"
     if rng.random() < NO_EFFECT_RATE:  # the night's message: the nested object is absent
         if rng.random() < 0.5:

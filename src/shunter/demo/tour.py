@@ -1,7 +1,7 @@
 """The demo as a sequence of steps sharing one embedded broker and one console.
 
 Each step is an async function ``step(tour) -> StepResult`` run on an event loop of its
-own; a later step, such as the crash guard's, is one more entry in ``steps()``.
+own: the live-revenue stream (``revenue``), then the crash guard's night (``crash``).
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ Step = Callable[[Tour], Coroutine[Any, Any, StepResult]]
 
 
 def steps() -> list[Step]:
-    from . import revenue
+    from . import crash, revenue
 
-    return [revenue.run]
+    return [revenue.run, crash.run]
 
 
 def run(options: Options, console: Console | None = None) -> int:
