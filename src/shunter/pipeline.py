@@ -144,7 +144,16 @@ class Pipeline:
                     self._deferred.append(kmsg)
                     self.processed -= 1
                     continue
-            self._one(kmsg, topic, touched, accepted)
+            try:
+                self._one(kmsg, topic, touched, accepted)
+            except Exception:  # a bug here must not cost the rest of the batch
+                log.critical(
+                    "processing %s[%s]@%s failed (a bug in shunter); the batch goes on",
+                    topic,
+                    kmsg.partition(),
+                    kmsg.offset(),
+                    exc_info=True,
+                )
         for topic, n in accepted.items():
             self.stats.accepted(topic, n)
         for runtime in touched:
@@ -260,8 +269,22 @@ class Pipeline:
     # -- retry partitions that are not yet due: paused, never slept on --------------------
 
     def _park(self, tp: TP, offset: int, due: float) -> None:
+        """Pause ``tp`` and rewind it to ``offset``: every message of it already fetched
+        past that point is stale from now on, wherever it waits."""
         self._parking[tp] = (offset, due, False)
         self.source.park(tp, offset)
+        self._forget({tp})
+
+    def _forget(self, tps: set[TP]) -> None:
+        """Drop the messages of ``tps`` from batches still waiting for their journal
+        record and from messages held back behind crash suspects (counted as taken)."""
+        for waiting in self._waiting:
+            kept = [m for m in waiting.batch if (m.topic(), m.partition()) not in tps]
+            self.processed += len(waiting.batch) - len(kept)
+            waiting.batch = kept
+        kept = [m for m in self._deferred if (m.topic(), m.partition()) not in tps]
+        self.processed += len(self._deferred) - len(kept)
+        self._deferred = kept
 
     def parked(self, tp: TP) -> None:
         """The consumer thread paused ``tp``: no message of it fetched earlier is left."""
@@ -290,8 +313,7 @@ class Pipeline:
         if offset > run.hi:  # past the window: hold the rest until the suspects are done
             run.complete = True
             if tp not in self._parking:
-                self._parking[tp] = (offset, _UNTIL_RELEASED, False)
-                self.source.park(tp, offset)
+                self._park(tp, offset, _UNTIL_RELEASED)
             return
         run.queue.append(kmsg)
         run.complete = run.complete or offset == run.hi
@@ -402,16 +424,9 @@ class Pipeline:
         for tp in tps:
             self._parking.pop(tp, None)
             self._suspects.pop(tp, None)
-        # Batches still waiting for their journal record, and messages held back behind
-        # crash suspects, must not reach a later owner's tracker (this instance may be
-        # assigned the partition again and read them again).
-        for waiting in self._waiting:
-            kept = [m for m in waiting.batch if (m.topic(), m.partition()) not in gone]
-            self.processed += len(waiting.batch) - len(kept)  # dropped counts as taken
-            waiting.batch = kept
-        kept = [m for m in self._deferred if (m.topic(), m.partition()) not in gone]
-        self.processed += len(self._deferred) - len(kept)
-        self._deferred = kept
+        # What still waits for its journal record or behind crash suspects must not reach
+        # a later owner's tracker (this instance may be assigned the partition again).
+        self._forget(gone)
         if not self._suspects and self._deferred and self._suspect_task is None:
             deferred, self._deferred = self._deferred, []
             asyncio.get_running_loop().call_soon(self._process, deferred)
