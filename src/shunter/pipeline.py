@@ -51,7 +51,7 @@ class _Waiting:
         self.left = 0
 
 
-_UNTIL_RELEASED = math.inf  # parked until the crash suspects are done, not until a time
+_UNTIL_RELEASED = math.inf  # held until the crash suspects are done, not until a time
 
 
 class Pipeline:
@@ -76,9 +76,9 @@ class Pipeline:
         self.processed = 0  # messages taken from batches (written on the loop only)
         self.source: Any = None  # the KafkaSource, set once it exists
         self.guard = guard
-        # Partitions paused at an offset: tp -> (offset, due time, pause confirmed). A
-        # retry partition whose head is not yet due, or one waiting for its crash suspects.
-        self._parking: dict[TP, tuple[int, float, bool]] = {}
+        # Held partitions (paused) and the messages taken from them, in order: a retry
+        # partition whose head is not yet due, or one waiting for its crash suspects.
+        self._held: dict[TP, list[Any]] = {}
         self._suspects: dict[TP, SuspectRun] = {}
         self._waiting: deque[_Waiting] = deque()  # batches waiting for their journal record
         self._suspect_task: asyncio.Task[None] | None = None
@@ -104,7 +104,7 @@ class Pipeline:
         for tp, hi in last.items():
             ptrack = self.tracker.partitions.get(tp)
             state = self.guard.states.get(tp)
-            if ptrack is None or state is None or tp in self._suspects or tp in self._parking:
+            if ptrack is None or state is None or tp in self._suspects or tp in self._held:
                 continue
             lo = ptrack.committable() if ptrack.high >= 0 else first[tp]
             state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
@@ -133,9 +133,12 @@ class Pipeline:
             topic = kmsg.topic()
             # Checked per record: a retry record parks its partition mid-batch, and the
             # rest of that partition in this batch must then be read again later.
-            if self._parking or self._suspects:
+            if self._held or self._suspects:
                 tp = (topic, kmsg.partition())
-                if tp in self._parking:  # fetched before the pause took effect: read again
+                held = self._held.get(tp)
+                if held is not None:  # fetched before the pause landed: waits its turn
+                    held.append(kmsg)
+                    self.processed -= 1
                     continue
                 if tp in self._suspects:
                     self._take_suspect(tp, kmsg)
@@ -173,6 +176,10 @@ class Pipeline:
         offset = kmsg.offset()
         ptrack = self.tracker.partitions.get((topic, partition))
         if ptrack is None:  # revoked while this batch waited: the next owner reads it
+            return False
+        if offset < ptrack.high:  # never rewound, so never expected: keep the first copy
+            log.warning("%s[%d]@%d seen again after %d; skipped", topic, partition, offset,
+                        ptrack.high - 1)
             return False
         record = Record(
             topic,
@@ -213,7 +220,7 @@ class Pipeline:
         offset = kmsg.offset()
         tp = (topic, partition)
         ptrack = self.tracker.partitions.get(tp)
-        if ptrack is None:  # revoked while this batch waited
+        if ptrack is None or offset < ptrack.high:  # revoked while it waited, or stale
             return
         try:
             info = h.decode(kmsg.headers())
@@ -228,7 +235,7 @@ class Pipeline:
             ptrack.hold(offset, 0)
             return
         if info.not_before_ms > time.time() * 1000:
-            self._park(tp, offset, info.not_before_ms / 1000)
+            self._hold(tp, kmsg, info.not_before_ms / 1000)
             return
         record = Record(
             info.origin_topic,
@@ -266,18 +273,34 @@ class Pipeline:
             return
         log.warning("consumer error: %s", err)
 
-    # -- retry partitions that are not yet due: paused, never slept on --------------------
+    # -- holding a partition: a retry not yet due, or the stream behind crash suspects ----
+    #
+    # A held partition is paused, never rewound: the messages of it already taken from the
+    # consumer (the one that triggered the hold and any fetched before the pause landed)
+    # wait here in order, and librdkafka resumes fetching after the last one it handed
+    # out. Rewinding with seek was tried and lost messages: on Apache Kafka a resume can
+    # fetch from the application's position before a seek made around it lands.
 
-    def _park(self, tp: TP, offset: int, due: float) -> None:
-        """Pause ``tp`` and rewind it to ``offset``: every message of it already fetched
-        past that point is stale from now on, wherever it waits."""
-        self._parking[tp] = (offset, due, False)
-        self.source.park(tp, offset)
-        self._forget({tp})
+    def _hold(self, tp: TP, kmsg: Any, until: float) -> None:
+        """Hold ``tp`` starting with ``kmsg`` until the time ``until`` (inf: released)."""
+        self._held[tp] = [kmsg]
+        self.processed -= 1  # taken again when released
+        self.source.pause_partition(tp)
+        if until != _UNTIL_RELEASED:
+            delay = max(0.0, until - time.time())
+            asyncio.get_running_loop().call_later(delay, self._release, tp)
+
+    def _release(self, tp: TP) -> None:
+        """Resume ``tp`` and process what it held, in order (it may be held again)."""
+        held = self._held.pop(tp, None)
+        if held is None:
+            return
+        self.source.resume_partition(tp)
+        self._process(held)
 
     def _forget(self, tps: set[TP]) -> None:
-        """Drop the messages of ``tps`` from batches still waiting for their journal
-        record and from messages held back behind crash suspects (counted as taken)."""
+        """Drop the messages of ``tps`` wherever they wait: batches waiting for their
+        journal record, messages held back behind suspects, held partitions."""
         for waiting in self._waiting:
             kept = [m for m in waiting.batch if (m.topic(), m.partition()) not in tps]
             self.processed += len(waiting.batch) - len(kept)
@@ -285,25 +308,8 @@ class Pipeline:
         kept = [m for m in self._deferred if (m.topic(), m.partition()) not in tps]
         self.processed += len(self._deferred) - len(kept)
         self._deferred = kept
-
-    def parked(self, tp: TP) -> None:
-        """The consumer thread paused ``tp``: no message of it fetched earlier is left."""
-        state = self._parking.get(tp)
-        if state is None:
-            return
-        offset, due, _ = state
-        self._parking[tp] = (offset, due, True)
-        if due != _UNTIL_RELEASED:
-            delay = max(0.0, due - time.time())
-            asyncio.get_running_loop().call_later(delay, self._unpark, tp)
-        elif tp not in self._suspects:  # the suspects finished before the pause landed
-            self._unpark(tp)
-
-    def _unpark(self, tp: TP) -> None:
-        state = self._parking.get(tp)
-        if state is not None and state[2]:  # confirmed: nothing stale can arrive after
-            del self._parking[tp]
-            self.source.unpark(tp)
+        for tp in tps:
+            self.processed += len(self._held.pop(tp, ()))
 
     # -- crash suspects: the window a dead owner left, re-run one offset at a time -------
 
@@ -312,8 +318,7 @@ class Pipeline:
         offset = kmsg.offset()
         if offset > run.hi:  # past the window: hold the rest until the suspects are done
             run.complete = True
-            if tp not in self._parking:
-                self._park(tp, offset, _UNTIL_RELEASED)
+            self._hold(tp, kmsg, _UNTIL_RELEASED)
             return
         run.queue.append(kmsg)
         run.complete = run.complete or offset == run.hi
@@ -372,8 +377,7 @@ class Pipeline:
         state.suspects_hi = -1
         await guard.write_and_wait(tp, state.encode("clean", ptrack.committable(), -1))
         log.info("%s[%d]: crash suspects done; back to normal", *tp)
-        if tp in self._parking:
-            self._unpark(tp)
+        self._release(tp)
 
     def _quarantine(self, kmsg: Any, ptrack: PartitionTracker, crashes: int) -> None:
         assert self.guard is not None
@@ -422,7 +426,6 @@ class Pipeline:
         """Drain the revoked partitions (bounded), then say what to commit for them."""
         gone = set(tps)
         for tp in tps:
-            self._parking.pop(tp, None)
             self._suspects.pop(tp, None)
         # What still waits for its journal record or behind crash suspects must not reach
         # a later owner's tracker (this instance may be assigned the partition again).

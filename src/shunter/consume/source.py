@@ -6,9 +6,10 @@ event loop in order; a revocation blocks this thread while the loop drains the r
 partitions, and then their offsets are committed here, inside the callback, before
 librdkafka releases them.
 
-Ordering invariant: batches, revocations and acknowledgements of control commands all
-reach the loop through ``call_soon_threadsafe`` from this one thread, so the loop sees
-them in the order they happened here.
+Ordering invariant: batches and revocations both reach the loop through
+``call_soon_threadsafe`` from this one thread, so the loop sees them in the order they
+happened here. Nothing is ever rewound with seek: a paused partition resumes after the
+last message it handed out, and the loop holds whatever it was handed meanwhile.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ class SourceHandler(Protocol):
     """What the pipeline offers the consumer thread (all called on the loop)."""
 
     def handle_batch(self, batch: list[Any]) -> None: ...
-
-    def parked(self, tp: TP) -> None: ...
 
     def assigned(self, tps: list[TP], committed: dict[TP, int]) -> Coroutine[Any, Any, None]: ...
 
@@ -75,7 +74,7 @@ class KafkaSource:
         self._fetching = True
         self.handed = 0  # messages handed to the loop (written by this thread only)
         self.assignment: set[TP] = set()
-        self._parked: set[TP] = set()  # paused until a retry is due
+        self._parked: set[TP] = set()  # held by the loop until released
         self._throttled = False  # paused for back-pressure
         self._thread = threading.Thread(target=self._run, name="shunter-consumer", daemon=True)
         self._watermarks: dict[TP, tuple[int, int]] = {}
@@ -96,12 +95,13 @@ class KafkaSource:
             tps = [TopicPartition(t, p, o) for (t, p), o in offsets]
             self._commands.put(lambda: self._consumer.commit(offsets=tps, asynchronous=True))
 
-    def park(self, tp: TP, offset: int) -> None:
-        """Pause ``tp`` and rewind it to ``offset``; the loop's ``parked(tp)`` confirms."""
-        self._commands.put(lambda: self._do_park(tp, offset))
+    def pause_partition(self, tp: TP) -> None:
+        """Stop fetching ``tp``; what was already handed out stays the loop's to hold."""
+        self._commands.put(lambda: self._do_pause(tp))
 
-    def unpark(self, tp: TP) -> None:
-        self._commands.put(lambda: self._do_unpark(tp))
+    def resume_partition(self, tp: TP) -> None:
+        """Fetch ``tp`` again, after the last message of it handed out."""
+        self._commands.put(lambda: self._do_resume(tp))
 
     def stop_fetching(self) -> None:
         """Stop handing out new messages; rebalances are still served."""
@@ -196,16 +196,12 @@ class KafkaSource:
         if tps:
             self._consumer.resume([TopicPartition(t, p) for t, p in tps])
 
-    def _do_park(self, tp: TP, offset: int) -> None:
+    def _do_pause(self, tp: TP) -> None:
         if tp in self.assignment:
             self._parked.add(tp)
             self._pause({tp})
-            self._consumer.seek(TopicPartition(tp[0], tp[1], offset))
-        # Confirm in order with the batches: everything fetched before the pause has
-        # reached the loop before this does.
-        self._loop.call_soon_threadsafe(self._handler.parked, tp)
 
-    def _do_unpark(self, tp: TP) -> None:
+    def _do_resume(self, tp: TP) -> None:
         self._parked.discard(tp)
         if tp in self.assignment and not self._throttled and self._fetching:
             self._resume({tp})

@@ -1,0 +1,272 @@
+"""The pipeline's commit invariant, on a real event loop with a fake consumer and a fake
+journal: whatever arrives — a crashed owner's suspects followed by the rest of the
+stream, batches still waiting for their journal record when their partition is lost and
+assigned again — no consumed offset is ever committed past without having been
+delivered to every subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from shunter.classify import Router
+from shunter.config import parse_config
+from shunter.crashguard.journal import PartitionState
+from shunter.decode import build_decoders
+from shunter.deliver import SubscriberRuntime
+from shunter.message import Message
+from shunter.observe.stats import Stats
+from shunter.pipeline import Pipeline
+from shunter.settle import Settler
+
+TOPIC = "gifts"
+TP = (TOPIC, 0)
+
+
+class KMsg:
+    """What the pipeline reads of a confluent-kafka Message."""
+
+    def __init__(self, offset: int, partition: int = 0) -> None:
+        self._offset = offset
+        self._partition = partition
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return TOPIC
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return f"u{self._offset % 5}".encode()
+
+    def value(self) -> bytes:
+        return orjson.dumps({"n": self._offset})
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+    def headers(self) -> None:
+        return None
+
+
+def batch(offsets: range, partition: int = 0) -> list[Any]:
+    return [KMsg(o, partition) for o in offsets]
+
+
+class FakeSource:
+    """The consumer thread's controls, recorded; it keeps each partition's fetch position
+    as librdkafka does: a pause never rewinds, a resume goes on after the last message
+    handed out."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.paused: set[tuple[str, int]] = set()
+        self.position: dict[int, int] = {}
+
+    def fetch(self, partition: int, count: int) -> list[Any]:
+        start = self.position.get(partition, 0)
+        self.position[partition] = start + count
+        return batch(range(start, start + count), partition)
+
+    def pause_partition(self, tp: tuple[str, int]) -> None:
+        self.paused.add(tp)
+
+    def resume_partition(self, tp: tuple[str, int]) -> None:
+        self.paused.discard(tp)
+
+    def commit(self, offsets: list[Any]) -> None:
+        pass
+
+
+class FakeJournal:
+    """The crash guard's journal: acknowledgements at once, or when released."""
+
+    def __init__(self) -> None:
+        self.states: dict[tuple[str, int], PartitionState] = {}
+        self.recovered: dict[tuple[str, int], PartitionState] = {}
+        self.quarantine_after = 1000
+        self.last_exit = ""
+        self.hold_acks = False
+        self.unacked: list[Callable[[Any], None]] = []
+
+    def write(self, tp: tuple[str, int], value: bytes, done: Callable[[Any], None]) -> None:
+        if self.hold_acks:
+            self.unacked.append(done)
+        else:
+            asyncio.get_running_loop().call_soon(done, None)
+
+    async def write_and_wait(self, tp: tuple[str, int], value: bytes) -> None:
+        await asyncio.sleep(0)
+
+    def release_acks(self) -> None:
+        acks, self.unacked = self.unacked, []
+        for done in acks:
+            done(None)
+
+    async def recover(self, tps: list[Any], committed: dict[Any, int]) -> dict[Any, Any]:
+        out = {tp: self.recovered.pop(tp, PartitionState()) for tp in tps}
+        self.states.update(out)
+        return out
+
+    def forget(self, tps: list[Any]) -> None:
+        for tp in tps:
+            self.states.pop(tp, None)
+
+
+def build(journal: FakeJournal) -> tuple[Pipeline, list[tuple[int, int]], list[BaseException]]:
+    config = parse_config({
+        "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g"},
+        "topics": {TOPIC: {}},
+        "categories": {"revenue": {"topics": [TOPIC]}},
+        "subscribers": [{"caller": "medal", "category": "revenue", "handler": "m:f"}],
+        "admin": {"listen": None},
+    })
+    stats = Stats({"medal": "revenue"})
+    settler = Settler(config, None, stats)  # type: ignore[arg-type] # successes write nothing
+    delivered: list[tuple[int, int]] = []
+
+    def medal(msg: Message) -> None:
+        delivered.append((msg.partition, msg.offset))
+
+    runtimes = {"medal": SubscriberRuntime("medal", medal, settler)}
+    pipeline = Pipeline(config, build_decoders(config), Router(config), runtimes, settler, stats,
+                        journal)  # type: ignore[arg-type]
+    pipeline.source = FakeSource(pipeline)
+    errors: list[BaseException] = []
+    asyncio.get_running_loop().set_exception_handler(
+        lambda loop, context: errors.append(context.get("exception") or RuntimeError(context)))
+    return pipeline, delivered, errors
+
+
+async def settle() -> None:
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+
+
+def assert_nothing_skipped(pipeline: Pipeline, delivered: list[tuple[int, int]],
+                           consumed: range, partition: int = 0) -> None:
+    tp = (TOPIC, partition)
+    tracker = pipeline.tracker.partitions[tp]
+    missing = sorted(set(consumed) - {o for p, o in delivered if p == partition})
+    assert not missing or tracker.committable() <= missing[0], (
+        f"{tp}: commit offered at {tracker.committable()} past undelivered offsets "
+        f"{missing[:10]}"
+    )
+
+
+def test_the_stream_after_a_crashed_owners_window_is_not_skipped() -> None:
+    """Given a partition whose previous owner died with offsets 64..66 in flight (the
+    journal says so), and the group resuming at 64,
+    when one batch brings 64..70 (the window and what follows it) and the next 71..74,
+    then the window is re-run, and 67..70 are either delivered or read again: the commit
+    is never offered past an offset that was not delivered."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        pipeline, delivered, errors = build(journal)
+        journal.recovered[TP] = PartitionState(suspects_hi=66)
+        await pipeline.assigned([TP], {TP: 64})
+        pipeline.handle_batch(batch(range(64, 71)))
+        await settle()
+        pipeline.handle_batch(batch(range(71, 75)))
+        await settle()
+        assert not errors
+        assert {(0, 64), (0, 65), (0, 66)} <= set(delivered)
+        assert_nothing_skipped(pipeline, delivered, range(64, 75))
+        assert {o for p, o in delivered if p == 0} == set(range(64, 75)), "none left behind"
+        assert not pipeline.source.paused, "the partition is fetched again"
+
+    asyncio.run(scenario())
+
+
+def test_batches_waiting_for_the_journal_when_their_partition_is_lost_are_not_replayed() -> None:
+    """Given batches 0..49 and 50..75 waiting for their journal record,
+    when the partition is lost and assigned again to this instance (nothing committed,
+    so the consumer reads it again from 0), and only then the old journal records are
+    acknowledged,
+    then no batch is refused half-way (no "held after" error), and the commit is never
+    offered past an offset that was not delivered."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        pipeline, delivered, errors = build(journal)
+        await pipeline.assigned([TP], {})
+        journal.hold_acks = True
+        pipeline.handle_batch(batch(range(0, 50)))
+        pipeline.handle_batch(batch(range(50, 76)))
+        await pipeline.revoked([TP], lost=True)
+        await pipeline.assigned([TP], {TP: -1})
+        journal.hold_acks = False
+        journal.release_acks()  # the stale batches' records are acknowledged late
+        await settle()
+        for offsets in (range(0, 50), range(50, 100), range(100, 150)):  # read again from 0
+            pipeline.handle_batch(batch(offsets))
+            await settle()
+        assert_nothing_skipped(pipeline, delivered, range(0, 150))
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_that_waited_for_the_journal_across_a_park_does_not_break_the_partition(
+) -> None:
+    """Given partition 0 resuming with crash suspects 64..66 and partition 1 healthy,
+    when one batch brings 64..70 of partition 0, the next (fetched before partition 0's
+    pause took effect) brings 71..84 of partition 0 with 0..9 of partition 1 and waits
+    for partition 1's journal record until the suspects are done, and the consumer then
+    carries on from wherever partition 0 was left,
+    then no batch is refused half-way, and on neither partition is the commit offered
+    past an offset that was not delivered."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        pipeline, delivered, errors = build(journal)
+        source = pipeline.source
+        journal.recovered[TP] = PartitionState(suspects_hi=66)
+        await pipeline.assigned([TP, (TOPIC, 1)], {TP: 64, (TOPIC, 1): 0})
+        source.position[0] = 64
+        first = source.fetch(0, 7)
+        second = source.fetch(0, 14) + source.fetch(1, 10)  # fetched before the pause
+        pipeline.handle_batch(first)  # holds partition 0 from 67 until the suspects are done
+        journal.hold_acks = True
+        pipeline.handle_batch(second)
+        await settle()  # the suspects run and finish meanwhile
+        journal.hold_acks = False
+        journal.release_acks()
+        await settle()
+        for _ in range(3):  # the consumer goes on from its position
+            pipeline.handle_batch(source.fetch(0, 10) + source.fetch(1, 10))
+            await settle()
+        assert_nothing_skipped(pipeline, delivered, range(64, source.position[0]), 0)
+        assert_nothing_skipped(pipeline, delivered, range(0, source.position[1]), 1)
+        assert {o for p, o in delivered if p == 0} == set(range(64, source.position[0]))
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
+def test_without_the_crash_guard_every_consumed_offset_is_delivered_before_it_is_passed() -> None:
+    """Given no crash guard, when batches arrive and their deliveries settle, then the
+    commit reaches one past the last offset exactly when every offset was delivered."""
+
+    async def scenario() -> None:
+        pipeline, delivered, errors = build(FakeJournal())
+        pipeline.guard = None
+        await pipeline.assigned([TP], {})
+        for offsets in (range(0, 40), range(40, 90)):
+            pipeline.handle_batch(batch(offsets))
+        await settle()
+        assert not errors
+        assert sorted(delivered) == [(0, o) for o in range(90)]
+        assert pipeline.tracker.partitions[TP].committable() == 90
+
+    asyncio.run(scenario())
