@@ -175,6 +175,15 @@ class KafkaSource:
                 log.warning("consumer control command failed: %s", exc)
 
     def _apply_backpressure(self) -> None:
+        # Batches handed but not yet taken by the loop: wait (ms) rather than pause, since
+        # a pause drops librdkafka's prefetched data and resuming idles up to ~1 s.
+        deadline = time.monotonic() + 1.0
+        while (
+            self.handed - self._handler_processed() > 2 * self._batch_size
+            and time.monotonic() < deadline
+            and not self._stopping.is_set()
+        ):
+            time.sleep(0.0005)
         in_flight = self.handed - self._handler_processed() + self._handler.in_flight()
         if not self._throttled and in_flight >= self._high_water:
             self._throttled = True

@@ -35,6 +35,25 @@ log = logging.getLogger("shunter.deliver")
 _BUSY = None  # a lane with a delivery in flight and nothing queued behind it
 
 
+def _key_lane(msg: Message) -> Hashable:
+    return msg._record.key
+
+
+def _partition_lane(msg: Message) -> Hashable:
+    return (msg._record.ptrack.tp, None)
+
+
+def _no_lane(msg: Message) -> Hashable:
+    return None
+
+
+_LANES: dict[str, Callable[[Message], Hashable]] = {
+    "key": _key_lane,
+    "partition": _partition_lane,
+    "none": _no_lane,
+}
+
+
 class _Expiry:
     __slots__ = ("fired",)
 
@@ -82,16 +101,13 @@ class SubscriberRuntime:
         self._lanes: dict[Hashable, deque[Message] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[Message, None] = {}  # suspended deliveries
+        # Chosen once: the lane function runs twice per delivery.
+        self._lane: Callable[[Message], Hashable] = _LANES[ordering]
 
     # -- intake ---------------------------------------------------------------------------
 
     def lane_of(self, msg: Message) -> Hashable:
-        if self._ordering == "key":
-            return msg.key
-        if self._ordering == "partition":
-            record = msg._record
-            return (record.ptrack.tp, None)
-        return None
+        return self._lane(msg)
 
     def submit(self, msg: Message) -> None:
         """Queue one delivery; call ``kick`` once after a batch of submits."""
@@ -131,6 +147,8 @@ class SubscriberRuntime:
         """Drain runnable deliveries; stay with the first one that suspends."""
         runnable = self._runnable
         invoke = self._invoke
+        settle = self._settle
+        lane_of = self._lane
         clock = time.perf_counter
         runner = True
         try:
@@ -142,15 +160,29 @@ class SubscriberRuntime:
                 started = clock()
                 try:
                     result = invoke(msg)
-                    if result is None:
-                        self._done(msg, SUCCEEDED, started)
-                        continue
                     if type(result) is CoroutineType:
                         try:
                             first = result.send(None)
                         except StopIteration:
-                            self._done(msg, SUCCEEDED, started)
-                            continue
+                            result = None
+                    if result is None:  # done in its first step: the common case, inlined
+                        lane = lane_of(msg)
+                        if lane is not None:  # _next_in_lane, inlined
+                            queued = self._lanes.get(lane)
+                            if queued:
+                                runnable.append(queued.popleft())
+                            else:
+                                self._lanes.pop(lane, None)
+                        try:
+                            settle(msg, SUCCEEDED, clock() - started)
+                        except Exception:
+                            log.critical(
+                                "settling %r failed; its offset stays uncommitted",
+                                msg,
+                                exc_info=True,
+                            )
+                        continue
+                    if type(result) is CoroutineType:
                         result = Resumed(result, first)
                     elif not hasattr(result, "__await__"):
                         self._done(msg, SUCCEEDED, started)

@@ -20,27 +20,26 @@ log = logging.getLogger("shunter.flood")
 class FloodGuard:
     def __init__(self, config: FloodGuardConfig) -> None:
         self._config = config
-        self._recent: dict[str, deque[bool]] = {}
-        self._dead: dict[str, int] = {}
+        self._settled: dict[str, int] = {}  # caller -> deliveries settled so far
+        self._dead: dict[str, deque[int]] = {}  # caller -> their numbers, dead-lettered ones
         self.runtimes: dict[str, Any] = {}
         self.park: Any = None  # Settler.park: where a paused caller's deliveries wait
         self.on_pause: Any = None  # (caller, reason): records the pause so it survives restarts
         self.tripped: set[str] = set()
 
     def observe(self, caller: str, dead_lettered: bool) -> None:
-        recent = self._recent.get(caller)
-        if recent is None:
-            recent = self._recent[caller] = deque(maxlen=self._config.window)
-            self._dead[caller] = 0
-        if len(recent) == recent.maxlen and recent[0]:
-            self._dead[caller] -= 1
-        recent.append(dead_lettered)
+        # A success costs one counter: the window is only looked at on a dead letter.
+        n = self._settled[caller] = self._settled.get(caller, 0) + 1
         if not dead_lettered:
             return
-        self._dead[caller] += 1
-        if len(recent) < self._config.window:
+        window = self._config.window
+        dead = self._dead.setdefault(caller, deque())
+        dead.append(n)
+        while dead[0] <= n - window:
+            dead.popleft()
+        if n < window:
             return
-        share = self._dead[caller] / len(recent)
+        share = len(dead) / window
         if share > self._config.max_share and caller not in self.tripped:
             self._trip(caller, share)
 
@@ -73,5 +72,5 @@ class FloodGuard:
 
     def reset(self, caller: str) -> None:
         self.tripped.discard(caller)
-        self._recent.pop(caller, None)
+        self._settled.pop(caller, None)
         self._dead.pop(caller, None)

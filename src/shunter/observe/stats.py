@@ -23,38 +23,59 @@ from prometheus_client.registry import Collector
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+_FIRST = BUCKETS[0]
+
+
 class Latency:
-    __slots__ = ("counts", "total")
+    """One caller's handler latency histogram, and its successes by topic."""
+
+    __slots__ = ("counts", "ok", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS) + 1)
         self.total = 0.0
+        self.ok: dict[str, int] = {}  # topic -> successful deliveries
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.counts[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def succeeded(self, topic: str, seconds: float) -> None:
+        """The hot path: no tuple is built and no Counter touched for a success."""
+        ok = self.ok
+        ok[topic] = ok.get(topic, 0) + 1
+        self.counts[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
 
 
 class Stats:
     def __init__(self, categories: dict[str, str]) -> None:
         self.categories = categories  # caller -> category
-        # (topic, caller, outcome) -> count; outcome: ok | fast | slow | dlq | parked
-        self.deliveries: Counter[tuple[str, str, str]] = Counter()
+        # (topic, caller, outcome) -> count for every outcome but ok (kept in Latency.ok)
+        self._outcomes: Counter[tuple[str, str, str]] = Counter()
         self.messages: Counter[tuple[str, str]] = Counter()  # (topic, accepted|<stage>)
         self.writes: Counter[str] = Counter()  # tier -> acknowledged writes
         self.latency: dict[str, Latency] = {c: Latency() for c in categories}
         self.gauges: list[Callable[[], Iterator[GaugeMetricFamily]]] = []
 
+    @property
+    def deliveries(self) -> Counter[tuple[str, str, str]]:
+        """(topic, caller, outcome) -> count; outcome: ok | fast | slow | dlq | parked."""
+        out = Counter(self._outcomes)
+        for caller, lat in self.latency.items():
+            for topic, n in lat.ok.items():
+                out[(topic, caller, "ok")] += n
+        return out
+
     def delivered(self, topic: str, caller: str, elapsed: float) -> None:
-        self.deliveries[(topic, caller, "ok")] += 1
-        self.latency[caller].observe(elapsed)
+        self.latency[caller].succeeded(topic, elapsed)
 
     def failed(self, topic: str, caller: str, elapsed: float, tier: str) -> None:
-        self.deliveries[(topic, caller, tier)] += 1
+        self._outcomes[(topic, caller, tier)] += 1
         self.latency[caller].observe(elapsed)
 
     def parked(self, topic: str, caller: str) -> None:
-        self.deliveries[(topic, caller, "parked")] += 1
+        self._outcomes[(topic, caller, "parked")] += 1
 
     def accepted(self, topic: str, count: int = 1) -> None:
         self.messages[(topic, "accepted")] += count

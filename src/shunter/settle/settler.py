@@ -52,10 +52,11 @@ class Settler:
         """Settle one delivery (the runtime's ``Settle`` callback)."""
         record = msg._record
         if outcome is SUCCEEDED:
-            self._stats.delivered(record.topic, msg.caller, elapsed)
+            caller = msg.caller
+            self._stats.latency[caller].succeeded(record.topic, elapsed)
             if self._on_dead_letter is not None:
-                self._on_dead_letter(msg.caller, False)
-            record.settle_one()
+                self._on_dead_letter(caller, False)
+            record.ptrack.release(record.seq)
             return
         assert isinstance(outcome, Failed | DeadLettered)
         dest = route(self._retry, msg.attempt, outcome)

@@ -1,0 +1,181 @@
+"""shunter under measurement: a Dispatcher served on this process's event loop, timed from
+its first delivery until the tracker's committed offsets reach the end of the dataset."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..app import Dispatcher
+from ..message import Message
+from ..pipeline import Pipeline
+from .context import BATCH_SIZE, BenchContext, Dataset
+from .raw import Timing
+
+# How often shunter hands settled offsets to the committer during the bench (the default
+# is 0.5 s). The end of a measurement waits for the next commit after the last settle.
+COMMIT_INTERVAL = 0.1
+_POLL = 0.002  # how often the watcher looks at the trackers (a few µs each time)
+
+
+class Probe:
+    """Stamped by the first delivery: the start of the measured span."""
+
+    __slots__ = ("cpu", "wall")
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+
+Handler = Callable[[Message], Any]
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    caller: str
+    handler: Handler
+    ordering: str = "key"
+    concurrency: int = 64
+
+
+@dataclass(frozen=True)
+class DispatchTiming(Timing):
+    settled_seconds: float = 0.0  # first delivery → every offset settled (before its commit)
+    deliveries: dict[str, dict[str, int]] = field(default_factory=dict)  # caller → outcome → n
+
+    def outcomes(self) -> dict[str, int]:
+        """outcome → deliveries, over all callers."""
+        out: dict[str, int] = {}
+        for row in self.deliveries.values():
+            for outcome, n in row.items():
+                out[outcome] = out.get(outcome, 0) + n
+        return out
+
+
+def bench_config(
+    ctx: BenchContext,
+    data: Dataset,
+    group: str,
+    subscribers: list[Subscriber],
+    retry: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One category over the dataset's topic (JSON + schema), every subscriber in it.
+
+    ``config`` sections are merged over the generated ones (one level deep), e.g.
+    ``{"crash_guard": {"enabled": False}}``.
+    """
+    generated: dict[str, Any] = {
+        "kafka": {
+            "bootstrap_servers": ctx.bootstrap,
+            "group_id": group,
+            "consumer": ctx.consumer,
+            "batch_size": BATCH_SIZE,
+            "commit_interval": COMMIT_INTERVAL,
+        },
+        "topics": {data.topic: {"format": "json", "schema": str(ctx.schema_file())}},
+        "categories": {"revenue": {"topics": [data.topic]}},
+        "subscribers": [
+            {
+                "caller": s.caller,
+                "category": "revenue",
+                "ordering": s.ordering,
+                "concurrency": s.concurrency,
+            }
+            for s in subscribers
+        ],
+        "retry": {"partitions": 6, **(retry or {})},
+        "admin": {"listen": None},
+    }
+    for section, value in (config or {}).items():
+        base = generated.get(section)
+        if isinstance(base, dict) and isinstance(value, dict):
+            value = {**base, **value}
+        generated[section] = value
+    return generated
+
+
+def run_dispatcher(
+    ctx: BenchContext,
+    data: Dataset,
+    name: str,
+    subscribers: list[Subscriber],
+    probe: Probe,
+    retry: dict[str, Any] | None = None,
+    timeout: float = 600.0,
+    config: dict[str, Any] | None = None,
+) -> DispatchTiming:
+    """Serve shunter over ``data`` in a fresh group until everything is committed.
+
+    One of the handlers must call ``probe.start()`` on its first delivery; ``config``
+    is merged over the generated configuration (see ``bench_config``).
+    """
+    app = Dispatcher(bench_config(ctx, data, ctx.group(name), subscribers, retry, config))
+    for sub in subscribers:
+        app.subscriber("revenue", caller=sub.caller)(sub.handler)
+    return asyncio.run(_measure(app, data, probe, timeout))
+
+
+async def _measure(app: Dispatcher, data: Dataset, probe: Probe, limit: float) -> DispatchTiming:
+    stop = asyncio.Event()
+    serving = asyncio.create_task(app.serve(stop))
+    try:
+        async with asyncio.timeout(limit):
+            settled, committed = await _watch(app, serving, data)
+        cpu = time.process_time()
+    except TimeoutError:
+        raise TimeoutError(
+            f"shunter did not commit {data.topic} to its end within {limit:.0f}s"
+        ) from None
+    finally:
+        stop.set()
+        await serving
+    wall = committed - probe.wall
+    return DispatchTiming(
+        messages=data.count,
+        seconds=wall,
+        cpu=(cpu - probe.cpu) / wall,
+        settled_seconds=settled - probe.wall,
+        deliveries=app.service.stats.by_caller(),
+    )
+
+
+async def _watch(
+    app: Dispatcher, serving: asyncio.Task[None], data: Dataset
+) -> tuple[float, float]:
+    """(when every offset was settled, when every offset was committed), perf_counter."""
+    settled = 0.0
+    while True:
+        if serving.done():
+            serving.result()  # raises what stopped the dispatcher
+            # It stopped cleanly on its own: only SIGINT/SIGTERM (which it handles) does that.
+            raise KeyboardInterrupt
+        pipeline = app.service.pipeline if app.service is not None else None
+        if pipeline is not None:
+            all_settled, all_committed = _reached(pipeline, data)
+            if all_settled and not settled:
+                settled = time.perf_counter()
+            if all_committed:
+                return settled or time.perf_counter(), time.perf_counter()
+        await asyncio.sleep(_POLL)
+
+
+def _reached(pipeline: Pipeline, data: Dataset) -> tuple[bool, bool]:
+    """Whether every partition's offsets are (settled, committed) up to the dataset's end."""
+    settled = committed = True
+    for partition, end in data.ends.items():
+        if end == 0:
+            continue
+        tracker = pipeline.tracker.partitions.get((data.topic, partition))
+        if tracker is None:  # not assigned yet
+            return False, False
+        settled = settled and tracker.committable() >= end
+        committed = committed and tracker.committed >= end
+    return settled, committed

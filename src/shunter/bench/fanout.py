@@ -1,0 +1,106 @@
+"""``fanout-3`` and ``fanout-3-failing``: one category, three in-process subscribers.
+
+Every delivery goes the whole path: decode, JSON Schema validation, classification,
+delivery to three no-op async handlers, settling and committing. ``fanout-3`` compares it
+with the raw loop over the same topic; ``fanout-3-failing`` makes one subscriber fail on
+1% of the messages (they go to the fast retry tier, whose delay is long enough that no
+retry runs during the measurement) and compares it with the all-success run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..message import Message
+from . import events
+from .context import BenchContext, Dataset
+from .dispatch import Handler, Probe, Subscriber, run_dispatcher
+from .raw import raw_loop
+
+MESSAGES = 200_000
+PARTITIONS = 6
+USERS = 20_000
+FAIL_EVERY = 100  # the failing subscriber raises on offsets divisible by this: 1%
+# A fast tier this slow keeps retries out of the measured span (a not-yet-due retry
+# partition is paused, never slept on, so this costs nothing while waiting).
+RETRY = {"fast": {"attempts": 3, "delay": "1h"}}
+
+
+def gift_dataset(ctx: BenchContext) -> Dataset:
+    """The gift topic both fan-out scenarios read (produced once per invocation)."""
+    count = ctx.count(MESSAGES)
+    return ctx.dataset(f"gift-{count}", PARTITIONS, lambda: events.gift_events(count, USERS))
+
+
+def noop(probe: Probe | None = None) -> Handler:
+    """An async handler that does nothing (but stamp ``probe`` on its first delivery)."""
+    if probe is None:
+
+        async def nothing(msg: Message) -> None:
+            pass
+
+        return nothing
+
+    async def first_stamps(msg: Message) -> None:
+        if not probe.wall:
+            probe.start()
+
+    return first_stamps
+
+
+def failing(every: int = FAIL_EVERY) -> Handler:
+    """An async handler that raises on one offset in ``every``."""
+
+    async def sometimes(msg: Message) -> None:
+        if msg.offset % every == 0:
+            raise RuntimeError(f"bench: planned failure at offset {msg.offset}")
+
+    return sometimes
+
+
+def three(probe: Probe, fail: bool = False) -> list[Subscriber]:
+    third = failing() if fail else noop()
+    return [Subscriber("medal", noop(probe)), Subscriber("rank", noop()), Subscriber("task", third)]
+
+
+def fanout_3(ctx: BenchContext) -> dict[str, Any]:
+    data = gift_dataset(ctx)
+    raw = raw_loop(ctx, data)
+    probe = Probe()
+    shunter = run_dispatcher(ctx, data, "fanout3", three(probe), probe, RETRY)
+    return {
+        "messages": data.count,
+        "partitions": len(data.ends),
+        "subscribers": 3,
+        "raw_msgs_per_s": round(raw.rate),
+        "shunter_msgs_per_s": round(shunter.rate),
+        "ratio": round(shunter.rate / raw.rate, 3),
+        "raw_seconds": round(raw.seconds, 3),
+        "shunter_seconds": round(shunter.seconds, 3),
+        "shunter_settled_seconds": round(shunter.settled_seconds, 3),
+        "raw_cpu": round(raw.cpu, 2),
+        "shunter_cpu": round(shunter.cpu, 2),
+        "deliveries": shunter.outcomes(),
+    }
+
+
+def fanout_3_failing(ctx: BenchContext) -> dict[str, Any]:
+    data = gift_dataset(ctx)
+    probe = Probe()
+    baseline = run_dispatcher(ctx, data, "fanout3ok", three(probe), probe, RETRY)
+    probe = Probe()
+    failed = run_dispatcher(ctx, data, "fanout3fail", three(probe, fail=True), probe, RETRY)
+    return {
+        "messages": data.count,
+        "partitions": len(data.ends),
+        "subscribers": 3,
+        "failing_share": 1 / FAIL_EVERY,
+        "expected_failures": sum(-(-end // FAIL_EVERY) for end in data.ends.values()),
+        "shunter_msgs_per_s": round(failed.rate),
+        "all_success_msgs_per_s": round(baseline.rate),
+        "ratio": round(failed.rate / baseline.rate, 3),
+        "shunter_seconds": round(failed.seconds, 3),
+        "all_success_seconds": round(baseline.seconds, 3),
+        "shunter_cpu": round(failed.cpu, 2),
+        "deliveries": failed.outcomes(),
+    }

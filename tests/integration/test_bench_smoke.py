@@ -1,0 +1,110 @@
+"""Given a broker, when each bench scenario runs on a few hundred messages, then it reports
+its figures and its delivery counts add up. Timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kafkatools import Broker
+from shunter.bench.context import BenchContext
+from shunter.bench.events import delete_topics
+from shunter.bench.runner import BY_NAME, run_scenario
+from shunter.cli import bench
+
+pytestmark = pytest.mark.kafka
+
+N = 300
+
+
+@pytest.fixture(scope="module")
+def ctx(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchContext]:
+    context = BenchContext(broker.bootstrap, tmp_path_factory.mktemp("bench"), messages=N)
+    yield context
+    delete_topics(broker.bootstrap, context.created)
+
+
+def run(name: str, ctx: BenchContext) -> dict[str, Any]:
+    result = run_scenario(BY_NAME[name], ctx)
+    print(orjson.dumps(result).decode())
+    assert "error" not in result, result.get("traceback", result)
+    assert result["scenario"] == name
+    assert result["messages"] == N
+    return result
+
+
+def test_fanout_3_compares_raw_and_shunter_over_every_message(ctx: BenchContext) -> None:
+    result = run("fanout-3", ctx)
+    assert result["raw_msgs_per_s"] > 0 and result["shunter_msgs_per_s"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["shunter_msgs_per_s"] / result["raw_msgs_per_s"], rel=0.01, abs=0.002
+    )
+    assert result["deliveries"] == {"ok": 3 * N}
+
+
+def test_fanout_3_failing_sends_one_percent_of_one_subscriber_to_the_fast_tier(
+    ctx: BenchContext,
+) -> None:
+    result = run("fanout-3-failing", ctx)
+    assert result["expected_failures"] >= N // 100
+    assert result["deliveries"] == {
+        "ok": 3 * N - result["expected_failures"],
+        "fast": result["expected_failures"],
+    }
+    assert result["shunter_msgs_per_s"] > 0 and result["all_success_msgs_per_s"] > 0
+
+
+def test_io_bound_reports_efficiency_against_the_concurrency_bound(ctx: BenchContext) -> None:
+    result = run("io-bound", ctx)
+    assert result["max_in_flight"] == 3 * 64
+    assert result["ideal_deliveries_per_s"] == round(3 * 64 / 0.02)
+    assert result["deliveries_per_s"] == pytest.approx(3 * result["shunter_msgs_per_s"], abs=3)
+    assert result["efficiency"] > 0
+    assert result["shunter_cpu"] > 0
+    assert result["deliveries"] == {"ok": 3 * N}
+
+
+def test_http_fanout_runs_or_says_its_module_is_missing(ctx: BenchContext) -> None:
+    result = run_scenario(BY_NAME["http-fanout"], ctx)
+    if importlib.util.find_spec("shunter.bench.http_fanout") is None:
+        assert "shunter.bench.http_fanout" in result["error"]
+    else:
+        assert "error" not in result, result
+
+
+def test_cli_prints_one_line_per_run_and_a_median_line(broker: Broker, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = bench.run(
+            parser.parse_args(
+                [
+                    "--scenario",
+                    "fanout-3",
+                    "--messages",
+                    "200",
+                    "--runs",
+                    "2",
+                    "--bootstrap",
+                    broker.bootstrap,
+                    "--log",
+                    str(tmp_path / "bench.log"),
+                ]
+            )
+        )
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert code == 0
+    assert [line.get("run") for line in lines] == [1, 2, None]
+    summary = lines[-1]["scenarios"]["fanout-3"]
+    assert summary["runs"] == 2
+    assert set(summary) >= {"raw_msgs_per_s", "shunter_msgs_per_s", "ratio"}
+    assert lines[-1]["failed"] == []
