@@ -22,8 +22,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--broker", default="embedded", choices=["embedded", "kafka"],
-                     help="which broker the Kafka tests run against")
+    parser.addoption(
+        "--broker",
+        default="embedded",
+        choices=["embedded", "kafka"],
+        help="which broker the Kafka tests run against",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +36,10 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
     if kind == "embedded":
         from shunter.broker.embedded import EmbeddedBroker
 
-        log = Path(os.environ.get("TMPDIR", "/tmp")) / f"shunter-test-tansu-{uuid.uuid4().hex[:6]}.log"
+        log = (
+            Path(os.environ.get("TMPDIR", "/tmp"))
+            / f"shunter-test-tansu-{uuid.uuid4().hex[:6]}.log"
+        )
         embedded = EmbeddedBroker(log_file=log).start()
         try:
             yield Broker("embedded", embedded.bootstrap)
@@ -41,11 +48,15 @@ def broker(request: pytest.FixtureRequest) -> Iterator[Broker]:
         return
     bootstrap = os.environ.get("SHUNTER_KAFKA_BOOTSTRAP")
     if not bootstrap:
-        out = subprocess.run([str(ROOT / "scripts/kafka/kafka"), "start"], check=False,
-                             capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            [str(ROOT / "scripts/kafka/kafka"), "start"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         if out.returncode != 0:
-            pytest.fail(f"Apache Kafka could not be started:\n{out.stderr[-4000:]}",
-                        pytrace=False)
+            pytest.fail(f"Apache Kafka could not be started:\n{out.stderr[-4000:]}", pytrace=False)
         bootstrap = out.stdout.strip().splitlines()[-1]
     yield Broker("kafka", bootstrap)
 

@@ -48,9 +48,16 @@ class Broker:
 
     def read_all(self, topic: str, expect: int | None = None, timeout: float = 30.0) -> list[Any]:
         """Every record of ``topic`` from the beginning (confluent Message objects)."""
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"reader-{time.time_ns()}",
-                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                             "enable.partition.eof": True, **self.client})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"reader-{time.time_ns()}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,
+                **self.client,
+            }
+        )
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
         out: list[Any] = []
@@ -76,18 +83,31 @@ class Broker:
         return [tp.offset for tp in got]
 
 
-def config(broker: Broker, group: str, topics: dict[str, Any], categories: dict[str, Any],
-           subscribers: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+def config(
+    broker: Broker,
+    group: str,
+    topics: dict[str, Any],
+    categories: dict[str, Any],
+    subscribers: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
     """A shunter configuration dict for tests (admin API off unless given)."""
     data: dict[str, Any] = {
-        "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group,
-                  "consumer": broker.client, "commit_interval": "100ms"},
+        "kafka": {
+            "bootstrap_servers": broker.bootstrap,
+            "group_id": group,
+            "consumer": broker.client,
+            "commit_interval": "100ms",
+        },
         "topics": topics,
         "categories": categories,
         "subscribers": subscribers,
         "admin": {"listen": None},
-        "retry": {"fast": {"attempts": 2, "delay": "200ms"}, "slow": {"attempts": 1, "delay": "500ms"},
-                  "partitions": 2},
+        "retry": {
+            "fast": {"attempts": 2, "delay": "200ms"},
+            "slow": {"attempts": 1, "delay": "500ms"},
+            "partitions": 2,
+        },
     }
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -98,6 +118,7 @@ def config(broker: Broker, group: str, topics: dict[str, Any], categories: dict[
 
 
 # -- added for the core and at-least-once suites ----------------------------------------------
+
 
 def end_offsets(broker: Broker, topic: str, partitions: int) -> list[int]:
     """One past each partition's last offset, read from the records themselves (Tansu's
@@ -161,8 +182,13 @@ class ShunterProcess:
     or container dying would; ``terminate()`` sends SIGTERM to the ``shunter`` process.
     """
 
-    def __init__(self, config_file: Path, log_file: Path, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        config_file: Path,
+        log_file: Path,
+        env: dict[str, str] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.config_file = config_file
         self.log_file = log_file
         self.env = {**os.environ, **(env or {})}
@@ -173,9 +199,19 @@ class ShunterProcess:
         assert not self.alive(), "started twice: the first process would be left running"
         with open(self.log_file, "ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "shunter.cli.main", "run", "-c", str(self.config_file),
-                 *self.args],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [
+                    sys.executable,
+                    "-m",
+                    "shunter.cli.main",
+                    "run",
+                    "-c",
+                    str(self.config_file),
+                    *self.args,
+                ],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
         return self

@@ -20,9 +20,9 @@ import orjson
 import pytest
 import yaml
 from confluent_kafka import Producer
-from kafkatools import Broker, config
 
 import shunter
+from kafkatools import Broker, config
 from shunter.cli.main import main
 from shunter.settle import headers as h
 from shunter.settle.dlqread import DlqFilter, RecordId, TopicReader, parse_since, select

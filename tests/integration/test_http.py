@@ -29,10 +29,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
-from kafkatools import Broker, config
 from multidict import CIMultiDict
 
 import shunter
+from kafkatools import Broker, config
 from shunter.broker.embedded import free_port
 from shunter.config import SubscriberConfig
 from shunter.deliver.http import http_invoke
@@ -723,8 +723,11 @@ def test_outage_of_one_endpoint_loses_nothing_and_spares_the_others(
         during = _rate(hooks, steady, second)
         # the steady ones may finish before the first 500 ms timeout even fires
         running.wait_for(
-            lambda: metric(running, "shunter_http_circuit_opened", caller="fragile") >= 1
-            and metric(running, "shunter_http_answers", caller="fragile", answer="circuit-open") > 0,
+            lambda: (
+                metric(running, "shunter_http_circuit_opened", caller="fragile") >= 1
+                and metric(running, "shunter_http_answers", caller="fragile", answer="circuit-open")
+                > 0
+            ),
             timeout=30,
         )
         down.clear()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from kafkatools import Broker, config, end_offsets, headers_of
 
 import shunter
+from kafkatools import Broker, config, end_offsets, headers_of
 from shunter.settle import headers as h
 from shunter.testing import DispatcherThread
 

@@ -24,10 +24,15 @@ def test_only_the_failing_caller_retries_fast_then_slow_then_dead_letter(
 ) -> None:
     topic, group = f"gift-{unique}", f"g-{unique}"
     broker.create({topic: 2})
-    app = shunter.Dispatcher(config(
-        broker, group, topics={topic: {}}, categories={"revenue": {"topics": [topic]}},
-        subscribers=[],
-    ))  # fast 2 x 200ms, slow 1 x 500ms
+    app = shunter.Dispatcher(
+        config(
+            broker,
+            group,
+            topics={topic: {}},
+            categories={"revenue": {"topics": [topic]}},
+            subscribers=[],
+        )
+    )  # fast 2 x 200ms, slow 1 x 500ms
     attempts: dict[int, list[int]] = defaultdict(list)
     steady: list[int] = []
     lock = threading.Lock()
@@ -56,7 +61,12 @@ def test_only_the_failing_caller_retries_fast_then_slow_then_dead_letter(
         m.offset() for m in broker.read_all(topic) if int(m.value().split(b":")[1][:-1]) % 10 == 0
     )
     info = dead[0]
-    assert (info.caller, info.category, info.stage, info.tier) == ("medal", "revenue", "deliver", "dlq")
+    assert (info.caller, info.category, info.stage, info.tier) == (
+        "medal",
+        "revenue",
+        "deliver",
+        "dlq",
+    )
     assert info.attempt == 4 and info.error_type == "KeyError" and "'effect'" in info.error
     assert 'raise KeyError("effect")' in info.traceback
     assert info.origin_topic == topic and info.origin_timestamp_ms > 0
@@ -67,13 +77,21 @@ def test_only_the_failing_caller_retries_fast_then_slow_then_dead_letter(
     assert committed == ends
 
 
-def test_a_retry_not_yet_due_does_not_hold_back_source_messages(broker: Broker, unique: str) -> None:
+def test_a_retry_not_yet_due_does_not_hold_back_source_messages(
+    broker: Broker, unique: str
+) -> None:
     topic, group = f"gift-{unique}", f"g-{unique}"
     broker.create({topic: 2})
-    app = shunter.Dispatcher(config(
-        broker, group, topics={topic: {}}, categories={"revenue": {"topics": [topic]}},
-        subscribers=[], retry={"fast": {"attempts": 1, "delay": "60s"}},
-    ))
+    app = shunter.Dispatcher(
+        config(
+            broker,
+            group,
+            topics={topic: {}},
+            categories={"revenue": {"topics": [topic]}},
+            subscribers=[],
+            retry={"fast": {"attempts": 1, "delay": "60s"}},
+        )
+    )
     arrived: dict[str, list[float]] = defaultdict(list)
     lock = threading.Lock()
 
@@ -100,7 +118,10 @@ def test_flood_guard_pauses_a_caller_durably(broker: Broker, unique: str) -> Non
     topic, group = f"gift-{unique}", f"g-{unique}"
     broker.create({topic: 1})
     settings = config(
-        broker, group, topics={topic: {}}, categories={"revenue": {"topics": [topic]}},
+        broker,
+        group,
+        topics={topic: {}},
+        categories={"revenue": {"topics": [topic]}},
         subscribers=[],
         retry={"flood_guard": {"window": 10, "max_share": 0.5}},
     )

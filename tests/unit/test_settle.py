@@ -15,12 +15,14 @@ from shunter.outcome import DeadLettered, Failed
 from shunter.settle import Settler, route
 from shunter.settle import headers as h
 
-CONFIG = parse_config({
-    "topics": {"gift": {}},
-    "categories": {"revenue": {"topics": ["gift"]}},
-    "subscribers": [{"caller": "medal", "category": "revenue", "handler": "x:y"}],
-    "retry": {"fast": {"attempts": 3, "delay": "1s"}, "slow": {"attempts": 5, "delay": "5m"}},
-})
+CONFIG = parse_config(
+    {
+        "topics": {"gift": {}},
+        "categories": {"revenue": {"topics": ["gift"]}},
+        "subscribers": [{"caller": "medal", "category": "revenue", "handler": "x:y"}],
+        "retry": {"fast": {"attempts": 3, "delay": "1s"}, "slow": {"attempts": 5, "delay": "5m"}},
+    }
+)
 
 
 def test_attempts_go_fast_three_times_then_slow_five_times_then_dead_letter() -> None:
@@ -35,8 +37,10 @@ def test_retry_later_delay_and_dead_letter_and_deferral() -> None:
     assert route(CONFIG.retry, 1, Failed("RetryLater", "", "", delay=7.0)).delay == 7.0
     assert route(CONFIG.retry, 1, DeadLettered("bad", "DeadLetter")).tier == "dlq"
     deferred = Failed("CircuitOpen", "open", "", delay=2.0, counts=False)
-    assert (route(CONFIG.retry, 1, deferred).tier, route(CONFIG.retry, 1, deferred).next_attempt) == (
-        "fast", 1)
+    assert (
+        route(CONFIG.retry, 1, deferred).tier,
+        route(CONFIG.retry, 1, deferred).next_attempt,
+    ) == ("fast", 1)
     assert route(CONFIG.retry, 6, deferred).tier == "slow"
     assert route(CONFIG.retry, 6, deferred).next_attempt == 6
 
@@ -48,8 +52,9 @@ class FlakyProducer:
         self.failures = failures
         self.sent: list[tuple[str, list[tuple[str, bytes]]]] = []
 
-    def send(self, topic: str, key: Any, value: Any, headers: Any, done: Any,
-             partition: Any = None) -> None:
+    def send(
+        self, topic: str, key: Any, value: Any, headers: Any, done: Any, partition: Any = None
+    ) -> None:
         self.sent.append((topic, headers))
         err = None
         if self.failures:
@@ -75,7 +80,12 @@ def test_a_failed_write_keeps_the_offset_held_until_a_write_succeeds() -> None:
         topic, headers = producer.sent[-1]
         info = h.decode(headers)
         assert topic == CONFIG.fast_topic
-        assert (info.caller, info.attempt, info.origin_offset, info.tier) == ("medal", 2, 41, "fast")
+        assert (info.caller, info.attempt, info.origin_offset, info.tier) == (
+            "medal",
+            2,
+            41,
+            "fast",
+        )
         assert ("trace", b"t1") in headers, "the record's own headers travel with it"
 
     asyncio.run(scenario())
