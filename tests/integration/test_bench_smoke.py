@@ -50,6 +50,12 @@ def test_fanout_3_compares_raw_and_shunter_over_every_message(ctx: BenchContext)
     assert result["deliveries"] == {"ok": 3 * N}
 
 
+def test_journal_compares_the_crash_guard_on_and_off(ctx: BenchContext) -> None:
+    result = run("journal", ctx)
+    assert result["journal_msgs_per_s"] > 0 and result["no_journal_msgs_per_s"] > 0
+    assert result["cost"] == pytest.approx(1 - result["ratio"], abs=0.002)
+
+
 def test_fanout_3_failing_sends_one_percent_of_one_subscriber_to_the_fast_tier(
     ctx: BenchContext,
 ) -> None:
