@@ -178,8 +178,9 @@ class Pipeline:
         if ptrack is None:  # revoked while this batch waited: the next owner reads it
             return False
         if offset < ptrack.high:  # never rewound, so never expected: keep the first copy
-            log.warning("%s[%d]@%d seen again after %d; skipped", topic, partition, offset,
-                        ptrack.high - 1)
+            log.warning(
+                "%s[%d]@%d seen again after %d; skipped", topic, partition, offset, ptrack.high - 1
+            )
             return False
         record = Record(
             topic,
@@ -345,9 +346,7 @@ class Pipeline:
                         await self._suspects_done(guard, tp)
         finally:
             self._suspect_task = None
-        if not self._suspects and self._deferred:
-            deferred, self._deferred = self._deferred, []
-            self._process(deferred)
+        self._flush_deferred()
 
     async def _run_suspects_of(self, guard: CrashGuard, tp: TP, run: SuspectRun) -> None:
         ptrack = self.tracker.partitions.get(tp)
@@ -370,14 +369,23 @@ class Pipeline:
 
     async def _suspects_done(self, guard: CrashGuard, tp: TP) -> None:
         del self._suspects[tp]
-        ptrack = self.tracker.partitions.get(tp)
         state = guard.states.get(tp)
+        if state is not None:
+            state.suspects_hi = -1
+        # Synchronously, before anything is awaited: what this partition held, and what
+        # waited behind the suspects, goes first, so no later batch can overtake it.
+        self._release(tp)
+        self._flush_deferred()
+        ptrack = self.tracker.partitions.get(tp)
         if ptrack is None or state is None:
             return
-        state.suspects_hi = -1
         await guard.write_and_wait(tp, state.encode("clean", ptrack.committable(), -1))
         log.info("%s[%d]: crash suspects done; back to normal", *tp)
-        self._release(tp)
+
+    def _flush_deferred(self) -> None:
+        if not self._suspects and self._deferred:
+            deferred, self._deferred = self._deferred, []
+            self._process(deferred)
 
     def _quarantine(self, kmsg: Any, ptrack: PartitionTracker, crashes: int) -> None:
         assert self.guard is not None
@@ -430,9 +438,7 @@ class Pipeline:
         # What still waits for its journal record or behind crash suspects must not reach
         # a later owner's tracker (this instance may be assigned the partition again).
         self._forget(gone)
-        if not self._suspects and self._deferred and self._suspect_task is None:
-            deferred, self._deferred = self._deferred, []
-            asyncio.get_running_loop().call_soon(self._process, deferred)
+        self._flush_deferred()
         trackers = [self.tracker.partitions[tp] for tp in tps if tp in self.tracker.partitions]
         drained = []
         if not lost:
@@ -449,7 +455,9 @@ class Pipeline:
                         tracker.in_flight,
                         timeout,
                     )
-        offsets = [(t.tp, o) for t in trackers if (o := t.due()) is not None]
+        # Commit what is settled whatever the periodic commits claimed: an asynchronous
+        # commit may have failed (ILLEGAL_GENERATION during a rebalance).
+        offsets = [(t.tp, o) for t in trackers if (o := t.committable()) >= 0]
         self.tracker.drop([t.tp for t in trackers])
         if self.guard is not None:
             # Nothing of these is in a handler any more: the next owner suspects nothing.
@@ -471,6 +479,13 @@ class Pipeline:
         return sum(len(t.pending) for t in list(self.tracker.partitions.values()))
 
     # -- committing -----------------------------------------------------------------------
+
+    def commit_failed(self, tps: list[TP]) -> None:
+        """An asynchronous commit failed: offer these partitions' offsets again."""
+        for tp in tps:
+            tracker = self.tracker.partitions.get(tp)
+            if tracker is not None:
+                tracker.committed = -1
 
     def commit_due(self) -> None:
         offsets = self.tracker.due()

@@ -40,6 +40,8 @@ class SourceHandler(Protocol):
 
     def in_flight(self) -> int: ...
 
+    def commit_failed(self, tps: list[TP]) -> None: ...
+
 
 class KafkaSource:
     def __init__(
@@ -268,8 +270,12 @@ class KafkaSource:
             log.warning("commit on revocation failed: %s (the next owner may redeliver)", exc)
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = [(p.topic, p.partition) for p in partitions if p.error is not None]
         if err is not None and err.code() != KafkaError._NO_OFFSET:
-            log.warning("commit failed: %s", err)
+            log.warning("commit failed: %s; offered again on the next tick", err)
+            failed = [(p.topic, p.partition) for p in partitions]
+        if failed:  # offer those offsets again rather than trust the failed commit
+            self._loop.call_soon_threadsafe(self._handler.commit_failed, failed)
 
 
 def _show(tps: list[TP]) -> str:

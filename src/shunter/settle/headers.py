@@ -25,6 +25,7 @@ ORIGIN_TIMESTAMP = PREFIX + "origin-timestamp-ms"
 ORIGIN_KEY = PREFIX + "origin-key"
 TIER = PREFIX + "tier"  # fast | slow | dlq
 SIGNAL = PREFIX + "signal"
+PAYLOAD_OMITTED = PREFIX + "payload-omitted"  # bytes of a payload too large to keep
 
 MAX_TRACEBACK = 8_192
 MAX_ERROR = 2_048

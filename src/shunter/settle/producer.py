@@ -26,6 +26,7 @@ class ReliableProducer:
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
+            "compression.type": "zstd",  # a compression bomb goes back small
             "message.timeout.ms": 30_000,
             **settings,
         }

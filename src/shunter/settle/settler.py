@@ -9,6 +9,7 @@ after a backoff, so nothing is ever committed past without being somewhere.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +28,10 @@ from .route import Destination, route
 log = logging.getLogger("shunter.settle")
 
 _BACKOFF_MAX = 30.0
+_TOO_LARGE = {
+    KafkaError.MSG_SIZE_TOO_LARGE,
+    KafkaError._INVALID_ARG,  # what ReliableProducer reports when produce() refuses
+}
 
 
 class Settler:
@@ -168,17 +173,42 @@ class Settler:
             signal=signal,
         )
 
-    def _write(self, record: Record, info: h.FailureInfo, tier: str, backoff: float = 0.5) -> None:
+    def _write(
+        self,
+        record: Record,
+        info: h.FailureInfo,
+        tier: str,
+        backoff: float = 0.5,
+        omit: bool = False,
+    ) -> None:
         topic = self._topics[tier]
         # shunter's headers, then the record's own (a handler sees them on every attempt)
         encoded = h.encode(info) + [
             (k, v) for k, v in record.headers or [] if not k.startswith(h.PREFIX)
         ]
+        if omit:
+            encoded.append((h.PAYLOAD_OMITTED, str(len(record.raw or b"")).encode()))
 
         def done(err: KafkaError | None) -> None:
             if err is None:
                 self._stats.written(tier)
                 record.settle_one()
+                return
+            if err.code() in _TOO_LARGE and not omit:
+                # Retrying cannot help: dead-letter a stub naming the origin, without the
+                # payload (it stays on the source topic while that retains it).
+                log.error(
+                    "%s[%d]@%d is too large for %s (%s); dead-lettered without its payload",
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    topic,
+                    err,
+                )
+                stub = dataclasses.replace(
+                    info, tier="dlq", error=f"{info.error} (payload too large to keep: {err})"
+                )
+                self._write(record, stub, "dlq", omit=True)
                 return
             log.error(
                 "write to %s failed (%s); offset %s[%d]@%d stays held, retrying in %.1fs",
@@ -193,7 +223,7 @@ class Settler:
                 backoff, self._write, record, info, tier, min(backoff * 2, _BACKOFF_MAX)
             )
 
-        self._producer.send(topic, record.key, record.raw, encoded, done)
+        self._producer.send(topic, record.key, None if omit else record.raw, encoded, done)
 
     def _log_failure(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> None:
         record = msg._record
