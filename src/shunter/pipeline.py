@@ -357,6 +357,7 @@ class Pipeline:
             crashes = state.crashes(offset)
             if crashes >= guard.quarantine_after:
                 self._quarantine(kmsg, ptrack, crashes)
+                state.prune(offset + 1)
                 continue
             lo = ptrack.committable() if ptrack.high >= 0 else offset
             await guard.write_and_wait(tp, state.encode("single", lo, offset, offset))
@@ -366,6 +367,9 @@ class Pipeline:
                 runtime.kick()
             while offset in ptrack.pending and not ptrack.revoked:  # noqa: ASYNC110 - rare path
                 await asyncio.sleep(0.005)
+            # It ran alone and the process lived: it and everything before it in this
+            # partition are cleared, so later deaths cannot pile counts on innocents.
+            state.prune(offset + 1)
 
     async def _suspects_done(self, guard: CrashGuard, tp: TP) -> None:
         del self._suspects[tp]

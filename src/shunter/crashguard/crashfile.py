@@ -39,8 +39,7 @@ def enable(path_dir: str | Path) -> Path:
     path = directory / f"crash-{os.getpid()}.log"
     file = open(path, "w")  # noqa: SIM115 - faulthandler writes to it for the life of the process
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    file.write(f"shunter pid {os.getpid()} started {started}: {' '.join(sys.argv)}\n"
-               f"{_HEADER_END}")
+    file.write(f"shunter pid {os.getpid()} started {started}: {' '.join(sys.argv)}\n{_HEADER_END}")
     file.flush()
     faulthandler.enable(file, all_threads=True)
     if _file is not None:

@@ -25,8 +25,9 @@ log = logging.getLogger("shunter.watchdog")
 _STACK_LIMIT = 40  # innermost frames per thread
 
 
-def start_watchdog(loop: asyncio.AbstractEventLoop, threshold: float = 5.0, *,
-                   interval: float = 0.1) -> Callable[[], None]:
+def start_watchdog(
+    loop: asyncio.AbstractEventLoop, threshold: float = 5.0, *, interval: float = 0.1
+) -> Callable[[], None]:
     """Watch ``loop`` from a daemon thread; return the function that stops watching."""
     dog = _Watchdog(loop, threshold, interval)
     dog.start()
@@ -56,8 +57,9 @@ class _Watchdog(threading.Thread):
             now = time.monotonic()
             if self._answered:
                 if self._reported:
-                    log.warning("event loop answered again after %.1fs",
-                                self._answered_at - self._sent)
+                    log.warning(
+                        "event loop answered again after %.1fs", self._answered_at - self._sent
+                    )
                     self._reported = False
                 self._answered = False
                 self._sent = now
@@ -80,10 +82,21 @@ class _Watchdog(threading.Thread):
         where = describe(msg) if msg is not None else "no delivery found on its stack"
         extra: dict[str, Any] = {}
         if msg is not None:
-            extra = {"caller": msg.caller, "topic": msg.topic, "partition": msg.partition,
-                     "offset": msg.offset, "attempt": msg.attempt}
-        log.error("event loop blocked for %.1fs (threshold %gs); running on it: %s\n%s",
-                  blocked, self._threshold, where, self._stacks(running), extra=extra)
+            extra = {
+                "caller": msg.caller,
+                "topic": msg.topic,
+                "partition": msg.partition,
+                "offset": msg.offset,
+                "attempt": msg.attempt,
+            }
+        log.error(
+            "event loop blocked for %.1fs (threshold %gs); running on it: %s\n%s",
+            blocked,
+            self._threshold,
+            where,
+            self._stacks(running),
+            extra=extra,
+        )
 
     def _stacks(self, running: dict[int, Any]) -> str:
         names = {t.ident: t.name for t in threading.enumerate()}
