@@ -7,6 +7,8 @@ malformed message through to a handler, and never raises anything else.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +20,19 @@ from ..errors import ConfigError, RejectedMessage
 from ..loader import import_object
 
 Validator = Callable[[Any], Any]
+
+
+# orjson turns an integer beyond 64 bits into a float, silently rounded. A payload with a
+# run of 20+ digits (rare; digits inside strings match too) is decoded again by the
+# standard library, which keeps integers exact up to CPython's 4,300-digit limit.
+_LONG_DIGITS = re.compile(rb"\d{20}")
+
+
+def _exact(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise RejectedMessage("decode", f"invalid JSON: {str(exc)[:200]}") from None
 
 
 class Decoder:
@@ -40,6 +55,8 @@ class Decoder:
                 value = orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 raise RejectedMessage("decode", f"invalid JSON: {exc}") from None
+            if _LONG_DIGITS.search(raw) is not None:
+                value = _exact(raw)
         if self._validate is None:
             return value
         try:
