@@ -98,36 +98,25 @@ class Settler:
             },
         )
         self._stats.rejected(record.topic, exc.stage)
-        now = _now_ms()
-        info = h.FailureInfo(
-            caller="",
-            category="",
-            attempt=1,
-            stage=exc.stage,
-            error_type="RejectedMessage",
-            error=exc.reason,
-            traceback="",
-            first_failure_ms=now,
-            not_before_ms=now,
-            origin_topic=record.topic,
-            origin_partition=record.partition,
-            origin_offset=record.offset,
-            origin_timestamp_ms=record.timestamp,
-            tier="dlq",
-            origin_key=record.key,
-        )
-        self._write(record, info, "dlq")
+        self._dead_letter_unrun(record, exc.stage, "RejectedMessage", exc.reason)
 
     def quarantine(self, record: Record, reason: str, signal: str = "") -> None:
         """A record suspected of killing the process: to the dead-letter topic, unrun."""
+        self._stats.rejected(record.topic, "crash")
+        self._dead_letter_unrun(record, "crash", "crash", reason, signal)
+
+    def _dead_letter_unrun(
+        self, record: Record, stage: str, error_type: str, error: str, signal: str = ""
+    ) -> None:
+        """A record no handler ran: once to the dead-letter topic, for no caller in particular."""
         now = _now_ms()
         info = h.FailureInfo(
             caller="",
             category="",
             attempt=1,
-            stage="crash",
-            error_type="crash",
-            error=reason,
+            stage=stage,
+            error_type=error_type,
+            error=error,
             traceback="",
             first_failure_ms=now,
             not_before_ms=now,
@@ -139,7 +128,6 @@ class Settler:
             origin_key=record.key,
             signal=signal,
         )
-        self._stats.rejected(record.topic, "crash")
         self._write(record, info, "dlq")
 
     # -- internals ------------------------------------------------------------------------
