@@ -24,13 +24,14 @@ KNOWN_BUGS = {
     "topic is retried forever and holds its partition's commits)",
     "no crash counted against the live dispatcher": "BUG-2 (a partition lost while the "
     "broker was away is taken for a crash of this very process)",
-    "no innocent message quarantined": "BUG-7 in R5 (records released from behind crash suspects "
-    "run with no journal record naming them: a pill among them is never blamed, the last "
-    "suspect window is)",
-    "each pill caused <= 3 deaths": "BUG-7 (a pill that runs unjournaled is not blamed for the "
-    "deaths it causes)",
-    "each pill caused <= 2 deaths": "BUG-7 (a pill that runs unjournaled is not blamed for the "
-    "deaths it causes)",
+    "no innocent message quarantined": "BUG-7 (the journal does not name every record that is "
+    "in a handler, so a crash is blamed on others)",
+    "each pill caused <= 3 deaths": "BUG-7 (a batch's journal record starts at its own first "
+    "offset while earlier batches of the partition still wait for theirs: a death in those is "
+    "not counted)",
+    "each pill caused <= 2 deaths": "BUG-7 (a batch's journal record starts at its own first "
+    "offset while earlier batches of the partition still wait for theirs: a death in those is "
+    "not counted)",
     "restarts <= pills x 3": "BUG-7",
     "restarts <= pills x 2": "BUG-7",
     "no message quarantined (nothing crashed)": "BUG-2 (a partition lost while the broker "
@@ -65,18 +66,25 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 
 def _summary(result: dict[str, Any]) -> str:
     keys = (
+        "messages",
+        "kills",
+        "departures",
+        "broker_kills",
+        "pills",
         "lost",
         "duplicates",
         "window_sum_pairs",
+        "revocation_commits_failed",
         "resume_max_s",
+        "windows_blamed_on_a_crash_of_itself",
+        "hostile_payloads",
+        "not_dead_lettered",
         "rss_high_water_mb",
         "quarantined",
+        "innocent_quarantined",
         "restarts",
-        "kills",
-        "broker_kills",
-        "departures",
     )
-    return ", ".join(f"{k} {result[k]}" for k in keys if k in result)
+    return ", ".join(f"{k} {_cell(result[k], 80)}" for k in keys if k in result)
 
 
 def git(*args: str) -> str:
