@@ -83,6 +83,9 @@ class Pipeline:
         self._waiting: deque[_Waiting] = deque()  # batches waiting for their journal record
         self._suspect_task: asyncio.Task[None] | None = None
         self._deferred: list[Any] = []  # messages held back while crash suspects run
+        # Per partition with nothing processed yet since its assignment: the first offset
+        # journaled (see handle_batch). Dropped when the partition is revoked.
+        self._unprocessed_lo: dict[TP, int] = {}
 
     # -- the path of a batch --------------------------------------------------------------
 
@@ -106,7 +109,14 @@ class Pipeline:
             state = self.guard.states.get(tp)
             if ptrack is None or state is None or tp in self._suspects or tp in self._held:
                 continue
-            lo = ptrack.committable() if ptrack.high >= 0 else first[tp]
+            # The window starts at the first offset not yet settled. Before this partition
+            # has processed anything since its assignment, that is the first offset of
+            # the first batch journaled, not this batch's: the journal keeps only its
+            # last record per partition, and an earlier batch may still be waiting.
+            if ptrack.high >= 0:
+                lo = ptrack.committable()
+            else:
+                lo = self._unprocessed_lo.setdefault(tp, first[tp])
             state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
             waiting.left += 1
             self.guard.write(tp, state.encode("batch", lo, hi), partial(self._journaled, waiting))
@@ -372,18 +382,30 @@ class Pipeline:
             state.prune(offset + 1)
 
     async def _suspects_done(self, guard: CrashGuard, tp: TP) -> None:
-        del self._suspects[tp]
         state = guard.states.get(tp)
+        ptrack = self.tracker.partitions.get(tp)
         if state is not None:
             state.suspects_hi = -1
-        # Synchronously, before anything is awaited: what this partition held, and what
-        # waited behind the suspects, goes first, so no later batch can overtake it.
+        if state is not None and ptrack is not None:
+            # What this partition held behind its suspects is about to run: the journal
+            # covers it first. ``tp`` stays a suspect partition meanwhile, so what is
+            # fetched of it is appended to its held messages and everything else waits
+            # in ``_deferred``: nothing runs unjournaled, nothing overtakes.
+            written: int | None = None
+            while not ptrack.revoked:
+                held = self._held.get(tp)
+                hi = held[-1].offset() if held else -1
+                if written is not None and hi <= written:
+                    break
+                mode = "batch" if held else "clean"
+                await guard.write_and_wait(tp, state.encode(mode, ptrack.committable(), hi))
+                written = hi
+        if self._suspects.pop(tp, None) is None:
+            return  # revoked meanwhile: what it held is forgotten
+        # Synchronously, with nothing awaited: what this partition held, then what waited
+        # behind the suspects, goes first, so no later batch can overtake it.
         self._release(tp)
         self._flush_deferred()
-        ptrack = self.tracker.partitions.get(tp)
-        if ptrack is None or state is None:
-            return
-        await guard.write_and_wait(tp, state.encode("clean", ptrack.committable(), -1))
         log.info("%s[%d]: crash suspects done; back to normal", *tp)
 
     def _flush_deferred(self) -> None:
@@ -427,6 +449,7 @@ class Pipeline:
     async def assigned(self, tps: list[TP], committed: dict[TP, int]) -> None:
         for tp in tps:
             self.tracker.get(*tp)
+            self._unprocessed_lo.pop(tp, None)
         if self.guard is None:
             return
         states = await self.guard.recover(tps, committed)
@@ -439,6 +462,7 @@ class Pipeline:
         gone = set(tps)
         for tp in tps:
             self._suspects.pop(tp, None)
+            self._unprocessed_lo.pop(tp, None)
         # What still waits for its journal record or behind crash suspects must not reach
         # a later owner's tracker (this instance may be assigned the partition again).
         self._forget(gone)

@@ -14,7 +14,7 @@ import orjson
 
 from shunter.classify import Router
 from shunter.config import parse_config
-from shunter.crashguard.journal import PartitionState
+from shunter.crashguard.journal import Entry, PartitionState
 from shunter.decode import build_decoders
 from shunter.deliver import SubscriberRuntime
 from shunter.message import Message
@@ -97,15 +97,26 @@ class FakeJournal:
         self.last_exit = ""
         self.hold_acks = False
         self.unacked: list[Callable[[Any], None]] = []
+        self.records: list[tuple[tuple[str, int], Entry]] = []  # every record, in order
+        self.delivered_at: list[int] = []  # deliveries made when each record was written
+        self.deliveries: Callable[[], int] = lambda: 0
 
     def write(self, tp: tuple[str, int], value: bytes, done: Callable[[Any], None]) -> None:
+        self.records.append((tp, Entry.decode(value)))
+        self.delivered_at.append(self.deliveries())
         if self.hold_acks:
             self.unacked.append(done)
         else:
             asyncio.get_running_loop().call_soon(done, None)
 
     async def write_and_wait(self, tp: tuple[str, int], value: bytes) -> None:
+        self.records.append((tp, Entry.decode(value)))
+        self.delivered_at.append(self.deliveries())
         await asyncio.sleep(0)
+
+    def last(self, tp: tuple[str, int]) -> Entry:
+        """What a compacted journal keeps of ``tp``: its last record."""
+        return [entry for key, entry in self.records if key == tp][-1]
 
     def release_acks(self) -> None:
         acks, self.unacked = self.unacked, []
@@ -268,5 +279,61 @@ def test_without_the_crash_guard_every_consumed_offset_is_delivered_before_it_is
         assert not errors
         assert sorted(delivered) == [(0, o) for o in range(90)]
         assert pipeline.tracker.partitions[TP].committable() == 90
+
+    asyncio.run(scenario())
+
+
+def test_the_journal_covers_every_batch_waiting_since_the_assignment() -> None:
+    """Given a partition just assigned (nothing processed yet),
+    when batches 0..49 and 50..99 both arrive before the first journal record is
+    acknowledged,
+    then the journal's last record of the partition (all a compacted topic keeps) covers
+    both batches: a crash while 0..49 runs must make those offsets suspects too."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        pipeline, _, errors = build(journal)
+        await pipeline.assigned([TP], {})
+        journal.hold_acks = True
+        pipeline.handle_batch(batch(range(0, 50)))
+        pipeline.handle_batch(batch(range(50, 100)))
+        last = journal.last(TP)
+        assert (last.mode, last.lo, last.hi) == ("batch", 0, 99)
+        journal.hold_acks = False
+        journal.release_acks()
+        await settle()
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
+def test_what_waited_behind_crash_suspects_is_journaled_before_it_runs() -> None:
+    """Given a partition resuming with crash suspects 64..66 and the stream behind them
+    held while they run alone,
+    when the suspects are done and the held messages 67..84 are released,
+    then before the first of them is delivered the journal's last record covers them all
+    (a crash among them makes them suspects), and once they are through nothing is
+    left undelivered."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        pipeline, delivered, errors = build(journal)
+        journal.deliveries = lambda: len(delivered)
+        source = pipeline.source
+        journal.recovered[TP] = PartitionState(suspects_hi=66)
+        await pipeline.assigned([TP], {TP: 64})
+        source.position[0] = 64
+        pipeline.handle_batch(source.fetch(0, 7))
+        pipeline.handle_batch(source.fetch(0, 14))  # fetched before the pause landed
+        await settle()
+        assert {o for _, o in delivered} == set(range(64, 85))
+        covering = [
+            journal.delivered_at[i] for i, (tp, entry) in enumerate(journal.records)
+            if tp == TP and entry.mode == "batch" and entry.lo <= 67 and entry.hi >= 84
+        ]
+        assert covering, [e for _, e in journal.records]
+        assert covering[0] == 3, "written while only the three suspects were delivered"
+        assert delivered.index((0, 67)) == 3
+        assert not errors, errors
 
     asyncio.run(scenario())

@@ -53,6 +53,7 @@ class KafkaSource:
         *,
         batch_size: int = 1000,
         max_in_flight: int = 20_000,
+        leave_timeout: float = 10.0,
     ) -> None:
         conf = {
             "enable.auto.commit": False,
@@ -71,6 +72,7 @@ class KafkaSource:
         self._batch_size = batch_size
         self._high_water = max_in_flight
         self._low_water = max(1, max_in_flight // 2)
+        self._leave_timeout = leave_timeout
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._fetching = True
@@ -161,9 +163,46 @@ class KafkaSource:
         finally:
             self._apply_commands()  # commits queued before the stop
             try:
-                consumer.close()  # revokes what is left: drained and committed
+                self._leave()
+            except Exception:
+                log.exception("committing on the way out failed")
+            try:
+                consumer.close()  # leaves the group; what is left to revoke is empty
             except Exception:
                 log.exception("closing the consumer failed")
+
+    def _leave(self) -> None:
+        """Revoke every partition ourselves, then commit them while still a member.
+
+        ``close()`` would revoke them too, but its one synchronous commit fails with
+        ILLEGAL_GENERATION or REBALANCE_IN_PROGRESS when another member's join is under
+        way, and inside ``close()`` nothing can serve that rebalance. Here the commit is
+        retried while ``consume`` serves it (fetching is stopped, so nothing new is handed
+        out), for at most ``leave_timeout`` seconds.
+        """
+        tps = sorted(self.assignment)
+        if not tps:
+            return
+        offsets = self._revoke(tps, lost=False)
+        if not offsets:
+            return
+        self._fetching = False
+        deadline = time.monotonic() + self._leave_timeout
+        while True:
+            error = self._commit_sync(offsets)
+            if error is None:
+                return
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "commit on revocation failed: %s (gave up after %.0fs; the next owner "
+                    "may redeliver)",
+                    error,
+                    self._leave_timeout,
+                )
+                return
+            log.info("commit on the way out refused (%s); serving the rebalance, then again", error)
+            self._apply_commands()
+            self._consumer.consume(self._batch_size, 0.2)  # discarded: fetching is stopped
 
     def _apply_commands(self) -> None:
         while True:
@@ -252,22 +291,37 @@ class KafkaSource:
 
     def _release(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        offsets = self._revoke(tps, lost)
+        if lost or not offsets:
+            return
+        error = self._commit_sync(offsets)
+        if error is not None:
+            log.warning("commit on revocation failed: %s (the next owner may redeliver)", error)
+
+    def _revoke(self, tps: list[TP], lost: bool) -> list[tuple[TP, int]]:
+        """Drain ``tps`` on the loop and forget them; the offsets to commit for them."""
         log.info("%s %s", "lost" if lost else "revoked", _show(tps))
         self.assignment.difference_update(tps)
         self._parked.difference_update(tps)
         try:
-            offsets = self._call_loop(self._handler.revoked(tps, lost))
+            offsets: list[tuple[TP, int]] = self._call_loop(self._handler.revoked(tps, lost))
         except Exception:
             log.exception("draining revoked partitions failed; their offsets stay uncommitted")
-            return
-        if lost or not offsets:
-            return
+            return []
+        return offsets
+
+    def _commit_sync(self, offsets: list[tuple[TP, int]]) -> KafkaException | KafkaError | None:
+        """Commit and wait; the error (of the request or of any partition), or None."""
         try:
-            consumer.commit(
+            done = self._consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets], asynchronous=False
             )
         except KafkaException as exc:
-            log.warning("commit on revocation failed: %s (the next owner may redeliver)", exc)
+            return exc
+        for tp in done or ():
+            if tp.error is not None:
+                return tp.error
+        return None
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         failed = [(p.topic, p.partition) for p in partitions if p.error is not None]
