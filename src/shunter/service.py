@@ -123,6 +123,7 @@ class Service:
                     else sub.concurrency
                 ),
                 timeout=sub.timeout,
+                settle_many=settler.succeeded,
             )
         return runtimes
 
@@ -137,7 +138,7 @@ class Service:
             await asyncio.to_thread(self._ensure_topics)
             producer = ReliableProducer(self.client_settings(), loop)
             flood = self.flood = FloodGuard(self.config.retry.flood_guard)
-            settler = Settler(self.config, producer, self.stats, on_dead_letter=flood.observe)
+            settler = Settler(self.config, producer, self.stats, flood=flood)
             runtimes = self._runtimes(loop, settler)
             flood.runtimes = runtimes
             flood.park = settler.park

@@ -573,3 +573,40 @@ def test_a_handler_that_never_suspends_does_not_hold_a_slot(concurrency: int) ->
         return [m.offset for m, _ in settled.outcomes]
 
     assert asyncio.run(scenario()) == list(range(50))
+
+
+def test_first_step_successes_are_settled_together_before_the_runner_yields() -> None:
+    """Given a runtime with a batch settle callback, when ten deliveries run and one of
+    them suspends while another raises, then every delivery is settled exactly once: the
+    ones done in their first step through the batch callback, already settled by the time
+    the suspended one resumes (the runner settles before it yields), the others one by
+    one with their outcome."""
+
+    async def scenario() -> tuple[list[int], Settled, set[int]]:
+        batched: list[int] = []
+        seen_on_resume: set[int] = set()
+        settled = Settled()
+
+        async def handler(msg: shunter.Message) -> None:
+            if msg.value == 5:
+                await asyncio.sleep(0.01)
+                seen_on_resume.update(batched)
+            if msg.value == 7:
+                raise ValueError("boom")
+
+        def settle_many(done: list[tuple[shunter.Message, float]]) -> None:
+            assert all(elapsed >= 0 for _, elapsed in done)
+            batched.extend(msg.value for msg, _ in done)
+
+        rt = SubscriberRuntime("caller", handler, settled, ordering="none",
+                               settle_many=settle_many)
+        submit_all(rt, [make_message(i, offset=i) for i in range(10)])
+        await settled.wait(2)
+        return batched, settled, seen_on_resume
+
+    batched, settled, seen_on_resume = asyncio.run(scenario())
+    assert sorted(batched) == [0, 1, 2, 3, 4, 6, 8, 9]
+    assert {0, 1, 2, 3, 4} <= seen_on_resume
+    assert settled.of(5) is SUCCEEDED
+    assert isinstance(settled.of(7), Failed)
+    assert len(settled.outcomes) == 2

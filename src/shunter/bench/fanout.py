@@ -2,9 +2,11 @@
 
 Every delivery goes the whole path: decode, JSON Schema validation, classification,
 delivery to three no-op async handlers, settling and committing. ``fanout-3`` compares it
-with the raw loop over the same topic; ``fanout-3-failing`` makes one subscriber fail on
-1% of the messages (they go to the fast retry tier, whose delay is long enough that no
-retry runs during the measurement) and compares it with the all-success run.
+with the raw loop over the same topic, and with the floor loop: the raw loop plus only the
+schema check and the three handler calls, the most any in-process dispatcher could do.
+``fanout-3-failing`` makes one subscriber fail on 1% of the messages (they go to the fast
+retry tier, whose delay is long enough that no retry runs during the measurement) and
+compares it with the all-success run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..message import Message
 from . import events
 from .context import BenchContext, Dataset
 from .dispatch import Handler, Probe, Subscriber, run_dispatcher
-from .raw import raw_loop
+from .raw import floor_work, raw_loop
 
 MESSAGES = 200_000
 PARTITIONS = 6
@@ -66,6 +68,8 @@ def three(probe: Probe, fail: bool = False) -> list[Subscriber]:
 def fanout_3(ctx: BenchContext) -> dict[str, Any]:
     data = gift_dataset(ctx)
     raw = raw_loop(ctx, data)
+    # The ceiling of any in-process Python dispatcher on this machine (see floor_work).
+    floor = raw_loop(ctx, data, work=floor_work(events.GIFT_SCHEMA, 3), name="floor")
     probe = Probe()
     shunter = run_dispatcher(ctx, data, "fanout3", three(probe), probe, RETRY)
     return {
@@ -75,6 +79,9 @@ def fanout_3(ctx: BenchContext) -> dict[str, Any]:
         "raw_msgs_per_s": round(raw.rate),
         "shunter_msgs_per_s": round(shunter.rate),
         "ratio": round(shunter.rate / raw.rate, 3),
+        "floor_msgs_per_s": round(floor.rate),
+        "floor_ratio": round(floor.rate / raw.rate, 3),
+        "shunter_of_floor": round(shunter.rate / floor.rate, 3),
         "raw_seconds": round(raw.seconds, 3),
         "shunter_seconds": round(shunter.seconds, 3),
         "shunter_settled_seconds": round(shunter.settled_seconds, 3),

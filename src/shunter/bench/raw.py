@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from confluent_kafka import Consumer
@@ -24,14 +26,23 @@ class Timing:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
 
 
-def raw_loop(ctx: BenchContext, data: Dataset, timeout: float = 300.0) -> Timing:
-    """Consume ``data`` once in a fresh group; time from the first message to the last."""
+def raw_loop(
+    ctx: BenchContext,
+    data: Dataset,
+    timeout: float = 300.0,
+    work: Callable[[Any], None] | None = None,
+    name: str = "raw",
+) -> Timing:
+    """Consume ``data`` once in a fresh group; time from the first message to the last.
+
+    ``work``, when given, is called with every decoded value (see ``floor_work``).
+    """
     consumer = Consumer(
         {
             **SOURCE_FIXED,
             **ctx.consumer,
             "bootstrap.servers": ctx.bootstrap,
-            "group.id": ctx.group("raw", dispatcher=False),
+            "group.id": ctx.group(name, dispatcher=False),
         }
     )
     consumer.subscribe([data.topic])
@@ -49,11 +60,41 @@ def raw_loop(ctx: BenchContext, data: Dataset, timeout: float = 300.0) -> Timing
                 continue
             if not seen:
                 first, cpu_first = time.perf_counter(), time.process_time()
-            for msg in batch:
-                if msg.error() is None:
-                    loads(msg.value())  # type: ignore[arg-type]  # never None here
-                    seen += 1
+            if work is None:
+                for msg in batch:
+                    if msg.error() is None:
+                        loads(msg.value())  # type: ignore[arg-type]  # never None here
+                        seen += 1
+            else:
+                for msg in batch:
+                    if msg.error() is None:
+                        work(loads(msg.value()))  # type: ignore[arg-type]
+                        seen += 1
         wall = time.perf_counter() - first
         return Timing(seen, wall, (time.process_time() - cpu_first) / wall)
     finally:
         consumer.close()
+
+
+def floor_work(schema: dict[str, Any], handlers: int) -> Callable[[Any], None]:
+    """What no in-process Python dispatcher can skip, per decoded value: the schema check
+    and one call of each of ``handlers`` no-op async handlers, run to completion. No
+    tracking, no ordering, no settling, no commit: the ceiling of any such dispatcher."""
+    import jsonschema_rs
+
+    is_valid = jsonschema_rs.validator_for(schema).is_valid
+
+    async def nothing(value: Any) -> None:
+        pass
+
+    calls = [nothing] * handlers
+
+    def work(value: Any) -> None:
+        if is_valid(value):
+            for handler in calls:
+                try:  # noqa: SIM105 - suppress() would cost a call per delivery here
+                    handler(value).send(None)
+                except StopIteration:
+                    pass
+
+    return work

@@ -27,6 +27,10 @@ class FloodGuard:
         self.on_pause: Any = None  # (caller, reason): records the pause so it survives restarts
         self.tripped: set[str] = set()
 
+    def succeeded(self, caller: str, count: int) -> None:
+        """``count`` deliveries of ``caller`` settled without a dead letter."""
+        self._settled[caller] = self._settled.get(caller, 0) + count
+
     def observe(self, caller: str, dead_lettered: bool) -> None:
         # A success costs one counter: the window is only looked at on a dead letter.
         n = self._settled[caller] = self._settled.get(caller, 0) + 1

@@ -12,13 +12,13 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 
 from confluent_kafka import KafkaError
 
 from ..config import Config
 from ..errors import RejectedMessage
 from ..message import Message, Record
+from ..observe.flood import FloodGuard
 from ..observe.stats import Stats
 from ..outcome import SUCCEEDED, DeadLettered, Failed, Outcome
 from . import headers as h
@@ -40,7 +40,7 @@ class Settler:
         config: Config,
         producer: ReliableProducer,
         stats: Stats,
-        on_dead_letter: Callable[[str, bool], None] | None = None,
+        flood: FloodGuard | None = None,
     ) -> None:
         self._config = config
         self._retry = config.retry
@@ -51,7 +51,23 @@ class Settler:
             "slow": config.slow_topic,
             "dlq": config.dlq_topic,
         }
-        self._on_dead_letter = on_dead_letter  # (caller, dead_lettered) for the flood guard
+        self._flood = flood
+
+    def succeeded(self, done: list[tuple[Message, float]]) -> None:
+        """Settle successful deliveries of one caller (the runtime's ``SettleMany``)."""
+        if not done:
+            return
+        caller = done[0][0].caller
+        latency = self._stats.latency[caller]
+        for msg, elapsed in done:
+            record = msg._record
+            latency.succeeded(record.topic, elapsed)
+            try:
+                record.ptrack.release(record.seq)
+            except KeyError:  # a bug: released twice; the others must still be released
+                log.critical("%r was already settled", msg, exc_info=True)
+        if self._flood is not None:
+            self._flood.succeeded(caller, len(done))
 
     def __call__(self, msg: Message, outcome: Outcome, elapsed: float) -> None:
         """Settle one delivery (the runtime's ``Settle`` callback)."""
@@ -59,16 +75,16 @@ class Settler:
         if outcome is SUCCEEDED:
             caller = msg.caller
             self._stats.latency[caller].succeeded(record.topic, elapsed)
-            if self._on_dead_letter is not None:
-                self._on_dead_letter(caller, False)
+            if self._flood is not None:
+                self._flood.succeeded(caller, 1)
             record.ptrack.release(record.seq)
             return
         assert isinstance(outcome, Failed | DeadLettered)
         dest = route(self._retry, msg.attempt, outcome)
         self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
         self._log_failure(msg, outcome, dest)
-        if self._on_dead_letter is not None:
-            self._on_dead_letter(msg.caller, dest.tier == "dlq")
+        if self._flood is not None:
+            self._flood.observe(msg.caller, dest.tier == "dlq")
         self._write(record, self._info(msg, outcome, dest), dest.tier)
 
     def park(self, msg: Message, reason: str) -> None:

@@ -1,0 +1,85 @@
+"""Decoding and validation: a message either comes out as a value its handlers can trust,
+or is refused with the stage and a reason a person can act on — never anything else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shunter.config import parse_config
+from shunter.decode import build_decoders
+from shunter.decode.decoder import Decoder
+from shunter.errors import ConfigError, RejectedMessage
+
+SCHEMA = {
+    "type": "object",
+    "required": ["user_id", "price"],
+    "properties": {
+        "user_id": {"type": "integer", "minimum": 1},
+        "price": {"type": "integer", "minimum": 0},
+        "items": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+def decoder(tmp_path: Path, schema: object = SCHEMA) -> Decoder:
+    (tmp_path / "gift.json").write_text(json.dumps(schema))
+    config = parse_config(
+        {
+            "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g"},
+            "topics": {"gift": {"schema": "gift.json"}},
+            "categories": {"revenue": {"topics": ["gift"]}},
+            "subscribers": [{"caller": "medal", "category": "revenue", "handler": "m:f"}],
+            "admin": {"listen": None},
+        },
+        base_dir=str(tmp_path),
+    )
+    return build_decoders(config)["gift"]
+
+
+def refusal(decode: Decoder, raw: bytes | None) -> RejectedMessage:
+    with pytest.raises(RejectedMessage) as caught:
+        decode(raw)
+    return caught.value
+
+
+def test_a_valid_message_comes_out_decoded(tmp_path: Path) -> None:
+    assert decoder(tmp_path)(b'{"user_id": 7, "price": 0}') == {"user_id": 7, "price": 0}
+
+
+@pytest.mark.parametrize(
+    ("raw", "stage", "words"),
+    [
+        (b'{"user_id": 7', "decode", "invalid JSON"),
+        (b"\xff\xfe", "decode", "invalid JSON"),
+        (None, "decode", "tombstone"),
+        (b'{"user_id": 7}', "validate", '"price" is a required property (at /)'),
+        (b'{"user_id": 0, "price": 1}', "validate", "(at /user_id)"),
+        (b'{"user_id": 1, "price": 1, "items": ["a", 2]}', "validate", "(at /items/1)"),
+        (b'{"user_id": 1.5, "price": 1}', "validate", "is not of type"),
+    ],
+)
+def test_a_bad_message_is_refused_with_its_stage_and_where(
+    tmp_path: Path, raw: bytes | None, stage: str, words: str
+) -> None:
+    rejected = refusal(decoder(tmp_path), raw)
+    assert rejected.stage == stage
+    assert words in rejected.reason, rejected.reason
+
+
+def test_integers_beyond_64_bits_stay_exact_and_are_still_integers(tmp_path: Path) -> None:
+    """orjson would round them to floats (which would then fail ``type: integer``)."""
+    big = 123456789012345678901234567890
+    assert decoder(tmp_path)(b'{"user_id": %d, "price": 1}' % big)["user_id"] == big
+    digits_in_a_string = b'{"user_id": 1, "price": 1, "items": ["%s"]}' % (b"9" * 25)
+    assert decoder(tmp_path)(digits_in_a_string)["items"] == ["9" * 25]
+    nineteen = b'{"user_id": %d, "price": 1}' % (2**63 - 1)
+    assert decoder(tmp_path)(nineteen)["user_id"] == 2**63 - 1
+
+
+def test_an_unusable_schema_file_is_refused_at_start_with_its_key_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        decoder(tmp_path, {"type": "no-such-type"})
+    assert "topics.gift.schema: cannot load JSON Schema gift.json" in str(caught.value)
