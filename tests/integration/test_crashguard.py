@@ -164,3 +164,59 @@ def test_journal_is_read_by_the_next_instance(broker: Broker, unique: str, tmp_p
     log = (tmp_path / "service.log").read_text()
     assert "quarantined" in log and "died 3 times" in log
     assert len({(p, o) for c, p, o in ledger(tmp_path) if c == "fragile"}) == MESSAGES - 1
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_worker_stops_when_its_supervisor_is_killed(
+    broker: Broker, unique: str, tmp_path: Path
+) -> None:
+    """Given ``shunter run`` delivering under its supervisor, when the supervisor is
+    SIGKILLed (nothing can be passed on), then its worker is not left running orphaned:
+    it gets SIGTERM, drains and stops."""
+    topic, group = f"orphan-{unique}", f"g-{unique}"
+    broker.create({topic: 1})
+    broker.produce(topic, [{"n": i} for i in range(50)])
+    proc = start(write_service(tmp_path, broker, group, topic), tmp_path, "none")
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(ledger(tmp_path)) < 100:
+            assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) == 1, workers
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _running(workers[0]):
+            time.sleep(0.2)
+        log = (tmp_path / "service.log").read_text()
+        assert not _running(workers[0]), "the orphaned worker still runs\n" + log[-3000:]
+        assert log.rstrip().endswith("stopped"), log[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, 9)

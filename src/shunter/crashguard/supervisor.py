@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from types import FrameType
 
 from . import crashfile
@@ -36,8 +37,32 @@ def describe_exit(status: int) -> str:
     return f"exited with status {status}"
 
 
+def _die_with_parent(supervisor: int) -> Callable[[], None] | None:
+    """What the worker runs before exec: ask for SIGTERM when the supervisor dies (Linux).
+
+    A supervisor killed by SIGKILL (or the OOM killer) cannot pass anything on; without
+    this its worker would run on orphaned, and the next supervisor would start a second
+    one beside it. SIGTERM makes the orphan drain, commit and exit like any stop. prctl
+    is looked up here, before the fork: the child only calls it (no import, no lock).
+    """
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def in_child() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != supervisor:  # it died before prctl: nothing will signal us
+            os._exit(1)
+
+    return in_child
+
+
 def supervise(worker_args: list[str], max_restarts: int = 10, crash_dir: str | None = None) -> int:
     """Run ``shunter <worker_args>`` in a child process until it exits cleanly."""
+    before_exec = _die_with_parent(os.getpid())
     stopping = False
     child: subprocess.Popen[bytes] | None = None
 
@@ -54,7 +79,11 @@ def supervise(worker_args: list[str], max_restarts: int = 10, crash_dir: str | N
     last_exit = ""
     while True:
         env = {**os.environ, LAST_EXIT_ENV: last_exit}
-        child = subprocess.Popen([sys.executable, "-m", "shunter.cli.main", *worker_args], env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "shunter.cli.main", *worker_args],
+            env=env,
+            preexec_fn=before_exec,
+        )
         started = time.monotonic()
         status = child.wait()
         if status == 0 or stopping:
