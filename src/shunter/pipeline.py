@@ -382,6 +382,9 @@ class Pipeline:
             state.prune(offset + 1)
 
     async def _suspects_done(self, guard: CrashGuard, tp: TP) -> None:
+        run = self._suspects.get(tp)
+        if run is None:
+            return
         state = guard.states.get(tp)
         ptrack = self.tracker.partitions.get(tp)
         if state is not None:
@@ -400,8 +403,9 @@ class Pipeline:
                 mode = "batch" if held else "clean"
                 await guard.write_and_wait(tp, state.encode(mode, ptrack.committable(), hi))
                 written = hi
-        if self._suspects.pop(tp, None) is None:
-            return  # revoked meanwhile: what it held is forgotten
+        if self._suspects.get(tp) is not run or (ptrack is not None and ptrack.revoked):
+            return  # revoked meanwhile (what it held is forgotten), perhaps assigned again
+        del self._suspects[tp]
         # Synchronously, with nothing awaited: what this partition held, then what waited
         # behind the suspects, goes first, so no later batch can overtake it.
         self._release(tp)
