@@ -86,6 +86,7 @@ class Pipeline:
         # Per partition with nothing processed yet since its assignment: the first offset
         # journaled (see handle_batch). Dropped when the partition is revoked.
         self._unprocessed_lo: dict[TP, int] = {}
+        self._covering: set[asyncio.Task[None]] = set()  # _cover tasks (kept referenced)
 
     # -- the path of a batch --------------------------------------------------------------
 
@@ -119,7 +120,8 @@ class Pipeline:
                 lo = self._unprocessed_lo.setdefault(tp, first[tp])
             state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
             waiting.left += 1
-            self.guard.write(tp, state.encode("batch", lo, hi), partial(self._journaled, waiting))
+            record = state.encode("batch", lo, hi)
+            self.guard.write(tp, record, hi, partial(self._journaled, waiting))
         self._waiting.append(waiting)
         self._flush_waiting()
 
@@ -136,6 +138,7 @@ class Pipeline:
         self.processed += len(batch)
         touched: set[SubscriberRuntime] = set()
         accepted: dict[str, int] = {}
+        guard = self.guard
         for kmsg in batch:
             if kmsg.error() is not None:
                 self._consumer_error(kmsg.error())
@@ -157,6 +160,18 @@ class Pipeline:
                     self._deferred.append(kmsg)
                     self.processed -= 1
                     continue
+            # The journal must name an offset before it runs (see CrashGuard). Batches
+            # are journaled on arrival, so this holds but for what arrived while its
+            # partition was held: that partition is held again until a record names it.
+            if (
+                guard is not None
+                and kmsg.offset() > guard.covered(tp := (topic, kmsg.partition()))
+                and tp in guard.states
+                and tp in self.tracker.partitions
+            ):
+                self._hold(tp, kmsg, _UNTIL_RELEASED)
+                self._start_cover(tp)
+                continue
             try:
                 self._one(kmsg, topic, touched, accepted)
             except Exception:  # a bug here must not cost the rest of the batch
@@ -309,6 +324,32 @@ class Pipeline:
         self.source.resume_partition(tp)
         self._process(held)
 
+    def _start_cover(self, tp: TP) -> None:
+        task = asyncio.get_running_loop().create_task(self._cover(tp))
+        self._covering.add(task)
+        task.add_done_callback(self._covering.discard)
+
+    async def _cover(self, tp: TP) -> None:
+        """Journal what ``tp`` holds, then release it (held meanwhile, so in order)."""
+        guard = self.guard
+        state = guard.states.get(tp) if guard is not None else None
+        ptrack = self.tracker.partitions.get(tp)
+        if guard is None or state is None or ptrack is None:
+            return
+        while not ptrack.revoked:
+            held = self._held.get(tp)
+            if not held:
+                return  # forgotten: the partition left
+            hi = held[-1].offset()
+            if hi <= guard.covered(tp):
+                self._release(tp)  # synchronously after the check: nothing slips in
+                return
+            if ptrack.high >= 0:
+                lo = ptrack.committable()
+            else:
+                lo = min(self._unprocessed_lo.setdefault(tp, held[0].offset()), held[0].offset())
+            await guard.write_and_wait(tp, state.encode("batch", lo, hi), hi)
+
     def _forget(self, tps: set[TP]) -> None:
         """Drop the messages of ``tps`` wherever they wait: batches waiting for their
         journal record, messages held back behind suspects, held partitions."""
@@ -353,7 +394,7 @@ class Pipeline:
                     await self._run_suspects_of(guard, tp, run)
                 for tp, run in list(self._suspects.items()):
                     if run.complete and not run.queue:
-                        await self._suspects_done(guard, tp)
+                        await self._suspects_done(guard, tp, run)
         finally:
             self._suspect_task = None
         self._flush_deferred()
@@ -361,7 +402,13 @@ class Pipeline:
     async def _run_suspects_of(self, guard: CrashGuard, tp: TP, run: SuspectRun) -> None:
         ptrack = self.tracker.partitions.get(tp)
         state = guard.states.get(tp)
-        while run.queue and ptrack is not None and state is not None and not ptrack.revoked:
+        while (
+            run.queue
+            and self._suspects.get(tp) is run
+            and ptrack is not None
+            and state is not None
+            and not ptrack.revoked
+        ):
             kmsg = run.queue.popleft()
             offset = kmsg.offset()
             crashes = state.crashes(offset)
@@ -370,7 +417,9 @@ class Pipeline:
                 state.prune(offset + 1)
                 continue
             lo = ptrack.committable() if ptrack.high >= 0 else offset
-            await guard.write_and_wait(tp, state.encode("single", lo, offset, offset))
+            await guard.write_and_wait(tp, state.encode("single", lo, offset, offset), offset)
+            if self._suspects.get(tp) is not run or ptrack.revoked:
+                return  # revoked while the record was written: the next owner runs it
             touched: set[SubscriberRuntime] = set()
             self._one(kmsg, tp[0], touched, {})
             for runtime in touched:
@@ -381,36 +430,24 @@ class Pipeline:
             # partition are cleared, so later deaths cannot pile counts on innocents.
             state.prune(offset + 1)
 
-    async def _suspects_done(self, guard: CrashGuard, tp: TP) -> None:
-        run = self._suspects.get(tp)
-        if run is None:
-            return
+    async def _suspects_done(self, guard: CrashGuard, tp: TP, run: SuspectRun) -> None:
+        if self._suspects.get(tp) is not run:
+            return  # revoked meanwhile, perhaps assigned again with suspects of its own
         state = guard.states.get(tp)
         ptrack = self.tracker.partitions.get(tp)
         if state is not None:
             state.suspects_hi = -1
-        if state is not None and ptrack is not None:
-            # What this partition held behind its suspects is about to run: the journal
-            # covers it first. ``tp`` stays a suspect partition meanwhile, so what is
-            # fetched of it is appended to its held messages and everything else waits
-            # in ``_deferred``: nothing runs unjournaled, nothing overtakes.
-            written: int | None = None
-            while not ptrack.revoked:
-                held = self._held.get(tp)
-                hi = held[-1].offset() if held else -1
-                if written is not None and hi <= written:
-                    break
-                mode = "batch" if held else "clean"
-                await guard.write_and_wait(tp, state.encode(mode, ptrack.committable(), hi))
-                written = hi
-        if self._suspects.get(tp) is not run or (ptrack is not None and ptrack.revoked):
-            return  # revoked meanwhile (what it held is forgotten), perhaps assigned again
         del self._suspects[tp]
         # Synchronously, with nothing awaited: what this partition held, then what waited
-        # behind the suspects, goes first, so no later batch can overtake it.
+        # behind the suspects, goes first, so no later batch can overtake it. What it held
+        # is past every record written so far: _process holds it again until journaled.
+        waited = tp in self._held
         self._release(tp)
         self._flush_deferred()
         log.info("%s[%d]: crash suspects done; back to normal", *tp)
+        if not waited and state is not None and ptrack is not None and not ptrack.revoked:
+            # Nothing waited: say the suspects are done, so the next owner re-runs none.
+            await guard.write_and_wait(tp, state.encode("clean", ptrack.committable(), -1), -1)
 
     def _flush_deferred(self) -> None:
         if not self._suspects and self._deferred:
@@ -465,7 +502,9 @@ class Pipeline:
         """Drain the revoked partitions (bounded), then say what to commit for them."""
         gone = set(tps)
         for tp in tps:
-            self._suspects.pop(tp, None)
+            run = self._suspects.pop(tp, None)
+            if run is not None:
+                run.queue.clear()
             self._unprocessed_lo.pop(tp, None)
         # What still waits for its journal record or behind crash suspects must not reach
         # a later owner's tracker (this instance may be assigned the partition again).
@@ -496,8 +535,9 @@ class Pipeline:
             guard = self.guard
             await asyncio.gather(
                 *(
+                    # suspects not yet re-run stay in the record (see journal.recover)
                     guard.write_and_wait(
-                        t.tp, guard.states[t.tp].encode("clean", t.committable(), -1)
+                        t.tp, guard.states[t.tp].encode("clean", t.committable(), -1), -1
                     )
                     for t in drained
                     if t.tp in guard.states

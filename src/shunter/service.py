@@ -186,6 +186,7 @@ class Service:
                 loop,
                 batch_size=self.config.kafka.batch_size,
                 max_in_flight=self.config.kafka.max_in_flight,
+                revoke_timeout=self.config.kafka.drain_timeout + 30.0,
             )
             pipeline.source = source
             admin = await self._start_admin()
@@ -235,7 +236,11 @@ class Service:
         for tracker in pipeline.tracker.partitions.values():
             tracker.committed = -1
         source.stop()
-        await asyncio.to_thread(source.join)
+        # Bounded: the consumer's own revocation (drain already done), commit and close.
+        leave = self.config.kafka.drain_timeout + 60.0
+        await asyncio.to_thread(source.join, leave)
+        if source.alive():
+            log.error("the consumer did not leave the group in %.0fs; exiting without it", leave)
         for runtime in runtimes.values():
             await runtime.close()
         for closer in self._closers:

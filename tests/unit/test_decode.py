@@ -83,3 +83,14 @@ def test_an_unusable_schema_file_is_refused_at_start_with_its_key_path(tmp_path:
     with pytest.raises(ConfigError) as caught:
         decoder(tmp_path, {"type": "no-such-type"})
     assert "topics.gift.schema: cannot load JSON Schema gift.json" in str(caught.value)
+
+
+def test_formats_are_checked_and_draft_7_is_the_default(tmp_path: Path) -> None:
+    schema = {"type": "object", "properties": {"at": {"type": "string", "format": "date-time"}}}
+    assert "(at /at)" in refusal(decoder(tmp_path, schema), b'{"at": "yesterday"}').reason
+    assert decoder(tmp_path, schema)(b'{"at": "2026-11-27T10:00:00Z"}')
+    # Draft 7 ignores prefixItems; a schema that names 2020-12 gets it
+    tuple_schema = {"type": "array", "prefixItems": [{"type": "integer"}]}
+    assert decoder(tmp_path, tuple_schema)(b'["x"]') == ["x"]
+    named = {"$schema": "https://json-schema.org/draft/2020-12/schema", **tuple_schema}
+    assert refusal(decoder(tmp_path, named), b'["x"]').stage == "validate"

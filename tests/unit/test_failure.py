@@ -52,3 +52,11 @@ def test_a_chained_failure_keeps_its_cause() -> None:
     assert "KeyError: 'effect'" in text
     assert "direct cause of the following exception" in text
     assert text.rstrip().endswith("ValueError: guard purchase without its effect")
+
+
+def test_an_exception_group_keeps_every_failure_in_it() -> None:
+    try:
+        raise ExceptionGroup("two subscribers' calls", [KeyError("effect"), ValueError("x")])
+    except ExceptionGroup as exc:
+        text = format_traceback(exc)
+    assert "KeyError: 'effect'" in text and "ValueError: x" in text

@@ -610,3 +610,62 @@ def test_first_step_successes_are_settled_together_before_the_runner_yields() ->
     assert settled.of(5) is SUCCEEDED
     assert isinstance(settled.of(7), Failed)
     assert len(settled.outcomes) == 2
+
+
+def test_a_caller_paused_and_resumed_while_a_delivery_is_suspended_loses_no_lane() -> None:
+    """Given one slot and key A's delivery suspended in it, when the caller is paused and
+    resumed meanwhile and key B's messages (done in their first step) wait for the slot,
+    then the runner that carries on after A delivers every message of B: no lane is
+    left marked busy for ever."""
+
+    async def scenario() -> list[Any]:
+        settled = Settled()
+        ran: list[Any] = []
+        release = asyncio.Event()
+
+        async def handler(msg: shunter.Message) -> None:
+            ran.append(msg.value)
+            if msg.value == "a1":
+                await release.wait()
+
+        rt = runtime(handler, settled, concurrency=1)
+        submit_all(rt, [make_message("a1", offset=0, key=b"A")])
+        await asyncio.sleep(0.01)
+        rt.pause()
+        rt.resume()
+        # No slot is free: these wait for the suspended runner, which carries on with them.
+        submit_all(rt, [make_message(f"b{i}", offset=1 + i, key=b"B") for i in range(3)])
+        release.set()
+        await settled.wait(4)
+        return ran
+
+    assert asyncio.run(scenario()) == ["a1", "b0", "b1", "b2"]
+
+
+def test_successes_are_settled_before_a_failure_that_follows_them() -> None:
+    """Given a batch settle callback, when a delivery fails after others succeeded in the
+    same pass, then the successes are settled first (the flood guard counts in order)."""
+
+    async def scenario() -> list[Any]:
+        order: list[Any] = []
+
+        async def handler(msg: shunter.Message) -> None:
+            if msg.value == 3:
+                raise ValueError("boom")
+
+        def settle(msg: shunter.Message, outcome: Outcome, elapsed: float) -> None:
+            order.append(("one", msg.value))
+
+        def settle_many(done: list[tuple[shunter.Message, float]]) -> None:
+            order.extend(("many", msg.value) for msg, _ in done)
+
+        rt = SubscriberRuntime("caller", handler, settle, ordering="none",
+                               settle_many=settle_many)
+        submit_all(rt, [make_message(i, offset=i) for i in range(5)])
+        for _ in range(10):
+            await asyncio.sleep(0)
+        return order
+
+    assert asyncio.run(scenario()) == [
+        ("many", 0), ("many", 1), ("many", 2), ("one", 3), ("many", 4)
+    ]

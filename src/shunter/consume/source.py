@@ -54,6 +54,7 @@ class KafkaSource:
         batch_size: int = 1000,
         max_in_flight: int = 20_000,
         leave_timeout: float = 10.0,
+        revoke_timeout: float = 60.0,
     ) -> None:
         conf = {
             "enable.auto.commit": False,
@@ -73,6 +74,7 @@ class KafkaSource:
         self._high_water = max_in_flight
         self._low_water = max(1, max_in_flight // 2)
         self._leave_timeout = leave_timeout
+        self._revoke_timeout = revoke_timeout  # the loop's drain and journal on revocation
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._fetching = True
@@ -117,6 +119,9 @@ class KafkaSource:
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def watermarks(self, tp: TP) -> tuple[int, int] | None:
         """The partition's (low, high) watermarks as last seen by the consumer thread."""
@@ -203,6 +208,15 @@ class KafkaSource:
             log.info("commit on the way out refused (%s); serving the rebalance, then again", error)
             self._apply_commands()
             self._consumer.consume(self._batch_size, 0.2)  # discarded: fetching is stopped
+            # A partition the rebalance took away is its new owner's to commit now: an
+            # older offset from here would only move its commit back.
+            try:
+                owned = {(p.topic, p.partition) for p in self._consumer.assignment()}
+            except KafkaException:
+                continue
+            offsets = [(tp, offset) for tp, offset in offsets if tp in owned]
+            if not offsets:
+                return
 
     def _apply_commands(self) -> None:
         while True:
@@ -262,8 +276,13 @@ class KafkaSource:
 
     # -- rebalance callbacks (run inside consume, on this thread) -------------------------
 
-    def _call_loop(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+    def _call_loop(self, coro: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
@@ -304,7 +323,17 @@ class KafkaSource:
         self.assignment.difference_update(tps)
         self._parked.difference_update(tps)
         try:
-            offsets: list[tuple[TP, int]] = self._call_loop(self._handler.revoked(tps, lost))
+            offsets: list[tuple[TP, int]] = self._call_loop(
+                self._handler.revoked(tps, lost), self._revoke_timeout
+            )
+        except TimeoutError:
+            log.error(
+                "revoking %s took longer than %.0fs (journal unreachable?); their offsets "
+                "stay uncommitted and the next owner redelivers them",
+                _show(tps),
+                self._revoke_timeout,
+            )
+            return []
         except Exception:
             log.exception("draining revoked partitions failed; their offsets stay uncommitted")
             return []

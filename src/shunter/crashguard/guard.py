@@ -30,7 +30,24 @@ class SuspectRun:
     complete: bool = False  # every offset up to ``hi`` has been taken from the stream
 
 
+@dataclass
+class _Coverage:
+    """Which offsets of one partition the journal names, whatever record ends up last."""
+
+    hi: int = -1  # every offset up to here is named (with the window's lo, see the pipeline)
+    pending: dict[int, int] = field(default_factory=dict)  # unacknowledged: seq -> hi
+    latest: tuple[bytes, int] | None = None  # the newest record (value, hi): what a retry writes
+
+
 class CrashGuard:
+    """Journal writes, and what they cover.
+
+    Coverage invariant (kept by ``covered``): an offset at or below ``covered(tp)`` is in
+    the window of the record that is the journal's last word about ``tp`` — both if the
+    newest record written lands and if it does not. The pipeline runs nothing of a
+    partition above that: it holds it and writes a record first.
+    """
+
     def __init__(
         self,
         producer: ReliableProducer,
@@ -44,31 +61,66 @@ class CrashGuard:
         self.quarantine_after = quarantine_after
         self.last_exit = os.environ.get(LAST_EXIT_ENV, "")
         self.states: dict[TP, PartitionState] = {}
+        self._coverage: dict[TP, _Coverage] = {}
+        self._seq = 0
 
-    def write(self, tp: TP, value: bytes, done: Any) -> None:
-        """Journal one record; ``done(err)`` on the loop. A failed write is written again."""
+    def covered(self, tp: TP) -> int:
+        """The highest offset of ``tp`` the journal names for sure (-1: none)."""
+        coverage = self._coverage.get(tp)
+        return -1 if coverage is None else coverage.hi
+
+    def write(self, tp: TP, value: bytes, hi: int, done: Any) -> None:
+        """Journal one record naming offsets up to ``hi`` (-1: none); ``done(None)`` on
+        the loop once the broker has it. A failed write is retried with the newest record
+        of ``tp``, which supersedes it."""
+        coverage = self._coverage.setdefault(tp, _Coverage())
+        coverage.latest = (value, hi)
+        self._send(tp, coverage, value, hi, done)
+
+    def _send(self, tp: TP, coverage: _Coverage, value: bytes, hi: int, done: Any) -> None:
+        self._seq += 1
+        seq = self._seq
+        coverage.pending[seq] = hi
+        # Until this record is acknowledged, the last word may be it or the one before.
+        coverage.hi = min(coverage.hi, hi)
 
         def answer(err: KafkaError | None) -> None:
-            if err is None:
+            if self._coverage.get(tp) is not coverage:  # the partition left meanwhile
                 done(None)
                 return
+            if err is None:
+                # Acknowledged in order: every earlier record is superseded by this one.
+                for earlier in [s for s in coverage.pending if s <= seq]:
+                    del coverage.pending[earlier]
+                coverage.hi = min([hi, *coverage.pending.values()])
+                done(None)
+                return
+            coverage.pending.pop(seq, None)
             log.error("journal write for %s[%d] failed (%s); retrying", tp[0], tp[1], err)
-            asyncio.get_running_loop().call_later(0.5, self.write, tp, value, done)
+            asyncio.get_running_loop().call_later(0.5, self._rewrite, tp, coverage, done)
 
         self.producer.send(self.topic, key_of(tp), value, [], answer)
 
-    async def write_and_wait(self, tp: TP, value: bytes) -> None:
+    def _rewrite(self, tp: TP, coverage: _Coverage, done: Any) -> None:
+        if self._coverage.get(tp) is not coverage or coverage.latest is None:
+            done(None)  # the partition left: nothing of it runs here any more
+            return
+        value, hi = coverage.latest
+        self._send(tp, coverage, value, hi, done)
+
+    async def write_and_wait(self, tp: TP, value: bytes, hi: int) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def done(_: Any) -> None:
             if not future.done():
                 future.set_result(None)
 
-        self.write(tp, value, done)
+        self.write(tp, value, hi, done)
         await future
 
     async def recover(self, tps: list[TP], committed: dict[TP, int]) -> dict[TP, PartitionState]:
         """Read the journal for newly assigned partitions; return each one's state."""
+        self.forget(tps)  # a fresh start: nothing of them is named by this process yet
         keys = {key_of(tp): tp for tp in tps}
         entries = await asyncio.to_thread(read_latest, self.settings, self.topic, set(keys))
         out = {}
@@ -92,3 +144,4 @@ class CrashGuard:
     def forget(self, tps: list[TP]) -> None:
         for tp in tps:
             self.states.pop(tp, None)
+            self._coverage.pop(tp, None)

@@ -115,8 +115,11 @@ def recover(entry: Entry | None, committed: int) -> PartitionState:
     start = committed if committed >= 0 else entry.lo
     # This very process wrote it: the partition was lost (a broker outage longer than the
     # session) and came back, and nothing died. Its deliveries are not crash suspects.
+    # Either way, suspects an owner had not finished re-running when it let the partition
+    # go stay suspects, without a new count: nothing died since.
     if entry.mode == "clean" or entry.owner == OWNER:
         state.prune(start)
+        state.suspects_hi = entry.suspects_hi if entry.suspects_hi >= start else -1
         return state
     if entry.mode == "single":
         # The previous owner died while this one offset ran alone: only it is blamed.

@@ -73,7 +73,13 @@ class Decoder:
 def _schema_validator(config: Config, name: str, path: str) -> Validator:
     try:
         schema = orjson.loads(config.resolve(path).read_bytes())
-        validator = jsonschema_rs.validator_for(schema)
+        # Draft 7 unless the schema names its own draft; formats are checked whatever the
+        # draft says (2020-12 would only annotate them), as a dispatcher's users expect.
+        validator: jsonschema_rs.Validator
+        if isinstance(schema, dict) and "$schema" not in schema:
+            validator = jsonschema_rs.Draft7Validator(schema, validate_formats=True)
+        else:
+            validator = jsonschema_rs.validator_for(schema, validate_formats=True)
     except (OSError, orjson.JSONDecodeError, ValueError) as exc:  # ValidationError is one
         reason = str(exc).replace("\n", " ")[:500]
         raise ConfigError(
@@ -84,7 +90,9 @@ def _schema_validator(config: Config, name: str, path: str) -> Validator:
     def check(value: Any) -> Any:
         if is_valid(value):  # the common case: a yes or no, without building errors
             return value
-        error = next(iter(validator.iter_errors(value)))
+        error = next(iter(validator.iter_errors(value)), None)
+        if error is None:  # is_valid and iter_errors disagree: refuse, never let it pass
+            raise RejectedMessage("validate", "schema: not valid")
         where = "/".join(str(part) for part in error.instance_path)
         raise RejectedMessage("validate", f"schema: {error.message} (at /{where})")
 

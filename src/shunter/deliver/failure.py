@@ -52,8 +52,13 @@ def _stack_key(tb: TracebackType) -> tuple[object, ...]:
 
 def format_traceback(exc: BaseException) -> str:
     tb = exc.__traceback__ = _own_frames(exc.__traceback__)
-    if tb is None or exc.__cause__ is not None or exc.__context__ is not None:
-        text = "".join(traceback.format_exception(exc))  # chained: the whole story each time
+    if (
+        tb is None
+        or exc.__cause__ is not None
+        or exc.__context__ is not None
+        or isinstance(exc, BaseExceptionGroup)
+    ):  # chained or grouped: the whole story each time
+        text = "".join(traceback.format_exception(exc))
     else:
         key = _stack_key(tb)
         stack = _STACKS.get(key)

@@ -191,11 +191,15 @@ class SubscriberRuntime:
                         self._done(msg, SUCCEEDED, started)
                         continue
                 except (Exception, SystemExit) as exc:
+                    if succeeded:  # in order: the flood guard counts settles as they come
+                        self._settle_succeeded(succeeded)
                     self._done(msg, failure(exc), started)
                     continue
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():  # shutdown: the runner itself is cancelled
                         raise
+                    if succeeded:
+                        self._settle_succeeded(succeeded)
                     self._done(msg, failure(exc), started)  # the handler's own doing
                     continue
                 # Suspended: this task belongs to ``msg`` from here on; another runner
@@ -330,7 +334,9 @@ class SubscriberRuntime:
             if queued:
                 waiting.extend(queued)
         self._runnable.clear()
-        self._lanes = {lane: _BUSY for m in self._running if (lane := self.lane_of(m)) is not None}
+        busy = {lane: _BUSY for m in self._running if (lane := self.lane_of(m)) is not None}
+        self._lanes.clear()  # in place: a runner holds this very dict
+        self._lanes.update(busy)
         return waiting
 
     def resume(self) -> None:

@@ -61,11 +61,11 @@ class Settler:
         latency = self._stats.latency[caller]
         for msg, elapsed in done:
             record = msg._record
-            latency.succeeded(record.topic, elapsed)
             try:
                 record.ptrack.release(record.seq)
-            except KeyError:  # a bug: released twice; the others must still be released
-                log.critical("%r was already settled", msg, exc_info=True)
+                latency.succeeded(record.topic, elapsed)
+            except Exception:  # a bug; the others must still be released
+                log.critical("settling %r failed", msg, exc_info=True)
         if self._flood is not None:
             self._flood.succeeded(caller, len(done))
 
