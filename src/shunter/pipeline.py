@@ -54,6 +54,14 @@ class _Waiting:
 _UNTIL_RELEASED = math.inf  # held until the crash suspects are done, not until a time
 
 
+def _due(kmsg: Any) -> bool:
+    """A retry record whose delay is over (or whose headers say nothing usable)."""
+    try:
+        return h.decode(kmsg.headers()).not_before_ms <= time.time() * 1000
+    except (KeyError, ValueError):
+        return True
+
+
 class Pipeline:
     def __init__(
         self,
@@ -107,9 +115,9 @@ class Pipeline:
         waiting = _Waiting(batch)
         for tp, hi in last.items():
             ptrack = self.tracker.partitions.get(tp)
-            state = self.guard.states.get(tp)
-            if ptrack is None or state is None or tp in self._suspects or tp in self._held:
+            if ptrack is None or tp in self._suspects or tp in self._held:
                 continue
+            state = self.guard.state(tp)
             # The window starts at the first offset not yet settled. Before this partition
             # has processed anything since its assignment, that is the first offset of
             # the first batch journaled, not this batch's: the journal keeps only its
@@ -166,7 +174,6 @@ class Pipeline:
             if (
                 guard is not None
                 and kmsg.offset() > guard.covered(tp := (topic, kmsg.partition()))
-                and tp in guard.states
                 and tp in self.tracker.partitions
             ):
                 self._hold(tp, kmsg, _UNTIL_RELEASED)
@@ -308,10 +315,15 @@ class Pipeline:
     # fetch from the application's position before a seek made around it lands.
 
     def _hold(self, tp: TP, kmsg: Any, until: float) -> None:
-        """Hold ``tp`` starting with ``kmsg`` until the time ``until`` (inf: released)."""
-        self._held[tp] = [kmsg]
+        """Hold ``tp`` starting with ``kmsg`` until the time ``until`` (inf: released).
+
+        ``kmsg`` goes before anything ``tp`` holds already (a crash suspect of a retry
+        partition, whose successors past the window wait there)."""
+        held = self._held.get(tp)
+        self._held[tp] = [kmsg, *(held or ())]
         self.processed -= 1  # taken again when released
-        self.source.pause_partition(tp)
+        if held is None:
+            self.source.pause_partition(tp)
         if until != _UNTIL_RELEASED:
             delay = max(0.0, until - time.time())
             asyncio.get_running_loop().call_later(delay, self._release, tp)
@@ -332,22 +344,23 @@ class Pipeline:
     async def _cover(self, tp: TP) -> None:
         """Journal what ``tp`` holds, then release it (held meanwhile, so in order)."""
         guard = self.guard
-        state = guard.states.get(tp) if guard is not None else None
         ptrack = self.tracker.partitions.get(tp)
-        if guard is None or state is None or ptrack is None:
+        if guard is None or ptrack is None:
             return
+        state = guard.state(tp)
         while not ptrack.revoked:
             held = self._held.get(tp)
             if not held:
                 return  # forgotten: the partition left
-            hi = held[-1].offset()
+            hi = max(m.offset() for m in held)
             if hi <= guard.covered(tp):
                 self._release(tp)  # synchronously after the check: nothing slips in
                 return
             if ptrack.high >= 0:
                 lo = ptrack.committable()
             else:
-                lo = min(self._unprocessed_lo.setdefault(tp, held[0].offset()), held[0].offset())
+                first = min(m.offset() for m in held)
+                lo = min(self._unprocessed_lo.setdefault(tp, first), first)
             await guard.write_and_wait(tp, state.encode("batch", lo, hi), hi)
 
     def _forget(self, tps: set[TP]) -> None:
@@ -371,9 +384,9 @@ class Pipeline:
         if offset > run.hi:  # past the window: hold the rest until the suspects are done
             run.complete = True
             self._hold(tp, kmsg, _UNTIL_RELEASED)
-            return
-        run.queue.append(kmsg)
-        run.complete = run.complete or offset == run.hi
+        else:
+            run.queue.append(kmsg)
+            run.complete = run.complete or offset == run.hi
         if self._suspect_task is None:
             self._suspect_task = asyncio.get_running_loop().create_task(self._run_suspects())
 
@@ -388,13 +401,13 @@ class Pipeline:
         try:
             while True:
                 ready = [(tp, run) for tp, run in self._suspects.items() if run.queue]
-                if not ready:
-                    break
                 for tp, run in ready:
                     await self._run_suspects_of(guard, tp, run)
-                for tp, run in list(self._suspects.items()):
-                    if run.complete and not run.queue:
-                        await self._suspects_done(guard, tp, run)
+                done = [(tp, r) for tp, r in self._suspects.items() if r.complete and not r.queue]
+                for tp, run in done:
+                    await self._suspects_done(guard, tp, run)
+                if not ready and not done:
+                    break
         finally:
             self._suspect_task = None
         self._flush_deferred()
@@ -411,6 +424,18 @@ class Pipeline:
         ):
             kmsg = run.queue.popleft()
             offset = kmsg.offset()
+            if tp[0] in self.retry_topics and not _due(kmsg):
+                # Not due: its previous owner held it, never ran it, nor anything after it
+                # in this partition (held behind it, in order). None of them can have
+                # crashed anything: they wait, unrun, until due (released when the
+                # suspects are done, held again by _retry_record with its timer).
+                rest = list(run.queue)
+                run.queue.clear()
+                run.complete = True
+                self._hold(tp, kmsg, _UNTIL_RELEASED)  # before what is held already
+                self._held[tp][1:1] = rest
+                self.processed -= len(rest)
+                return
             crashes = state.crashes(offset)
             if crashes >= guard.quarantine_after:
                 self._quarantine(kmsg, ptrack, crashes)
@@ -435,19 +460,22 @@ class Pipeline:
             return  # revoked meanwhile, perhaps assigned again with suspects of its own
         state = guard.states.get(tp)
         ptrack = self.tracker.partitions.get(tp)
-        if state is not None:
+        if state is not None and ptrack is not None and not ptrack.revoked:
+            # First the journal says the suspects are done: until now its last word named
+            # the last suspect, which a crash of what runs next must not be blamed on.
+            # Nothing of this partition is in a handler; it stays a suspect partition
+            # while this is written, so what arrives is held and nothing overtakes.
             state.suspects_hi = -1
+            await guard.write_and_wait(tp, state.encode("clean", ptrack.committable(), -1), -1)
+        if self._suspects.get(tp) is not run or (ptrack is not None and ptrack.revoked):
+            return
         del self._suspects[tp]
         # Synchronously, with nothing awaited: what this partition held, then what waited
         # behind the suspects, goes first, so no later batch can overtake it. What it held
         # is past every record written so far: _process holds it again until journaled.
-        waited = tp in self._held
         self._release(tp)
         self._flush_deferred()
         log.info("%s[%d]: crash suspects done; back to normal", *tp)
-        if not waited and state is not None and ptrack is not None and not ptrack.revoked:
-            # Nothing waited: say the suspects are done, so the next owner re-runs none.
-            await guard.write_and_wait(tp, state.encode("clean", ptrack.committable(), -1), -1)
 
     def _flush_deferred(self) -> None:
         if not self._suspects and self._deferred:
@@ -533,17 +561,19 @@ class Pipeline:
         if self.guard is not None:
             # Nothing of these is in a handler any more: the next owner suspects nothing.
             guard = self.guard
-            await asyncio.gather(
-                *(
-                    # suspects not yet re-run stay in the record (see journal.recover)
-                    guard.write_and_wait(
-                        t.tp, guard.states[t.tp].encode("clean", t.committable(), -1), -1
+            try:
+                await asyncio.gather(
+                    *(
+                        # suspects not yet re-run stay in the record (see journal.recover)
+                        guard.write_and_wait(
+                            t.tp, guard.states[t.tp].encode("clean", t.committable(), -1), -1
+                        )
+                        for t in drained
+                        if t.tp in guard.states
                     )
-                    for t in drained
-                    if t.tp in guard.states
                 )
-            )
-            guard.forget(tps)
+            finally:  # also when cancelled: no retry of these records may outlive us
+                guard.forget(tps)
         return offsets
 
     def in_flight(self) -> int:

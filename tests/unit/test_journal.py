@@ -37,6 +37,7 @@ def test_only_what_every_possible_last_record_names_is_covered() -> None:
     async def scenario() -> list[int]:
         producer = Producer()
         guard = CrashGuard(producer, "journal", {}, 3)  # type: ignore[arg-type]
+        guard.states[TP] = PartitionState()  # assigned
         seen = [guard.covered(TP)]
         guard.write(TP, record(99), 99, lambda err: None)
         seen.append(guard.covered(TP))  # nothing acknowledged yet
@@ -60,6 +61,7 @@ def test_a_failed_write_is_retried_with_the_newest_record() -> None:
     async def scenario() -> tuple[list[int], int, bool]:
         producer = Producer()
         guard = CrashGuard(producer, "journal", {}, 3)  # type: ignore[arg-type]
+        guard.states[TP] = PartitionState()  # assigned
         answered: list[int] = []
         guard.write(TP, record(99), 99, lambda err: answered.append(99))
         guard.write(TP, record(199), 199, lambda err: answered.append(199))
@@ -87,3 +89,21 @@ def test_suspects_left_unfinished_by_a_graceful_owner_stay_suspects_without_a_co
     assert recovered.suspects_hi == 150
     assert recovered.crashes(130) == 1
     assert recover(entry, committed=151).suspects_hi == -1
+
+
+def test_a_partition_that_left_stops_its_retried_writes() -> None:
+    """Given a failed write of a partition that is then forgotten (revoked), its retry
+    writes nothing: an old record landing later could follow the next owner's."""
+
+    async def scenario() -> tuple[int, list[int]]:
+        producer = Producer()
+        guard = CrashGuard(producer, "journal", {}, 3)  # type: ignore[arg-type]
+        guard.states[TP] = PartitionState()
+        answered: list[int] = []
+        guard.write(TP, record(99), 99, lambda err: answered.append(99))
+        producer.answer(0, KafkaError(KafkaError._MSG_TIMED_OUT))
+        guard.forget([TP])
+        await asyncio.sleep(0.6)
+        return len(producer.sent), answered
+
+    assert asyncio.run(scenario()) == (1, [99])

@@ -7,6 +7,7 @@ delivered to every subscriber."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from shunter.message import Message
 from shunter.observe.stats import Stats
 from shunter.pipeline import Pipeline
 from shunter.settle import Settler
+from shunter.settle import headers as h
 
 TOPIC = "gifts"
 TP = (TOPIC, 0)
@@ -364,6 +366,72 @@ def test_what_waited_behind_crash_suspects_is_journaled_before_it_runs() -> None
         await settle()
         assert {o for _, o in delivered} == set(range(64, 85))
         assert not journal.uncovered, journal.uncovered
+        assert not errors, errors
+        assert not journal.uncovered, journal.uncovered
+
+    asyncio.run(scenario())
+
+
+class RetryKMsg(KMsg):
+    """A record of the slow retry tier for the ``medal`` caller, due at ``not_before``."""
+
+    def __init__(self, offset: int, topic: str, not_before_ms: int) -> None:
+        super().__init__(offset, 0)
+        self._topic = topic
+        self._headers = h.encode(h.FailureInfo(
+            caller="medal", category="revenue", attempt=2, stage="deliver",
+            error_type="RuntimeError", error="boom", traceback="", first_failure_ms=1,
+            not_before_ms=not_before_ms, origin_topic=TOPIC, origin_partition=0,
+            origin_offset=1000 + offset, origin_timestamp_ms=1, tier="slow"))
+
+    def topic(self) -> str:
+        return self._topic
+
+    def headers(self) -> Any:
+        return self._headers
+
+
+def test_suspects_whose_window_the_stream_has_passed_do_not_stall_the_instance() -> None:
+    """Given suspects 10..12 on partition 0 but a fetch position already past them (the
+    committed offset was unknown), when 20..29 arrive, then partition 0 goes on, and so
+    does partition 1, whose messages waited behind the suspects."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        pipeline, delivered, errors = build(journal)
+        journal.recovered[TP] = PartitionState(suspects_hi=12)
+        await pipeline.assigned([TP, (TOPIC, 1)], {})
+        pipeline.handle_batch(batch(range(20, 30)) + batch(range(0, 5), partition=1))
+        await settle()
+        assert {o for p, o in delivered if p == 0} == set(range(20, 30))
+        assert {o for p, o in delivered if p == 1} == set(range(5))
+        assert not errors, errors
+        assert not journal.uncovered, journal.uncovered
+
+    asyncio.run(scenario())
+
+
+def test_retry_suspects_not_yet_due_wait_unrun_and_lose_nothing() -> None:
+    """Given the slow tier's partition with suspects 10..12 not due for an hour (its dead
+    owner held them, never ran them) and 13 behind them, when they arrive, then none of
+    them runs or is quarantined, every other partition goes on, and all four still wait
+    in order, none skipped past by the commit."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        journal.quarantine_after = 1  # a blamed suspect would be quarantined at once
+        pipeline, delivered, errors = build(journal)
+        slow = pipeline.config.slow_topic
+        tp = (slow, 0)
+        later = int(time.time() * 1000) + 3_600_000
+        journal.recovered[tp] = PartitionState(runs=[[10, 12, 1]], suspects_hi=12)
+        await pipeline.assigned([tp, TP], {tp: 10})
+        pipeline.handle_batch([RetryKMsg(o, slow, later) for o in range(10, 14)]
+                              + batch(range(0, 5)))
+        await settle()
+        assert {o for p, o in delivered} == set(range(5)), "the source partition goes on"
+        assert [m.offset() for m in pipeline._held[tp]] == [10, 11, 12, 13]
+        assert pipeline.tracker.partitions[tp].committable() <= 10
         assert not errors, errors
         assert not journal.uncovered, journal.uncovered
 

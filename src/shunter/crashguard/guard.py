@@ -64,8 +64,20 @@ class CrashGuard:
         self._coverage: dict[TP, _Coverage] = {}
         self._seq = 0
 
+    def state(self, tp: TP) -> PartitionState:
+        """The partition's journal state; a fresh one if its recovery failed (fail
+        closed: its records are written all the same)."""
+        state = self.states.get(tp)
+        if state is None:
+            state = self.states[tp] = PartitionState()
+        return state
+
     def covered(self, tp: TP) -> int:
-        """The highest offset of ``tp`` the journal names for sure (-1: none)."""
+        """The highest offset of ``tp`` the journal names for sure (-1: none).
+
+        After a ``single`` record only its one offset is named, not those below it: that
+        is enough because offsets below the highest seen are never run again (the
+        pipeline skips them as "seen again")."""
         coverage = self._coverage.get(tp)
         return -1 if coverage is None else coverage.hi
 
@@ -85,7 +97,7 @@ class CrashGuard:
         coverage.hi = min(coverage.hi, hi)
 
         def answer(err: KafkaError | None) -> None:
-            if self._coverage.get(tp) is not coverage:  # the partition left meanwhile
+            if self._coverage.get(tp) is not coverage or tp not in self.states:  # it left
                 done(None)
                 return
             if err is None:
@@ -102,7 +114,9 @@ class CrashGuard:
         self.producer.send(self.topic, key_of(tp), value, [], answer)
 
     def _rewrite(self, tp: TP, coverage: _Coverage, done: Any) -> None:
-        if self._coverage.get(tp) is not coverage or coverage.latest is None:
+        if self._coverage.get(tp) is not coverage or coverage.latest is None or (
+            tp not in self.states
+        ):
             done(None)  # the partition left: nothing of it runs here any more
             return
         value, hi = coverage.latest
@@ -122,7 +136,15 @@ class CrashGuard:
         """Read the journal for newly assigned partitions; return each one's state."""
         self.forget(tps)  # a fresh start: nothing of them is named by this process yet
         keys = {key_of(tp): tp for tp in tps}
-        entries = await asyncio.to_thread(read_latest, self.settings, self.topic, set(keys))
+        try:
+            entries = await asyncio.to_thread(read_latest, self.settings, self.topic, set(keys))
+        except Exception:  # fail closed: no suspects known, but every record still written
+            log.exception(
+                "reading the journal for %s failed; a previous owner's crash window, if "
+                "any, is not re-run one at a time",
+                ", ".join(f"{t}[{p}]" for t, p in tps),
+            )
+            entries = {}
         out = {}
         for key, tp in keys.items():
             state = recover(entries.get(key), committed.get(tp, -1))
