@@ -160,6 +160,7 @@ def run(
                 wait_until(lambda s=slot: not s.proc.alive(), timeout=120, what="R2 leave")
                 depart(slot, time.monotonic())
             if slot.proc is None:
+                time.sleep(max(0.0, last_event[0] + spacing - time.monotonic()))
                 join(slot, time.monotonic())
         coords = stream.join(600)
         wait_until(

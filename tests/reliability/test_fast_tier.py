@@ -60,18 +60,20 @@ def test_r1_messages_after_a_crash_window_are_delivered(broker: Broker, tmp_path
     check(r1_kills.suspect_window(scene(broker, tmp_path, "r1w")))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(330)
 def test_r2_instances_joining_and_leaving_lose_nothing(broker: Broker, tmp_path: Path) -> None:
     """Given a live stream and three instance slots, when instances leave and are
     replaced every 10-15 s for 40 s, then no pair is lost, every departure exits 0
     and commits what it delivered, and duplicates stay within the measured windows."""
-    # Tansu's group coordinator stops assigning partitions under faster churn (README.md,
-    # "Broker limitations"), so on it membership events are kept 10 s apart.
-    spacing = 10.0 if broker.kind == "embedded" else 0.0
+    # Tansu's group coordinator stops assigning partitions under faster churn
+    # (tests/reliability/README.md, "Broker limitations"): a leave during a join's second
+    # cooperative round (Tansu completes it ~11 s after the join) left every member with
+    # nothing for good in a CI run with events 10 s apart. On it they are kept 16 s apart.
+    spacing = 16.0 if broker.kind == "embedded" else 0.0
     check(
         r2_churn.run(
             scene(broker, tmp_path, "r2"),
-            duration=50 if spacing else 40,
+            duration=70 if spacing else 40,
             rate=100,
             life=(10.0, 15.0),
             spacing=spacing,

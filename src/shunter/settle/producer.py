@@ -25,7 +25,10 @@ class ReliableProducer:
         conf = {
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 5,
+            # Every batch's deliveries wait for its journal record: this latency is the
+            # crash guard's throughput (linger 5 ms cost 21% of fanout-3, 0 ms 6%).
+            # Records that queue while a request is in flight are still sent together.
+            "linger.ms": 0,
             "compression.type": "zstd",  # a compression bomb goes back small
             "message.timeout.ms": 30_000,
             **settings,
