@@ -447,7 +447,7 @@ class Pipeline:
             crashes = state.crashes(offset)
             if crashes >= guard.quarantine_after:
                 self._quarantine(kmsg, ptrack, crashes)
-                state.prune(offset + 1)
+                state.quarantine(offset, crashes)
                 continue
             lo = ptrack.committable() if ptrack.high >= 0 else offset
             await guard.write_and_wait(tp, state.encode("single", lo, offset, offset), offset)

@@ -115,6 +115,18 @@ class FakeProducer:
             asyncio.get_running_loop().call_soon(ack)
 
 
+class TierProducer:
+    """The retry tiers' and dead-letter topic's producer: every write acknowledged."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[tuple[str, bytes]]]] = []
+
+    def send(self, topic: str, key: Any, value: Any, headers: list[tuple[str, bytes]],
+             done: Callable[[Any], None], partition: int | None = None) -> None:
+        self.sent.append((topic, headers))
+        asyncio.get_running_loop().call_soon(done, None)
+
+
 class FakeJournal(CrashGuard):
     """The real crash guard over a fake producer; assignments recover what a test says."""
 
@@ -175,7 +187,7 @@ def build(journal: FakeJournal) -> tuple[Pipeline, list[tuple[int, int]], list[B
         "admin": {"listen": None},
     })
     stats = Stats({"medal": "revenue"})
-    settler = Settler(config, None, stats)  # type: ignore[arg-type] # successes write nothing
+    settler = Settler(config, TierProducer(), stats)  # type: ignore[arg-type]
     delivered: list[tuple[int, int]] = []
 
     def medal(msg: Message) -> None:
@@ -432,6 +444,31 @@ def test_retry_suspects_not_yet_due_wait_unrun_and_lose_nothing() -> None:
         assert {o for p, o in delivered} == set(range(5)), "the source partition goes on"
         assert [m.offset() for m in pipeline._held[tp]] == [10, 11, 12, 13]
         assert pipeline.tracker.partitions[tp].committable() <= 10
+        assert not errors, errors
+        assert not journal.uncovered, journal.uncovered
+
+    asyncio.run(scenario())
+
+
+def test_a_quarantined_offset_keeps_its_count_until_the_partition_is_committed_past_it() -> None:
+    """Given suspects 10..12 where 10 has died twice (quarantine_after 2), when 10 is
+    quarantined and 11 and 12 then run alone and live, then every record written since
+    still counts 10's deaths: if the process dies before the commit passes 10, the next
+    owner quarantines 10 again, unrun, instead of running the pill once more."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        journal.quarantine_after = 2
+        pipeline, delivered, errors = build(journal)
+        journal.recovered[TP] = PartitionState(runs=[[10, 12, 1]], single={10: 1},
+                                               suspects_hi=12)
+        await pipeline.assigned([TP], {TP: 10})
+        pipeline.handle_batch(batch(range(10, 16)))
+        await settle()
+        assert {o for _, o in delivered} == set(range(11, 16)), "10 never ran"
+        after = [e for _, e in journal.records if e.mode != "batch" or e.lo <= 11]
+        assert after and all(e.single.get(10, 0) >= 2 for e in after[1:]), after
+        assert journal.last(TP).single.get(10, 0) >= 2
         assert not errors, errors
         assert not journal.uncovered, journal.uncovered
 

@@ -41,6 +41,10 @@ class PartitionState:
     runs: list[list[int]] = field(default_factory=list)  # [lo, hi, crashes] over a range
     single: dict[int, int] = field(default_factory=dict)  # offset -> crashes while run alone
     suspects_hi: int = -1  # the last suspect offset; -1 when there are none
+    # Offsets quarantined during this assignment: their counts survive every prune until
+    # the partition is assigned anew from a confirmed commit (recover prunes then). Were
+    # one pruned before its commit landed, a death would make the next owner run it again.
+    quarantined: set[int] = field(default_factory=set)
 
     def crashes(self, offset: int) -> int:
         n = self.single.get(offset, 0)
@@ -52,7 +56,13 @@ class PartitionState:
     def prune(self, below: int) -> None:
         """Forget counts of offsets that are committed: they can never run again."""
         self.runs = [[max(lo, below), hi, n] for lo, hi, n in self.runs if hi >= below]
-        self.single = {o: n for o, n in self.single.items() if o >= below}
+        self.single = {o: n for o, n in self.single.items() if o >= below or o in self.quarantined}
+
+    def quarantine(self, offset: int, crashes: int) -> None:
+        """``offset`` goes to the dead-letter topic unrun: its count stays in every record."""
+        self.prune(offset + 1)
+        self.quarantined.add(offset)
+        self.single[offset] = crashes
 
     def encode(self, mode: str, lo: int, hi: int, offset: int = -1) -> bytes:
         return orjson.dumps(
