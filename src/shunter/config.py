@@ -62,6 +62,9 @@ class KafkaConfig(_Strict):
     max_in_flight: int = Field(default=20_000, ge=1)
     commit_interval: Duration = 0.5
     drain_timeout: Duration = 10.0
+    # A partition whose position has not moved for this long while offsets wait is
+    # reported as stalled (log, gauge, /ready 503) until it moves or a record is skipped.
+    stall_after: Duration = Field(default=120.0, gt=0)
 
 
 class TopicConfig(_Strict):
