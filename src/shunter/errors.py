@@ -6,6 +6,8 @@ from the exception's type name at the place that catches it.
 
 from __future__ import annotations
 
+import math
+
 
 class ShunterError(Exception):
     """Root of every error shunter raises on purpose."""
@@ -31,9 +33,15 @@ class RejectedMessage(ShunterError):
 
 
 class RetryLater(ShunterError):
-    """Raised by a handler: retry this delivery later, after ``delay`` seconds if given."""
+    """Raised by a handler: retry this delivery later, after ``delay`` seconds if given.
+
+    ``delay`` is checked here, where the handler's own line raises it: not a number
+    (or NaN) is a TypeError/ValueError of that line; a negative delay means now, and
+    one beyond ``MAX_DELAY`` (7 days) is cut to it, so a delay taken from a payload
+    can never push a retry out of reach or overflow the clock."""
 
     transient = True
+    MAX_DELAY = 7 * 24 * 3600.0
 
     def __init__(
         self,
@@ -41,7 +49,7 @@ class RetryLater(ShunterError):
         reason: str = "retry requested",
         count_attempt: bool = True,
     ) -> None:
-        self.delay = delay
+        self.delay = None if delay is None else checked_delay(delay)
         # False: a deferral (e.g. an open circuit), not a failure of this attempt; the
         # delivery comes back with the same attempt number, so an outage cannot use up
         # the tiers and dead-letter healthy messages.
@@ -49,12 +57,25 @@ class RetryLater(ShunterError):
         super().__init__(reason)
 
 
+def checked_delay(delay: object) -> float:
+    """A retry delay in seconds, within 0..RetryLater.MAX_DELAY; refuses non-numbers."""
+    if isinstance(delay, bool) or not isinstance(delay, int | float):
+        raise TypeError(f"a retry delay is a number of seconds, got {type(delay).__name__}")
+    try:
+        seconds = float(delay)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf if delay > 0 else 0.0
+    if math.isnan(seconds):
+        raise ValueError("a retry delay is a number of seconds, got NaN")
+    return min(max(seconds, 0.0), RetryLater.MAX_DELAY)
+
+
 class DeadLetter(ShunterError):
     """Raised by a handler: send this message straight to the dead-letter topic."""
 
     def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
+        self.reason = reason if isinstance(reason, str) else repr(reason)
+        super().__init__(self.reason)
 
 
 class DeliveryTimeout(ShunterError):

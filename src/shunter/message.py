@@ -2,10 +2,50 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from confluent_kafka import KafkaError
+
     from .commit.tracker import PartitionTracker
+
+# A header value is None when the producer sent a null value (Kafka allows it).
+Headers = Sequence[tuple[str, bytes | None]]
+
+
+T = TypeVar("T")
+
+
+def _read(read: Callable[[], T], default: T) -> T:
+    try:
+        return read()
+    except Exception:  # what a hostile record makes unreadable is left out
+        return default
+
+
+class KafkaRecord(Protocol):
+    """What shunter reads of a consumed record (a confluent-kafka ``Message``).
+
+    Any of the accessors may raise on a record a hostile producer made (``headers()``
+    raises on a header name that is not UTF-8): the pipeline reads them inside its
+    per-record guard, never outside it."""
+
+    def error(self) -> KafkaError | None: ...
+
+    def topic(self) -> str: ...
+
+    def partition(self) -> int: ...
+
+    def offset(self) -> int: ...
+
+    def key(self) -> bytes | None: ...
+
+    def value(self) -> bytes | None: ...
+
+    def timestamp(self) -> tuple[int, int]: ...
+
+    def headers(self) -> Headers | None: ...
 
 
 class Record:
@@ -33,7 +73,7 @@ class Record:
         key: bytes | None,
         raw: bytes,
         timestamp: int,
-        headers: list[tuple[str, bytes]] | None,
+        headers: Headers | None,
         ptrack: PartitionTracker,
         seq: int,
         first_failure: int = 0,
@@ -52,6 +92,39 @@ class Record:
         self.ptrack = ptrack
         self.seq = seq
         self.first_failure = first_failure  # ms since the epoch; 0 before any failure
+
+    @classmethod
+    def from_kafka(cls, kmsg: KafkaRecord, ptrack: PartitionTracker) -> Record:
+        """The record as consumed: its own coordinates, key, payload and headers."""
+        offset = kmsg.offset()
+        return cls(
+            kmsg.topic(),
+            kmsg.partition(),
+            offset,
+            kmsg.key(),
+            kmsg.value(),  # type: ignore[arg-type]  # None: a tombstone, which decode rejects
+            kmsg.timestamp()[1],
+            kmsg.headers(),
+            ptrack,
+            offset,
+        )
+
+    @classmethod
+    def bare(cls, kmsg: KafkaRecord, ptrack: PartitionTracker) -> Record:
+        """The record with whatever of it can be read: for dead-lettering a record whose
+        reading failed. Coordinates always read; key, payload and headers may be lost."""
+        offset = kmsg.offset()
+        return cls(
+            kmsg.topic(),
+            kmsg.partition(),
+            offset,
+            _read(kmsg.key, None),
+            _read(kmsg.value, None),  # type: ignore[arg-type]
+            _read(lambda: kmsg.timestamp()[1], 0),
+            _read(kmsg.headers, None),
+            ptrack,
+            offset,
+        )
 
     def settle_one(self) -> None:
         """One of this record's deliveries is settled."""
@@ -91,7 +164,8 @@ class Message:
         return self._record.key
 
     @property
-    def headers(self) -> list[tuple[str, bytes]]:
+    def headers(self) -> Headers:
+        """The record's own headers in order; a null header value is None."""
         return self._record.headers or []
 
     @property

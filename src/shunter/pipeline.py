@@ -14,6 +14,7 @@ committed past an unsettled delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -30,7 +31,7 @@ from .crashguard.guard import CrashGuard, SuspectRun
 from .decode import Decoder
 from .deliver import SubscriberRuntime
 from .errors import RejectedMessage
-from .message import Message, Record
+from .message import KafkaRecord, Message, Record
 from .observe.stats import Stats
 from .outcome import DeadLettered
 from .settle import Settler
@@ -55,12 +56,19 @@ class _Waiting:
 _UNTIL_RELEASED = math.inf  # held until the crash suspects are done, not until a time
 
 
-def _due(kmsg: Any) -> bool:
-    """A retry record whose delay is over (or whose headers say nothing usable)."""
+def _due(kmsg: KafkaRecord) -> bool:
+    """A retry record whose delay is over (or whose headers say nothing usable: it is
+    then dead-lettered when it is processed)."""
     try:
         return h.decode(kmsg.headers()).not_before_ms <= time.time() * 1000
-    except (KeyError, ValueError):
+    except Exception:
         return True
+
+
+def _name_origin(record: Record, info: h.FailureInfo) -> None:
+    """A record read from a retry tier names its origin, as every later record does."""
+    record.topic, record.partition = info.origin_topic, info.origin_partition
+    record.offset, record.timestamp = info.origin_offset, info.origin_timestamp_ms
 
 
 class Pipeline:
@@ -189,14 +197,8 @@ class Pipeline:
                 continue
             try:
                 self._one(kmsg, topic, touched, accepted)
-            except Exception:  # a bug here must not cost the rest of the batch
-                log.critical(
-                    "processing %s[%s]@%s failed (a bug in shunter); the batch goes on",
-                    topic,
-                    kmsg.partition(),
-                    kmsg.offset(),
-                    exc_info=True,
-                )
+            except Exception as exc:  # the one place no record can fall through
+                self._failed_internally(kmsg, exc)
         for topic, n in accepted.items():
             self.stats.accepted(topic, n)
         for runtime in touched:
@@ -211,28 +213,19 @@ class Pipeline:
         elif topic in self.retry_topics:
             self._retry_record(kmsg, topic, touched)
 
-    def _source_record(self, kmsg: Any, topic: str, touched: set[SubscriberRuntime]) -> bool:
-        partition = kmsg.partition()
+    def _source_record(
+        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime]
+    ) -> bool:
         offset = kmsg.offset()
-        ptrack = self.tracker.partitions.get((topic, partition))
+        ptrack = self.tracker.partitions.get((topic, kmsg.partition()))
         if ptrack is None:  # revoked while this batch waited: the next owner reads it
             return False
         if offset < ptrack.high:  # never rewound, so never expected: keep the first copy
             log.warning(
-                "%s[%d]@%d seen again after %d; skipped", topic, partition, offset, ptrack.high - 1
+                "%s[%d]@%d seen again after %d; skipped", *ptrack.tp, offset, ptrack.high - 1
             )
             return False
-        record = Record(
-            topic,
-            partition,
-            offset,
-            kmsg.key(),
-            kmsg.value(),
-            kmsg.timestamp()[1],
-            kmsg.headers(),
-            ptrack,
-            offset,
-        )
+        record = Record.from_kafka(kmsg, ptrack)
         try:
             record.value = self.decoders[topic](record.raw)
         except RejectedMessage as exc:
@@ -240,74 +233,89 @@ class Pipeline:
             self.settler.reject(record, exc)
             return False
         routes, filter_errors = self.router.routes(record)
-        ptrack.hold(offset, len(routes) + len(filter_errors))
         runtimes = self.runtimes
-        for route in routes:
-            runtime = runtimes[route.caller]
-            msg = Message(record, route.caller, route.category)
+        # Everything that can fail is done before the offset is held: a failure up to
+        # here holds it once, for its dead-letter record (see _failed_internally).
+        messages = [(runtimes[r.caller], Message(record, r.caller, r.category)) for r in routes]
+        ptrack.hold(offset, len(messages) + (1 if filter_errors else 0))
+        for runtime, msg in messages:
             if runtime.paused:
                 self.settler.park(msg, "caller paused")
                 continue
             runtime.submit(msg)
             touched.add(runtime)
-        for failed in filter_errors:
-            msg = Message(record, failed.route.caller, failed.route.category)
-            outcome = DeadLettered(failed.error, "FilterError", stage="classify")
-            self.settler(msg, outcome, 0.0)
+        if filter_errors:
+            error = "; ".join(f"category {e.category}: {e.error}" for e in filter_errors)
+            self.settler.filter_failed(record, [e.category for e in filter_errors], error)
         return True
 
-    def _retry_record(self, kmsg: Any, topic: str, touched: set[SubscriberRuntime]) -> None:
-        partition = kmsg.partition()
+    def _retry_record(
+        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime]
+    ) -> None:
         offset = kmsg.offset()
-        tp = (topic, partition)
+        tp = (topic, kmsg.partition())
         ptrack = self.tracker.partitions.get(tp)
         if ptrack is None or offset < ptrack.high:  # revoked while it waited, or stale
             return
-        try:
-            info = h.decode(kmsg.headers())
-        except (KeyError, ValueError) as exc:
-            log.error(
-                "retry record %s[%d]@%d has no usable headers (%s); skipped",
-                topic,
-                partition,
-                offset,
-                exc,
-            )
-            ptrack.hold(offset, 0)
-            return
+        info = h.decode(kmsg.headers())  # unreadable: _failed_internally dead-letters it
         if info.not_before_ms > time.time() * 1000:
             self._hold(tp, kmsg, info.not_before_ms / 1000)
             return
-        record = Record(
-            info.origin_topic,
-            info.origin_partition,
-            info.origin_offset,
-            kmsg.key(),
-            kmsg.value(),
-            info.origin_timestamp_ms,
-            kmsg.headers(),
-            ptrack,
-            offset,
-            first_failure=info.first_failure_ms,
-        )
-        ptrack.hold(offset, 1)
-        runtime = self.runtimes.get(info.caller)
+        record = Record.from_kafka(kmsg, ptrack)
+        _name_origin(record, info)
+        record.first_failure = info.first_failure_ms
         msg = Message(record, info.caller, info.category, info.attempt)
+        runtime = self.runtimes.get(info.caller)
+        decoder = self.decoders.get(info.origin_topic)
+        outcome: DeadLettered | None = None
         if runtime is None:
             reason = f"caller {info.caller!r} is no longer configured"
-            self.settler(msg, DeadLettered(reason, "UnknownCaller"), 0.0)
-            return
-        decoder = self.decoders.get(info.origin_topic)
-        try:
-            record.value = decoder(record.raw) if decoder is not None else record.raw
-        except RejectedMessage as exc:
-            self.settler(msg, DeadLettered(exc.reason, "RejectedMessage", stage=exc.stage), 0.0)
-            return
-        if runtime.paused:
+            outcome = DeadLettered(reason, "UnknownCaller")
+        else:
+            try:
+                record.value = decoder(record.raw) if decoder is not None else record.raw
+            except RejectedMessage as exc:
+                outcome = DeadLettered(exc.reason, "RejectedMessage", stage=exc.stage)
+        ptrack.hold(offset, 1)
+        if outcome is not None:
+            self.settler(msg, outcome, 0.0)
+        elif runtime is not None and runtime.paused:
             self.settler.park(msg, "caller paused")
+        elif runtime is not None:
+            runtime.submit(msg)
+            touched.add(runtime)
+
+    def _failed_internally(self, kmsg: KafkaRecord, exc: Exception) -> None:
+        """A failure in shunter's own path of one record (reading it, decoding, routing):
+        the record is held and dead-lettered with stage ``internal`` and the traceback.
+        Never logged and skipped: the commit cannot pass it before the broker has it."""
+        topic, partition, offset = kmsg.topic(), kmsg.partition(), kmsg.offset()
+        ptrack = self.tracker.partitions.get((topic, partition))
+        if ptrack is None or offset < ptrack.high - 1:  # gone, or a copy of a settled one
+            log.critical("processing %s[%d]@%d failed", topic, partition, offset, exc_info=True)
             return
-        runtime.submit(msg)
-        touched.add(runtime)
+        log.error(
+            "processing %s[%d]@%d failed in shunter's own path (%s); it goes to the "
+            "dead-letter topic with stage internal",
+            topic,
+            partition,
+            offset,
+            type(exc).__name__,
+            exc_info=True,
+            extra={"topic": topic, "partition": partition, "offset": offset},
+        )
+        ptrack.hold(offset, 1)
+        record = Record.bare(kmsg, ptrack)
+        caller = category = ""
+        attempt = 1
+        if topic in self.retry_topics:  # name the origin and the caller, if still readable
+            try:
+                info = h.decode(record.headers)
+                _name_origin(record, info)
+                caller, category, attempt = info.caller, info.category, info.attempt
+            except Exception:
+                pass
+        self.settler.internal(record, exc, caller, category, attempt)
 
     def _consumer_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._PARTITION_EOF:
@@ -490,27 +498,12 @@ class Pipeline:
             deferred, self._deferred = self._deferred, []
             self._process(deferred)
 
-    def _quarantine(self, kmsg: Any, ptrack: PartitionTracker, crashes: int) -> None:
+    def _quarantine(self, kmsg: KafkaRecord, ptrack: PartitionTracker, crashes: int) -> None:
         assert self.guard is not None
-        offset = kmsg.offset()
-        record = Record(
-            kmsg.topic(),
-            kmsg.partition(),
-            offset,
-            kmsg.key(),
-            kmsg.value(),
-            kmsg.timestamp()[1],
-            kmsg.headers(),
-            ptrack,
-            offset,
-        )
+        record = Record.bare(kmsg, ptrack)
         if kmsg.topic() in self.retry_topics:  # name the origin, like every DLQ record
-            try:
-                info = h.decode(kmsg.headers())
-                record.topic, record.partition = info.origin_topic, info.origin_partition
-                record.offset, record.timestamp = info.origin_offset, info.origin_timestamp_ms
-            except (KeyError, ValueError):
-                pass
+            with contextlib.suppress(Exception):
+                _name_origin(record, h.decode(record.headers))
         last = self.guard.last_exit
         reason = f"crash: the process died {crashes} times while this message was in flight" + (
             f" (last exit: {last})" if last else ""
@@ -518,7 +511,7 @@ class Pipeline:
         log.error(
             "quarantined %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
         )
-        ptrack.hold(offset, 1)
+        ptrack.hold(kmsg.offset(), 1)
         self.settler.quarantine(record, reason, signal=last)
 
     # -- partitions coming and going ------------------------------------------------------
@@ -547,14 +540,11 @@ class Pipeline:
         self._forget(gone)
         self._flush_deferred()
         trackers = [self.tracker.partitions[tp] for tp in tps if tp in self.tracker.partitions]
-        drained = []
         if not lost:
             timeout = self.config.kafka.drain_timeout
             results = await asyncio.gather(*(t.drained(timeout) for t in trackers))
             for tracker, ok in zip(trackers, results, strict=True):
-                if ok:
-                    drained.append(tracker)
-                else:
+                if not ok:
                     log.warning(
                         "%s[%d]: %d offsets still unsettled after %.0fs; the next "
                         "owner redelivers them",
@@ -566,8 +556,10 @@ class Pipeline:
         # commit may have failed (ILLEGAL_GENERATION during a rebalance).
         offsets = [(t.tp, o) for t in trackers if (o := t.committable()) >= 0]
         self.tracker.drop([t.tp for t in trackers])
-        if self.guard is not None:
-            # Nothing of these is in a handler any more: the next owner suspects nothing.
+        if self.guard is not None and not lost:
+            # This process lets them go alive: whatever still runs in a handler (a drain
+            # that timed out) did not kill it, so the next owner suspects nothing. Were
+            # it blamed, one slow record would stop every partition behind suspects.
             guard = self.guard
             try:
                 await asyncio.gather(
@@ -576,12 +568,14 @@ class Pipeline:
                         guard.write_and_wait(
                             t.tp, guard.states[t.tp].encode("clean", t.committable(), -1), -1
                         )
-                        for t in drained
+                        for t in trackers
                         if t.tp in guard.states
                     )
                 )
             finally:  # also when cancelled: no retry of these records may outlive us
                 guard.forget(tps)
+        elif self.guard is not None:
+            self.guard.forget(tps)
         return offsets
 
     def in_flight(self) -> int:

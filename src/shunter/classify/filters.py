@@ -1,7 +1,8 @@
 """CEL filters on categories, compiled once with the ``common-expression-language`` package.
 
 A filter sees ``value`` (the decoded value), ``topic``, ``key`` (text) and ``headers``
-(a map of text values).
+(a map of text values; a header sent with a null value is ``null``; of repeated names,
+the last).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ class Filter:
         if record.key is not None:
             context["key"] = record.key.decode("utf-8", "replace")
         if record.headers:
-            context["headers"] = {k: v.decode("utf-8", "replace") for k, v in record.headers}
+            context["headers"] = {
+                k: None if v is None else v.decode("utf-8", "replace") for k, v in record.headers
+            }
         result = self._program.execute(context)
         if not isinstance(result, bool):
             raise TypeError(f"filter returned {type(result).__name__}, expected a bool")

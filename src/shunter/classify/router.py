@@ -24,9 +24,11 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class FilterError:
-    """A category's filter failed on this record: its subscribers dead-letter it."""
+    """A category's filter failed on this record: the record is dead-lettered once, for
+    the category (no caller), and a replay classifies it again for that category."""
 
-    route: Route
+    category: str
+    routes: tuple[Route, ...]  # the category's subscribers, which did not get it
     error: str
 
 
@@ -73,8 +75,15 @@ class Router:
             try:
                 matched = group.where(record)
             except Exception as exc:
-                errors.extend(FilterError(r, f"{type(exc).__name__}: {exc}") for r in group.routes)
+                errors.append(FilterError(group.category, group.routes, _describe(exc)))
                 continue
             if matched:
                 routes.extend(group.routes)
         return routes, errors
+
+
+def _describe(exc: Exception) -> str:
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:  # an error that cannot be printed still names its type
+        return type(exc).__name__

@@ -37,6 +37,7 @@ class _Coverage:
     hi: int = -1  # every offset up to here is named (with the window's lo, see the pipeline)
     pending: dict[int, int] = field(default_factory=dict)  # unacknowledged: seq -> hi
     latest: tuple[bytes, int] | None = None  # the newest record (value, hi): what a retry writes
+    backoff: float = 0.5  # before the next rewrite after a refused write; doubles to 30 s
 
 
 class CrashGuard:
@@ -63,6 +64,7 @@ class CrashGuard:
         self.states: dict[TP, PartitionState] = {}
         self._coverage: dict[TP, _Coverage] = {}
         self._seq = 0
+        self.write_failures = 0  # journal writes the broker refused (each one rewritten)
 
     def state(self, tp: TP) -> PartitionState:
         """The partition's journal state; a fresh one if its recovery failed (fail
@@ -105,11 +107,16 @@ class CrashGuard:
                 for earlier in [s for s in coverage.pending if s <= seq]:
                     del coverage.pending[earlier]
                 coverage.hi = min([hi, *coverage.pending.values()])
+                coverage.backoff = 0.5
                 done(None)
                 return
             coverage.pending.pop(seq, None)
-            log.error("journal write for %s[%d] failed (%s); retrying", tp[0], tp[1], err)
-            asyncio.get_running_loop().call_later(0.5, self._rewrite, tp, coverage, done)
+            self.write_failures += 1
+            delay, coverage.backoff = coverage.backoff, min(coverage.backoff * 2, 30.0)
+            log.error(
+                "journal write for %s[%d] failed (%s); retrying in %.1fs", *tp, err, delay
+            )
+            asyncio.get_running_loop().call_later(delay, self._rewrite, tp, coverage, done)
 
         self.producer.send(self.topic, key_of(tp), value, [], answer)
 

@@ -6,7 +6,7 @@ import os
 import traceback
 from types import TracebackType
 
-from ..errors import DeadLetter, DeliveryTimeout, RetryLater, WorkerDied
+from ..errors import DeadLetter, DeliveryTimeout, RetryLater, WorkerDied, checked_delay
 from ..outcome import DeadLettered, Failed
 
 _MAX_TRACEBACK = 16_384
@@ -75,14 +75,41 @@ def format_traceback(exc: BaseException) -> str:
 
 
 def failure(exc: BaseException) -> Failed | DeadLettered:
-    """The outcome of a handler that raised ``exc``."""
+    """The outcome of a handler that raised ``exc``: never raises itself, whatever the
+    handler's exception does when it is printed or its attributes are read."""
+    try:
+        return _outcome(exc)
+    except Exception as broken:  # a hostile __str__, a traceback that cannot be formatted
+        try:
+            name = error_type(exc)
+        except Exception:
+            name = "unknown"
+        return Failed(
+            name,
+            f"the handler raised {name}, which could not be described "
+            f"({type(broken).__name__} while reading it)",
+            "",
+        )
+
+
+def _outcome(exc: BaseException) -> Failed | DeadLettered:
     if isinstance(exc, DeadLetter):
-        return DeadLettered(exc.reason, "DeadLetter", format_traceback(exc))
+        return DeadLettered(_text(exc.reason), "DeadLetter", format_traceback(exc))
     if isinstance(exc, RetryLater):
         tb = format_traceback(exc) if exc.count_attempt else ""
-        return Failed(error_type(exc), str(exc), tb, delay=exc.delay, counts=exc.count_attempt)
+        delay = exc.delay
+        if delay is not None:  # checked at construction; the attribute may have changed
+            try:
+                delay = checked_delay(delay)
+            except (TypeError, ValueError):
+                delay = None
+        return Failed(error_type(exc), _text(exc), tb, delay=delay, counts=exc.count_attempt)
     signal = exc.signal if isinstance(exc, WorkerDied) else ""
-    return Failed(error_type(exc), str(exc), format_traceback(exc), signal=signal)
+    return Failed(error_type(exc), _text(exc), format_traceback(exc), signal=signal)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else str(value)
 
 
 def timed_out(seconds: float) -> Failed:

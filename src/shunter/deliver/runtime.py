@@ -190,17 +190,17 @@ class SubscriberRuntime:
                     elif not hasattr(result, "__await__"):
                         self._done(msg, SUCCEEDED, started)
                         continue
-                except (Exception, SystemExit) as exc:
-                    if succeeded:  # in order: the flood guard counts settles as they come
-                        self._settle_succeeded(succeeded)
-                    self._done(msg, failure(exc), started)
-                    continue
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():  # shutdown: the runner itself is cancelled
                         raise
                     if succeeded:
                         self._settle_succeeded(succeeded)
                     self._done(msg, failure(exc), started)  # the handler's own doing
+                    continue
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt: the handler's
+                    if succeeded:  # in order: the flood guard counts settles as they come
+                        self._settle_succeeded(succeeded)
+                    self._done(msg, failure(exc), started)
                     continue
                 # Suspended: this task belongs to ``msg`` from here on; another runner
                 # takes over the queue.
@@ -266,7 +266,7 @@ class SubscriberRuntime:
             if thread is not None and not thread.done():
                 self._lose_slot(msg, thread)
             return timed_out(self.timeout)
-        except (Exception, SystemExit) as exc:
+        except BaseException as exc:  # whatever the handler raised is its outcome
             return failure(exc)
         finally:
             timer.cancel()

@@ -32,7 +32,7 @@ from typing import Any, TypedDict
 
 from ..commit.tracker import PartitionTracker
 from ..loader import import_object
-from ..message import Message, Record
+from ..message import Headers, Message, Record
 from .failure import error_type, format_traceback
 
 # Runs in the new interpreter before shunter is importable through the parent's sys.path.
@@ -55,7 +55,7 @@ class Init(TypedDict):
 
 
 # topic, partition, offset, key, headers, timestamp, raw, value, caller, category, attempt
-Job = tuple[str, int, int, bytes | None, list[tuple[str, bytes]] | None, int, bytes, Any,
+Job = tuple[str, int, int, bytes | None, Headers | None, int, bytes, Any,
             str, str, int]
 Raised = tuple[str, bytes | None, str, str, str]
 

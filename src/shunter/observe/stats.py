@@ -55,6 +55,7 @@ class Stats:
         self._outcomes: Counter[tuple[str, str, str]] = Counter()
         self.messages: Counter[tuple[str, str]] = Counter()  # (topic, accepted|<stage>)
         self.writes: Counter[str] = Counter()  # tier -> acknowledged writes
+        self.write_failures: Counter[str] = Counter()  # tier -> refused writes (retried)
         self.latency: dict[str, Latency] = {c: Latency() for c in categories}
         self.gauges: list[Callable[[], Iterator[GaugeMetricFamily]]] = []
 
@@ -85,6 +86,9 @@ class Stats:
 
     def written(self, tier: str) -> None:
         self.writes[tier] += 1
+
+    def write_failed(self, tier: str) -> None:
+        self.write_failures[tier] += 1
 
     def by_caller(self) -> dict[str, dict[str, int]]:
         """caller -> outcome -> count, over all topics."""
@@ -129,6 +133,15 @@ class StatsCollector(Collector):
         for tier, n in sorted(stats.writes.items()):
             writes.add_metric([tier], n)
         yield writes
+        failures = CounterMetricFamily(
+            "shunter_tier_write_failures",
+            "Writes to a retry tier or the dead-letter topic the broker refused (each is "
+            "written again after a backoff; its offset stays held meanwhile).",
+            labels=["tier"],
+        )
+        for tier, n in sorted(stats.write_failures.items()):
+            failures.add_metric([tier], n)
+        yield failures
         latency = HistogramMetricFamily(
             "shunter_handler_seconds", "Handler latency per caller.", labels=["category", "caller"]
         )

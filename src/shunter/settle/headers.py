@@ -6,13 +6,14 @@ knows about the failure travels in these headers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 PREFIX = "shunter-"
 CALLER = PREFIX + "caller"
 CATEGORY = PREFIX + "category"
 ATTEMPT = PREFIX + "attempt"  # the attempt this record will be delivered as
-STAGE = PREFIX + "stage"  # decode | validate | classify | deliver | crash
+STAGE = PREFIX + "stage"  # decode | validate | classify | deliver | crash | internal
 ERROR_TYPE = PREFIX + "error-type"
 ERROR = PREFIX + "error"
 TRACEBACK = PREFIX + "traceback"
@@ -29,11 +30,14 @@ PAYLOAD_OMITTED = PREFIX + "payload-omitted"  # bytes of a payload too large to 
 
 MAX_TRACEBACK = 8_192
 MAX_ERROR = 2_048
+# The record's key is the source key already; a copy in a header only for a short one
+# (a dead-letter stub drops the key itself, and then this copy is what names it).
+MAX_ORIGIN_KEY = 1_024
 
 
 def bounded(text: str, limit: int) -> bytes:
     """UTF-8 bytes of ``text`` cut to ``limit``, keeping the end (where the failing line is)."""
-    data = text.encode("utf-8", "replace")
+    data = str(text).encode("utf-8", "replace")
     if len(data) <= limit:
         return data
     return b"..." + data[-(limit - 3) :]
@@ -78,16 +82,16 @@ def encode(info: FailureInfo) -> list[tuple[str, bytes]]:
         (ORIGIN_TIMESTAMP, str(info.origin_timestamp_ms).encode()),
         (TIER, info.tier.encode()),
     ]
-    if info.origin_key is not None:
+    if info.origin_key is not None and len(info.origin_key) <= MAX_ORIGIN_KEY:
         headers.append((ORIGIN_KEY, info.origin_key))
     if info.signal:
         headers.append((SIGNAL, info.signal.encode()))
     return headers
 
 
-def decode(headers: list[tuple[str, bytes]] | None) -> FailureInfo:
+def decode(headers: Sequence[tuple[str, bytes | None]] | None) -> FailureInfo:
     """Read the failure headers back; KeyError/ValueError when they are incomplete."""
-    found = {k: v for k, v in headers or [] if k.startswith(PREFIX)}
+    found = {k: v for k, v in headers or [] if k.startswith(PREFIX) and v is not None}
 
     def text(name: str, default: str | None = None) -> str:
         value = found.get(name)

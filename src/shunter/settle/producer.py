@@ -48,7 +48,7 @@ class ReliableProducer:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
         done: Done,
         partition: int | None = None,
     ) -> None:
@@ -76,7 +76,7 @@ class ReliableProducer:
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: list[tuple[str, bytes | None]],
         partition: int | None = None,
     ) -> None:
         """Write one record and wait for the broker; raise on failure."""

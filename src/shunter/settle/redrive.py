@@ -11,6 +11,8 @@ Who receives a replayed record:
 
 - a record naming a caller (one subscriber's delivery failed): that caller only, if the
   configuration still has it and its category still takes the message;
+- a record naming no caller but a category (its filter failed, stage ``classify``): every
+  subscriber of that category whose filter takes it *today*;
 - a record naming no caller (rejected at decode or validate, or quarantined after crashes):
   no subscriber ever completed it, so every subscriber whose category takes it *today* gets
   a record of its own, as if the dispatcher had accepted it now. A quarantined message may
@@ -81,6 +83,11 @@ class Planner:
         routes, errors = self._router.routes(record)
         if info.caller:
             return self._to_caller(dead, info.caller, routes, errors)
+        if info.stage == "classify" and info.category:
+            # A filter failed on it: only that category's subscribers missed it.
+            failed = set(info.category.split(","))
+            routes = [r for r in routes if r.category in failed]
+            errors = [e for e in errors if e.category in failed]
         if not routes:
             why = f"; filter errors: {errors[0].error}" if errors else ""
             return Plan(dead, refused=f"no category takes this message of {info.origin_topic}{why}")
@@ -97,8 +104,8 @@ class Planner:
             if route.caller == caller:
                 return Plan(dead, (route,))
         for failed in errors:
-            if failed.route.caller == caller:
-                return Plan(dead, refused=f"category {failed.route.category}: {failed.error}")
+            if any(r.caller == caller for r in failed.routes):
+                return Plan(dead, refused=f"category {failed.category}: {failed.error}")
         category = self._callers[caller].category
         return Plan(
             dead, refused=f"caller {caller!r}'s category {category!r} no longer takes this message"

@@ -16,6 +16,7 @@ import time
 from confluent_kafka import KafkaError
 
 from ..config import Config
+from ..deliver.failure import error_type, format_traceback
 from ..errors import RejectedMessage
 from ..message import Message, Record
 from ..observe.flood import FloodGuard
@@ -27,7 +28,10 @@ from .route import Destination, route
 
 log = logging.getLogger("shunter.settle")
 
+_BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
+_STUB_ERROR = 512  # characters of the error kept in a dead-letter stub
+_STUB_TRACEBACK = 2_048
 _TOO_LARGE = {
     KafkaError.MSG_SIZE_TOO_LARGE,
     KafkaError._INVALID_ARG,  # what ReliableProducer reports when produce() refuses
@@ -70,7 +74,10 @@ class Settler:
             self._flood.succeeded(caller, len(done))
 
     def __call__(self, msg: Message, outcome: Outcome, elapsed: float) -> None:
-        """Settle one delivery (the runtime's ``Settle`` callback)."""
+        """Settle one delivery (the runtime's ``Settle`` callback).
+
+        Never raises and never drops: if describing the failure fails (a bug, or a value
+        no one foresaw), the delivery is dead-lettered with stage ``internal`` instead."""
         record = msg._record
         if outcome is SUCCEEDED:
             caller = msg.caller
@@ -79,13 +86,19 @@ class Settler:
                 self._flood.succeeded(caller, 1)
             record.ptrack.release(record.seq)
             return
-        assert isinstance(outcome, Failed | DeadLettered)
-        dest = route(self._retry, msg.attempt, outcome)
+        try:
+            assert isinstance(outcome, Failed | DeadLettered)
+            dest = route(self._retry, msg.attempt, outcome)
+            info = self._info(msg, outcome, dest)
+        except Exception as exc:
+            dest = Destination("dlq", msg.attempt, 0.0)
+            info = self._internal_info(msg, exc)
+            outcome = DeadLettered(info.error, info.error_type, info.traceback, "internal")
         self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
         self._log_failure(msg, outcome, dest)
         if self._flood is not None:
             self._flood.observe(msg.caller, dest.tier == "dlq")
-        self._write(record, self._info(msg, outcome, dest), dest.tier)
+        self._write(record, info, dest.tier)
 
     def park(self, msg: Message, reason: str) -> None:
         """Set a delivery aside in the slow tier without counting an attempt (caller paused)."""
@@ -114,27 +127,60 @@ class Settler:
             },
         )
         self._stats.rejected(record.topic, exc.stage)
-        self._dead_letter_unrun(record, exc.stage, "RejectedMessage", exc.reason)
+        self.unrun(record, exc.stage, "RejectedMessage", exc.reason)
 
     def quarantine(self, record: Record, reason: str, signal: str = "") -> None:
         """A record suspected of killing the process: to the dead-letter topic, unrun."""
         self._stats.rejected(record.topic, "crash")
-        self._dead_letter_unrun(record, "crash", "crash", reason, signal)
+        self.unrun(record, "crash", "crash", reason, signal=signal)
 
-    def _dead_letter_unrun(
-        self, record: Record, stage: str, error_type: str, error: str, signal: str = ""
+    def filter_failed(self, record: Record, categories: list[str], error: str) -> None:
+        """A category filter failed on the record: once to the dead-letter topic, naming
+        the categories whose subscribers did not get it (a replay classifies it again)."""
+        self._stats.rejected(record.topic, "classify")
+        self.unrun(record, "classify", "FilterError", error, category=",".join(categories))
+
+    def internal(self, record: Record, exc: BaseException, caller: str = "", category: str = "",
+                 attempt: int = 1) -> None:
+        """shunter's own path failed on this record: to the dead-letter topic with the
+        traceback (stage ``internal``), so nothing is dropped for a bug of ours."""
+        self._stats.rejected(record.topic, "internal")
+        self.unrun(
+            record,
+            "internal",
+            error_type(exc),
+            _describe(exc),
+            traceback=format_traceback(exc),
+            caller=caller,
+            category=category,
+            attempt=attempt,
+        )
+
+    def unrun(
+        self,
+        record: Record,
+        stage: str,
+        error_type: str,
+        error: str,
+        *,
+        traceback: str = "",
+        signal: str = "",
+        caller: str = "",
+        category: str = "",
+        attempt: int = 1,
     ) -> None:
-        """A record no handler ran: once to the dead-letter topic, for no caller in particular."""
+        """A record (or one caller's delivery of it) that no handler completed: once to
+        the dead-letter topic. Its offset share is released when the broker has it."""
         now = _now_ms()
         info = h.FailureInfo(
-            caller="",
-            category="",
-            attempt=1,
+            caller=caller,
+            category=category,
+            attempt=attempt,
             stage=stage,
             error_type=error_type,
             error=error,
-            traceback="",
-            first_failure_ms=now,
+            traceback=traceback,
+            first_failure_ms=record.first_failure or now,
             not_before_ms=now,
             origin_topic=record.topic,
             origin_partition=record.partition,
@@ -147,6 +193,28 @@ class Settler:
         self._write(record, info, "dlq")
 
     # -- internals ------------------------------------------------------------------------
+
+    def _internal_info(self, msg: Message, exc: Exception) -> h.FailureInfo:
+        log.critical("settling %r failed (a bug in shunter); dead-lettered", msg, exc_info=True)
+        record = msg._record
+        now = _now_ms()
+        return h.FailureInfo(
+            caller=msg.caller,
+            category=msg.category,
+            attempt=msg.attempt,
+            stage="internal",
+            error_type=error_type(exc),
+            error=_describe(exc),
+            traceback=format_traceback(exc),
+            first_failure_ms=record.first_failure or now,
+            not_before_ms=now,
+            origin_topic=record.topic,
+            origin_partition=record.partition,
+            origin_offset=record.offset,
+            origin_timestamp_ms=record.timestamp,
+            tier="dlq",
+            origin_key=record.key,
+        )
 
     def _info(
         self, msg: Message, outcome: Failed | DeadLettered, dest: Destination
@@ -182,25 +250,33 @@ class Settler:
         record: Record,
         info: h.FailureInfo,
         tier: str,
-        backoff: float = 0.5,
-        omit: bool = False,
+        backoff: float = _BACKOFF_FIRST,
+        stub: bool = False,
     ) -> None:
+        """Write until the broker acknowledges, then release the delivery's share.
+
+        A refusal is written again after a doubling backoff (counted, logged). A record
+        too large for its topic becomes a dead-letter *stub*: no payload, no key, none of
+        the record's own headers, the error cut short: a few kilobytes that fit any topic,
+        naming the origin, where the full record still is."""
         topic = self._topics[tier]
-        # shunter's headers, then the record's own (a handler sees them on every attempt)
-        encoded = h.encode(info) + [
-            (k, v) for k, v in record.headers or [] if not k.startswith(h.PREFIX)
-        ]
-        if omit:
-            encoded.append((h.PAYLOAD_OMITTED, str(len(record.raw or b"")).encode()))
+        encoded: list[tuple[str, bytes | None]]
+        if stub:
+            encoded = [*h.encode(info), (h.PAYLOAD_OMITTED, str(len(record.raw or b"")).encode())]
+            key, value = None, None
+        else:
+            # shunter's headers, then the record's own (a handler sees them on every attempt)
+            encoded = [*h.encode(info)]
+            encoded += [(k, v) for k, v in record.headers or [] if not k.startswith(h.PREFIX)]
+            key, value = record.key, record.raw
 
         def done(err: KafkaError | None) -> None:
             if err is None:
                 self._stats.written(tier)
                 record.settle_one()
                 return
-            if err.code() in _TOO_LARGE and not omit:
-                # Retrying cannot help: dead-letter a stub naming the origin, without the
-                # payload (it stays on the source topic while that retains it).
+            self._stats.write_failed(tier)
+            if err.code() in _TOO_LARGE and not stub:
                 log.error(
                     "%s[%d]@%d is too large for %s (%s); dead-lettered without its payload",
                     record.topic,
@@ -209,10 +285,13 @@ class Settler:
                     topic,
                     err,
                 )
-                stub = dataclasses.replace(
-                    info, tier="dlq", error=f"{info.error} (payload too large to keep: {err})"
+                cut = dataclasses.replace(
+                    info,
+                    tier="dlq",
+                    error=f"{info.error[:_STUB_ERROR]} (record too large to keep: {err})",
+                    traceback=info.traceback[-_STUB_TRACEBACK:],
                 )
-                self._write(record, stub, "dlq", omit=True)
+                self._write(record, cut, "dlq", stub=True)
                 return
             log.error(
                 "write to %s failed (%s); offset %s[%d]@%d stays held, retrying in %.1fs",
@@ -224,10 +303,10 @@ class Settler:
                 backoff,
             )
             asyncio.get_running_loop().call_later(
-                backoff, self._write, record, info, tier, min(backoff * 2, _BACKOFF_MAX)
+                backoff, self._write, record, info, tier, min(backoff * 2, _BACKOFF_MAX), stub
             )
 
-        self._producer.send(topic, record.key, None if omit else record.raw, encoded, done)
+        self._producer.send(topic, key, value, encoded, done)
 
     def _log_failure(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> None:
         record = msg._record
@@ -270,3 +349,10 @@ class Settler:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{exc}" or type(exc).__name__
+    except Exception:  # an exception that cannot be printed still names its type
+        return type(exc).__name__
