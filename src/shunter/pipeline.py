@@ -32,10 +32,13 @@ from .decode import Decoder
 from .deliver import SubscriberRuntime
 from .errors import RejectedMessage
 from .message import KafkaRecord, Message, Record
+from .observe.stalls import StallWatch
 from .observe.stats import Stats
+from .observe.status import CallerStatus, PartitionStatus, snapshot, watch
 from .outcome import DeadLettered
 from .settle import Settler
 from .settle import headers as h
+from .settle.skip import SKIPPED, Skipper
 
 log = logging.getLogger("shunter.pipeline")
 
@@ -54,6 +57,11 @@ class _Waiting:
 
 
 _UNTIL_RELEASED = math.inf  # held until the crash suspects are done, not until a time
+# Why a partition is held (what the stall alarm says). Only a retry not yet due is a
+# wait by design; the others are waits that must end.
+_NOT_DUE = "a retry record not yet due"
+_FOR_JOURNAL = "waiting for its crash-guard journal record"
+_FOR_SUSPECTS = "waiting for its crash suspects to be re-run"
 
 
 def _due(kmsg: KafkaRecord) -> bool:
@@ -89,6 +97,9 @@ class Pipeline:
         self.settler = settler
         self.stats = stats
         self.tracker = OffsetTracker()
+        self.skipper = Skipper(self.tracker, runtimes, settler)
+        self.stalls = StallWatch(config.kafka.stall_after)
+        self.started_at: dict[TP, int] = {}  # the group's committed offset at assignment
         self.retry_topics = {config.fast_topic, config.slow_topic}
         self.processed = 0  # messages taken from batches (written on the loop only)
         self.source: Any = None  # the KafkaSource, set once it exists
@@ -96,6 +107,7 @@ class Pipeline:
         # Held partitions (paused) and the messages taken from them, in order: a retry
         # partition whose head is not yet due, or one waiting for its crash suspects.
         self._held: dict[TP, list[Any]] = {}
+        self._held_why: dict[TP, str] = {}  # why each held partition is held (status)
         self._suspects: dict[TP, SuspectRun] = {}
         self._waiting: deque[_Waiting] = deque()  # batches waiting for their journal record
         self._suspect_task: asyncio.Task[None] | None = None
@@ -192,7 +204,7 @@ class Pipeline:
                 and kmsg.offset() > guard.covered(tp := (topic, kmsg.partition()))
                 and tp in self.tracker.partitions
             ):
-                self._hold(tp, kmsg, _UNTIL_RELEASED)
+                self._hold(tp, kmsg, _UNTIL_RELEASED, _FOR_JOURNAL)
                 self._start_cover(tp)
                 continue
             try:
@@ -205,16 +217,34 @@ class Pipeline:
             runtime.kick()
 
     def _one(
-        self, kmsg: Any, topic: str, touched: set[SubscriberRuntime], accepted: dict[str, int]
+        self,
+        kmsg: KafkaRecord,
+        topic: str,
+        touched: set[SubscriberRuntime],
+        accepted: dict[str, int],
     ) -> None:
+        skip = None
+        if self.skipper.later:
+            skip = self.skipper.due((topic, kmsg.partition()), kmsg.offset())
+            if skip == "":
+                self._skipped_unread(kmsg)
+                return
         if topic in self.decoders:
-            if self._source_record(kmsg, topic, touched):
+            if self._source_record(kmsg, topic, touched, skip):
                 accepted[topic] = accepted.get(topic, 0) + 1
         elif topic in self.retry_topics:
-            self._retry_record(kmsg, topic, touched)
+            self._retry_record(kmsg, topic, touched, skip)
+
+    def _skipped_unread(self, kmsg: KafkaRecord) -> None:
+        """An operator skipped this record before it was read: dead-lettered unrun."""
+        ptrack = self.tracker.partitions.get((kmsg.topic(), kmsg.partition()))
+        if ptrack is None or kmsg.offset() < ptrack.high:
+            return
+        ptrack.hold(kmsg.offset(), 1)
+        self.settler.unrun(Record.bare(kmsg, ptrack), "skip", "Skipped", SKIPPED)
 
     def _source_record(
-        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime]
+        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime], skip: str | None
     ) -> bool:
         offset = kmsg.offset()
         ptrack = self.tracker.partitions.get((topic, kmsg.partition()))
@@ -239,6 +269,9 @@ class Pipeline:
         messages = [(runtimes[r.caller], Message(record, r.caller, r.category)) for r in routes]
         ptrack.hold(offset, len(messages) + (1 if filter_errors else 0))
         for runtime, msg in messages:
+            if msg.caller == skip:
+                self.skipper.dead_letter(msg)
+                continue
             if runtime.paused:
                 self.settler.park(msg, "caller paused")
                 continue
@@ -250,7 +283,7 @@ class Pipeline:
         return True
 
     def _retry_record(
-        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime]
+        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime], skip: str | None
     ) -> None:
         offset = kmsg.offset()
         tp = (topic, kmsg.partition())
@@ -259,7 +292,9 @@ class Pipeline:
             return
         info = h.decode(kmsg.headers())  # unreadable: _failed_internally dead-letters it
         if info.not_before_ms > time.time() * 1000:
-            self._hold(tp, kmsg, info.not_before_ms / 1000)
+            self._hold(tp, kmsg, info.not_before_ms / 1000, _NOT_DUE)
+            if skip is not None:  # read again when due: the skip waits for it
+                self.skipper.later.setdefault(tp, {})[offset] = skip
             return
         record = Record.from_kafka(kmsg, ptrack)
         _name_origin(record, info)
@@ -277,7 +312,9 @@ class Pipeline:
             except RejectedMessage as exc:
                 outcome = DeadLettered(exc.reason, "RejectedMessage", stage=exc.stage)
         ptrack.hold(offset, 1)
-        if outcome is not None:
+        if msg.caller == skip:
+            self.skipper.dead_letter(msg)
+        elif outcome is not None:
             self.settler(msg, outcome, 0.0)
         elif runtime is not None and runtime.paused:
             self.settler.park(msg, "caller paused")
@@ -330,13 +367,14 @@ class Pipeline:
     # out. Rewinding with seek was tried and lost messages: on Apache Kafka a resume can
     # fetch from the application's position before a seek made around it lands.
 
-    def _hold(self, tp: TP, kmsg: Any, until: float) -> None:
+    def _hold(self, tp: TP, kmsg: Any, until: float, why: str) -> None:
         """Hold ``tp`` starting with ``kmsg`` until the time ``until`` (inf: released).
 
         ``kmsg`` goes before anything ``tp`` holds already (a crash suspect of a retry
         partition, whose successors past the window wait there)."""
         held = self._held.get(tp)
         self._held[tp] = [kmsg, *(held or ())]
+        self._held_why[tp] = why
         self.processed -= 1  # taken again when released
         if held is None:
             self.source.pause_partition(tp)
@@ -347,6 +385,7 @@ class Pipeline:
     def _release(self, tp: TP) -> None:
         """Resume ``tp`` and process what it held, in order (it may be held again)."""
         held = self._held.pop(tp, None)
+        self._held_why.pop(tp, None)
         if held is None:
             return
         self.source.resume_partition(tp)
@@ -391,6 +430,7 @@ class Pipeline:
         self._deferred = kept
         for tp in tps:
             self.processed += len(self._held.pop(tp, ()))
+            self._held_why.pop(tp, None)
 
     # -- crash suspects: the window a dead owner left, re-run one offset at a time -------
 
@@ -399,7 +439,7 @@ class Pipeline:
         offset = kmsg.offset()
         if offset > run.hi:  # past the window: hold the rest until the suspects are done
             run.complete = True
-            self._hold(tp, kmsg, _UNTIL_RELEASED)
+            self._hold(tp, kmsg, _UNTIL_RELEASED, _FOR_SUSPECTS)
         else:
             run.queue.append(kmsg)
             run.complete = run.complete or offset == run.hi
@@ -448,7 +488,7 @@ class Pipeline:
                 rest = list(run.queue)
                 run.queue.clear()
                 run.complete = True
-                self._hold(tp, kmsg, _UNTIL_RELEASED)  # before what is held already
+                self._hold(tp, kmsg, _UNTIL_RELEASED, _NOT_DUE)  # before what is held already
                 self._held[tp][1:1] = rest
                 self.processed -= len(rest)
                 return
@@ -520,6 +560,7 @@ class Pipeline:
         for tp in tps:
             self.tracker.get(*tp)
             self._unprocessed_lo.pop(tp, None)
+            self.started_at[tp] = committed.get(tp, -1)
         if self.guard is None:
             return
         states = await self.guard.recover(tps, committed)
@@ -530,6 +571,9 @@ class Pipeline:
     async def revoked(self, tps: list[TP], lost: bool) -> list[tuple[TP, int]]:
         """Drain the revoked partitions (bounded), then say what to commit for them."""
         gone = set(tps)
+        self.stalls.forget(tps)
+        for tp in tps:
+            self.started_at.pop(tp, None)
         for tp in tps:
             run = self._suspects.pop(tp, None)
             if run is not None:
@@ -577,6 +621,25 @@ class Pipeline:
         elif self.guard is not None:
             self.guard.forget(tps)
         return offsets
+
+    def waiting(self) -> dict[TP, str]:
+        """Partitions with messages held back (not in the tracker), and why: for the
+        stall alarm. A retry partition whose head is not due yet is not waiting."""
+        out = {tp: why for tp, why in self._held_why.items() if why != _NOT_DUE}
+        for tp in self._suspects:
+            out[tp] = "re-running crash suspects one at a time"
+        for kmsg in self._deferred:
+            tp = (kmsg.topic(), kmsg.partition())
+            out.setdefault(tp, "held back while another partition's crash suspects re-run")
+        return {tp: why for tp, why in out.items() if tp in self.tracker.partitions}
+
+    def status(self) -> tuple[list[PartitionStatus], list[CallerStatus]]:
+        """Frozen rows of every assigned partition and every caller (observe/status)."""
+        return snapshot(self, time.monotonic())
+
+    def watch(self) -> None:
+        """The stall alarm's sample (called a few times a second, off the hot path)."""
+        watch(self, time.monotonic())
 
     def in_flight(self) -> int:
         """Messages held (called from the consumer thread: a snapshot is enough)."""

@@ -214,6 +214,7 @@ class Service:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
             pipeline.commit_due()
+            pipeline.watch()
 
     async def _shutdown(
         self,

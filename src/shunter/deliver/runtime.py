@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from types import CoroutineType
 from typing import Any
 
@@ -106,6 +106,9 @@ class SubscriberRuntime:
         self._lanes: dict[Hashable, deque[Message] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[Message, None] = {}  # suspended deliveries
+        # Running deliveries taken away by an operator (skip): their handler runs on,
+        # but its outcome is not theirs to settle and their lane has moved on already.
+        self._detached: set[Message] = set()
         # Chosen once: the lane function runs twice per delivery (inlined for keys).
         self._lane: Callable[[Message], Hashable] = _LANES[ordering]
         self._by_key = ordering == "key"
@@ -308,6 +311,17 @@ class SubscriberRuntime:
         self.kick()
 
     def _done(self, msg: Message, outcome: Outcome, started: float) -> None:
+        if self._detached and msg in self._detached:
+            self._detached.discard(msg)
+            log.warning(
+                "caller %s: the handler of skipped %s[%d]@%d returned; its outcome is ignored",
+                self.caller,
+                msg.topic,
+                msg.partition,
+                msg.offset,
+                extra=_coordinates(msg),
+            )
+            return
         self._next_in_lane(msg)
         try:
             self._settle(msg, outcome, time.perf_counter() - started)
@@ -324,6 +338,39 @@ class SubscriberRuntime:
         else:
             self._lanes.pop(lane, None)
 
+    # -- what is pending, and taking deliveries away -------------------------------------
+
+    def pending(self) -> Iterator[tuple[Message, bool]]:
+        """Every delivery here not yet settled, as (message, running in its handler)."""
+        for msg in self._running:
+            if msg not in self._detached:
+                yield msg, True
+        yield from ((msg, False) for msg in self._runnable)
+        for queued in self._lanes.values():
+            if queued:
+                yield from ((msg, False) for msg in queued)
+
+    def withdraw(self, match: Callable[[Message], bool]) -> list[Message]:
+        """Take the matching deliveries away, unsettled, for the caller to settle.
+
+        A queued one leaves its queue; a running one is detached: its handler runs on
+        (a thread cannot be stopped), its outcome will be ignored, and its lane moves
+        on now, so what waited behind it in order runs."""
+        taken = [msg for msg, _ in self.pending() if match(msg)]
+        for msg in taken:
+            if msg in self._running:
+                self._detached.add(msg)
+                self._next_in_lane(msg)
+            elif msg in self._runnable:
+                self._runnable.remove(msg)
+                self._next_in_lane(msg)
+            else:
+                lane = self._lanes.get(self.lane_of(msg))
+                if lane:
+                    lane.remove(msg)
+        self.kick()
+        return taken
+
     # -- control --------------------------------------------------------------------------
 
     def pause(self) -> list[Message]:
@@ -334,7 +381,11 @@ class SubscriberRuntime:
             if queued:
                 waiting.extend(queued)
         self._runnable.clear()
-        busy = {lane: _BUSY for m in self._running if (lane := self.lane_of(m)) is not None}
+        busy = {
+            lane: _BUSY
+            for m, running in self.pending()
+            if running and (lane := self.lane_of(m)) is not None
+        }
         self._lanes.clear()  # in place: a runner holds this very dict
         self._lanes.update(busy)
         return waiting

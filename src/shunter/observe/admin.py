@@ -77,10 +77,27 @@ def _gauges(service: Service) -> Any:
                 position = tracker.committable()
                 if marks is not None and position >= 0:
                     lag.add_metric([topic, str(part)], max(0, marks[1] - position))
+        stalled = GaugeMetricFamily(
+            "shunter_partition_stalled",
+            "1 while the partition has not moved for kafka.stall_after with offsets waiting.",
+            labels=["topic", "partition"],
+        )
+        stuck = GaugeMetricFamily(
+            "shunter_partition_stuck_seconds",
+            "Seconds the partition's position has not moved while offsets wait.",
+            labels=["topic", "partition"],
+        )
+        if pipeline is not None:
+            for row in pipeline.status()[0]:
+                labels = [row.topic, str(row.partition)]
+                stalled.add_metric(labels, 1.0 if row.stalled else 0.0)
+                stuck.add_metric(labels, row.stuck_seconds)
         yield pending
         yield paused
         yield lag
         yield held
+        yield stalled
+        yield stuck
 
     return collect
 
@@ -102,8 +119,13 @@ async def start_admin(service: Service) -> web.AppRunner:
         return web.json_response({"status": "ok"})
 
     async def ready(_: web.Request) -> web.Response:
-        ok = service.ready.is_set() and service.pipeline is not None
-        return web.json_response({"ready": ok}, status=200 if ok else 503)
+        pipeline = service.pipeline
+        ok = service.ready.is_set() and pipeline is not None
+        stalled = []
+        if pipeline is not None:
+            stalled = [p.as_dict() for p in pipeline.status()[0] if p.stalled]
+        ok = ok and not stalled
+        return web.json_response({"ready": ok, "stalled": stalled}, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
@@ -114,7 +136,9 @@ async def start_admin(service: Service) -> web.AppRunner:
         return web.json_response(topology(service))
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response(service.stats.by_caller())
+        pipeline = service.pipeline
+        stalled = [p.as_dict() for p in pipeline.status()[0] if p.stalled] if pipeline else []
+        return web.json_response({"callers": service.stats.by_caller(), "stalled": stalled})
 
     async def pause_resume(request: web.Request) -> web.Response:
         if not authorized(request):

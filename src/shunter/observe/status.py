@@ -6,8 +6,17 @@ runtimes or the consumer. Every field is a plain value, safe to serialise as it 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..pipeline import Pipeline
+
+log = logging.getLogger("shunter.stall")
+
+TP = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +34,7 @@ class PartitionStatus:
     lag_seconds: float  # age of the oldest unsettled record by its Kafka timestamp (0: none)
     stuck_seconds: float  # how long the position has not moved while offsets were unsettled
     held: str  # "" or why the oldest unsettled offset waits (see Pipeline.status)
-    stalled: bool  # stuck_seconds > kafka.stall_after
+    stalled: bool  # stuck_seconds >= kafka.stall_after
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,3 +53,122 @@ class CallerStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# -- building the rows, and the stall alarm ------------------------------------------------
+
+
+def snapshot(pipeline: Pipeline, now: float) -> tuple[list[PartitionStatus], list[CallerStatus]]:
+    """The rows of every assigned partition and every caller, at monotonic time ``now``."""
+    oldest = _oldest_pending(pipeline)
+    wall_ms = time.time() * 1000
+    stall_after = pipeline.stalls.stall_after
+    partitions = []
+    for tp, tracker in list(pipeline.tracker.partitions.items()):
+        marks = pipeline.source.watermarks(tp) if pipeline.source is not None else None
+        position = tracker.committable()
+        if position < 0:  # nothing read yet: where the group would start
+            start = pipeline.started_at.get(tp, -1)
+            position = start if start >= 0 else (marks[0] if marks else -1)
+        end = marks[1] if marks else None
+        stuck = pipeline.stalls.stuck_for(tp, now)
+        found = oldest.get(tp)
+        partitions.append(
+            PartitionStatus(
+                topic=tp[0],
+                partition=tp[1],
+                kind="retry" if tp[0] in pipeline.retry_topics else "source",
+                position=position,
+                committed=tracker.committed,
+                end=end,
+                lag=max(0, end - position) if end is not None and position >= 0 else None,
+                in_flight=tracker.in_flight,
+                lag_seconds=max(0.0, (wall_ms - found.timestamp) / 1000) if found else 0.0,
+                stuck_seconds=stuck,
+                held=why_held(pipeline, tp, oldest) if stuck > 0 else "",
+                stalled=stuck >= stall_after,
+            )
+        )
+    callers = []
+    for caller, runtime in pipeline.runtimes.items():
+        stamps = [m.timestamp for m, _ in runtime.pending()]
+        callers.append(
+            CallerStatus(
+                caller=caller,
+                category=pipeline.config.subscriber(caller).category,
+                paused=runtime.paused,
+                queued=runtime.queued,
+                running=runtime.active,
+                oldest_pending_seconds=max(0.0, (wall_ms - min(stamps)) / 1000) if stamps else 0.0,
+            )
+        )
+    return partitions, callers
+
+
+@dataclass(frozen=True, slots=True)
+class _Oldest:
+    """A partition's oldest delivery still pending in a caller's queue or handler."""
+
+    offset: int
+    timestamp: int
+    caller: str
+    running: bool
+    paused: bool
+
+
+def why_held(pipeline: Pipeline, tp: TP, oldest: dict[TP, _Oldest] | None = None) -> str:
+    """Why the oldest unsettled offset of ``tp`` (or its held-back messages) waits."""
+    tracker = pipeline.tracker.partitions.get(tp)
+    if tracker is None:
+        return ""
+    if not tracker.pending:
+        return pipeline.waiting().get(tp, "")
+    offset = tracker.committable()
+    where = f"offset {offset}"
+    found = (_oldest_pending(pipeline) if oldest is None else oldest).get(tp)
+    if found is not None and found.offset == offset:
+        if found.running:
+            return f"{where}: in the handler of caller {found.caller}"
+        paused = " (caller paused)" if found.paused else ""
+        return f"{where}: queued for caller {found.caller}{paused}"
+    failing = pipeline.settler.failing.get((tp, offset))
+    if failing:
+        return f"{where}: its write keeps failing ({failing})"
+    return f"{where}: waiting for the broker to acknowledge its retry or dead-letter record"
+
+
+def watch(pipeline: Pipeline, now: float) -> None:
+    """Sample which partitions wait, and report those stalled (and those moving again)."""
+    waiting = {tp: t.committable() for tp, t in pipeline.tracker.partitions.items() if t.pending}
+    for tp in pipeline.waiting():
+        waiting.setdefault(tp, pipeline.tracker.partitions[tp].committable())
+    stalled, moving = pipeline.stalls.sample(waiting, now)
+    oldest = _oldest_pending(pipeline) if stalled else {}
+    for tp in stalled:
+        offset = waiting[tp]
+        log.error(
+            "partition %s[%d] has not moved for %.0fs: %s. It holds every commit of the "
+            "partition; `shunter skip --topic %s --partition %d --offset %d` dead-letters "
+            "that record and moves the partition on",
+            *tp,
+            pipeline.stalls.stuck_for(tp, now),
+            why_held(pipeline, tp, oldest),
+            *tp,
+            offset,
+            extra={"topic": tp[0], "partition": tp[1], "offset": offset, "stalled": True},
+        )
+    for tp in moving:
+        log.warning("partition %s[%d] moves again", *tp, extra={"topic": tp[0], "partition": tp[1]})
+
+
+def _oldest_pending(pipeline: Pipeline) -> dict[TP, _Oldest]:
+    """Per partition, its oldest delivery still pending in a queue or a handler."""
+    oldest: dict[TP, _Oldest] = {}
+    for caller, runtime in pipeline.runtimes.items():
+        for msg, running in runtime.pending():
+            record = msg._record
+            tp = record.ptrack.tp
+            found = oldest.get(tp)
+            if found is None or record.seq < found.offset:
+                oldest[tp] = _Oldest(record.seq, record.timestamp, caller, running, runtime.paused)
+    return oldest

@@ -56,6 +56,11 @@ class Settler:
             "dlq": config.dlq_topic,
         }
         self._flood = flood
+        # Writes the broker refused, being retried: (consumed tp, offset) -> last error.
+        self.failing: dict[tuple[tuple[str, int], int], str] = {}
+        # Deliveries an operator skipped: (consumed tp, offset, caller or "" for all).
+        # A write of theirs being retried is given up: the skip's record stands for it.
+        self._abandoned: set[tuple[tuple[str, int], int, str]] = set()
 
     def succeeded(self, done: list[tuple[Message, float]]) -> None:
         """Settle successful deliveries of one caller (the runtime's ``SettleMany``)."""
@@ -273,9 +278,12 @@ class Settler:
         def done(err: KafkaError | None) -> None:
             if err is None:
                 self._stats.written(tier)
+                if self.failing:
+                    self.failing.pop((record.ptrack.tp, record.seq), None)
                 record.settle_one()
                 return
             self._stats.write_failed(tier)
+            self.failing[(record.ptrack.tp, record.seq)] = f"write to {topic}: {err}"
             if err.code() in _TOO_LARGE and not stub:
                 log.error(
                     "%s[%d]@%d is too large for %s (%s); dead-lettered without its payload",
@@ -303,10 +311,34 @@ class Settler:
                 backoff,
             )
             asyncio.get_running_loop().call_later(
-                backoff, self._write, record, info, tier, min(backoff * 2, _BACKOFF_MAX), stub
+                backoff, self._rewrite, record, info, tier, min(backoff * 2, _BACKOFF_MAX), stub
             )
 
         self._producer.send(topic, key, value, encoded, done)
+
+    def _rewrite(
+        self, record: Record, info: h.FailureInfo, tier: str, backoff: float, stub: bool
+    ) -> None:
+        tp, seq = record.ptrack.tp, record.seq
+        if self._abandoned and (
+            (tp, seq, "") in self._abandoned or (tp, seq, info.caller) in self._abandoned
+        ):
+            log.warning(
+                "%s[%d]@%d was skipped by an operator: its write to %s is given up",
+                *tp,
+                seq,
+                self._topics[tier],
+            )
+            self.failing.pop((tp, seq), None)
+            record.settle_one()
+            return
+        self._write(record, info, tier, backoff, stub)
+
+    def abandon(self, tp: tuple[str, int], offset: int, caller: str = "") -> bool:
+        """Give up the retried writes of a skipped record (of one caller, or ""); True
+        when one of the record's writes is failing now."""
+        self._abandoned.add((tp, offset, caller))
+        return (tp, offset) in self.failing
 
     def _log_failure(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> None:
         record = msg._record

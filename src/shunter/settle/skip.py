@@ -1,0 +1,104 @@
+"""The operator's one-record exit: ``shunter skip``.
+
+On the night shunter was born from, the only way out of a stuck partition was to commit
+before processing, which threw everything away. A skip moves exactly one record (or one
+caller's delivery of it) to the dead-letter topic with reason ``skipped by operator``, and
+its partition moves on. Whatever of the record waits on this instance is taken away:
+
+- a queued delivery leaves its queue; a running one is detached (its handler runs on,
+  its outcome is ignored, its lane moves on);
+- a write of it to a retry tier that the broker keeps refusing is given up;
+- a record not read yet (or on a partition not assigned here yet) is remembered, and
+  dead-lettered unrun when it is read.
+
+Each taken delivery is settled by its dead-letter record: the offset is released only
+when the broker has that record, like any other settlement.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from ..commit import OffsetTracker
+from ..deliver import SubscriberRuntime
+from ..message import Message
+from .settler import Settler
+
+log = logging.getLogger("shunter.skip")
+
+SKIPPED = "skipped by operator"
+TP = tuple[str, int]
+
+
+class Skipper:
+    def __init__(
+        self, tracker: OffsetTracker, runtimes: Mapping[str, SubscriberRuntime], settler: Settler
+    ) -> None:
+        self._tracker = tracker
+        self._runtimes = runtimes
+        self._settler = settler
+        # Skips of records not read yet: tp -> offset -> caller ("" for every caller).
+        self.later: dict[TP, dict[int, str]] = {}
+
+    def skip(self, tp: TP, offset: int, caller: str = "") -> str:
+        """Skip ``tp@offset`` (for ``caller`` only, if given); say what was done."""
+        where = f"{tp[0]}[{tp[1]}]@{offset}" + (f" for caller {caller}" if caller else "")
+        if caller and caller not in self._runtimes:
+            return f"{where}: unknown caller {caller!r}"
+        ptrack = self._tracker.partitions.get(tp)
+        if ptrack is None or offset >= ptrack.high:
+            self.later.setdefault(tp, {})[offset] = caller
+            return f"{where}: not read here yet; it is dead-lettered unrun when it is"
+        if offset not in ptrack.pending:
+            return f"{where}: already settled; nothing to skip"
+
+        def of_it(msg: Message) -> bool:
+            return msg._record.ptrack is ptrack and msg._record.seq == offset
+
+        taken = [
+            msg
+            for runtime in self._runtimes.values()
+            if not caller or runtime.caller == caller
+            for msg in runtime.withdraw(of_it)
+        ]
+        failing = self._settler.abandon(tp, offset, caller)
+        for msg in taken:
+            self.dead_letter(msg)
+        if not taken and not failing:
+            return (
+                f"{where}: nothing of it waits in a queue, a handler or a failing write "
+                "here; a write of it is in flight and settles by itself"
+            )
+        log.warning(
+            "%s skipped by an operator: %d deliveries dead-lettered%s",
+            where,
+            len(taken),
+            ", a failing write given up" if failing else "",
+            extra={"topic": tp[0], "partition": tp[1], "offset": offset, "caller": caller},
+        )
+        return f"{where}: skipped ({len(taken)} deliveries dead-lettered)" + (
+            ", its failing write given up" if failing else ""
+        )
+
+    def due(self, tp: TP, offset: int) -> str | None:
+        """A skip waiting for this record: the caller ("" for all), or None."""
+        waiting = self.later.get(tp)
+        if not waiting:
+            return None
+        caller = waiting.pop(offset, None)
+        if not waiting:
+            del self.later[tp]
+        return caller
+
+    def dead_letter(self, msg: Message) -> None:
+        """Settle one delivery as skipped: to the dead-letter topic for its caller."""
+        self._settler.unrun(
+            msg._record,
+            "deliver",
+            "Skipped",
+            SKIPPED,
+            caller=msg.caller,
+            category=msg.category,
+            attempt=msg.attempt,
+        )
