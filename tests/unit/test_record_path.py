@@ -1,0 +1,518 @@
+"""The record path is poison-proof: every consumed record ends delivered, in a retry tier
+or in the dead-letter topic, or its partition is visibly stalled; and an operator can
+move one stuck record on. A real event loop, a fake consumer and a fake broker."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import KafkaError
+
+from shunter.classify import Router
+from shunter.config import parse_config
+from shunter.decode import build_decoders
+from shunter.deliver import SubscriberRuntime
+from shunter.errors import DeadLetter, RetryLater
+from shunter.message import Message
+from shunter.observe.stalls import StallWatch
+from shunter.observe.stats import Stats
+from shunter.pipeline import Pipeline
+from shunter.settle import Settler
+from shunter.settle import headers as h
+
+TOPIC = "gifts"
+TP = (TOPIC, 0)
+
+
+class KMsg:
+    """A consumed record; ``broken`` names accessors that raise like a hostile record's."""
+
+    def __init__(
+        self,
+        offset: int,
+        value: Any = None,
+        *,
+        key: bytes | None = b"k",
+        headers: list[tuple[str, bytes | None]] | None = None,
+        broken: tuple[str, ...] = (),
+        topic: str = TOPIC,
+    ) -> None:
+        self._offset = offset
+        if value is None:
+            value = {"n": offset}
+        self._value = value if isinstance(value, bytes) else orjson.dumps(value)
+        self._key = key
+        self._headers = headers
+        self._broken = broken
+        self._topic = topic
+
+    def _check(self, name: str) -> None:
+        if name in self._broken:
+            raise SystemError(f"<built-in method {name}> returned a result with an exception set")
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes | None:
+        self._check("key")
+        return self._key
+
+    def value(self) -> bytes:
+        self._check("value")
+        return self._value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, int(time.time() * 1000))
+
+    def headers(self) -> list[tuple[str, bytes | None]] | None:
+        self._check("headers")
+        return self._headers
+
+
+class Broker:
+    """The retry tiers' and dead-letter topic's producer. ``refuse(topic, value)`` says
+    which error a write gets (None: acknowledged); ``hold`` keeps acknowledgements."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes | None, dict[str, bytes | None]]] = []
+        self.refuse: Callable[[str, bytes | None, bytes | None], KafkaError | None] = (
+            lambda topic, key, value: None
+        )
+
+    def send(self, topic: str, key: Any, value: Any, headers: Any, done: Any,
+             partition: Any = None) -> None:
+        err = self.refuse(topic, key, value)
+        if err is None:
+            self.sent.append((topic, key, value, dict(headers)))
+        asyncio.get_running_loop().call_soon(done, err)
+
+    def dead_letters(self) -> list[dict[str, bytes | None]]:
+        return [hdrs for topic, _, _, hdrs in self.sent if topic == "g.dlq"]
+
+
+class FakeSource:
+    def __init__(self) -> None:
+        self.paused: set[tuple[str, int]] = set()
+
+    def pause_partition(self, tp: tuple[str, int]) -> None:
+        self.paused.add(tp)
+
+    def resume_partition(self, tp: tuple[str, int]) -> None:
+        self.paused.discard(tp)
+
+    def watermarks(self, tp: tuple[str, int]) -> tuple[int, int] | None:
+        return None
+
+    def commit(self, offsets: Any) -> None:
+        pass
+
+
+Handler = Callable[[Message], Any]
+
+
+def build(
+    handlers: dict[str, Handler],
+    *,
+    where: str | None = None,
+    timeout: str = "30s",
+    stall_after: str = "60s",
+) -> tuple[Pipeline, Broker, list[tuple[str, int]]]:
+    """A pipeline over one topic whose category (with ``where``) every caller takes."""
+    category: dict[str, Any] = {"topics": [TOPIC]}
+    if where is not None:
+        category["where"] = where
+    config = parse_config({
+        "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g",
+                  "stall_after": stall_after},
+        "topics": {TOPIC: {}},
+        "categories": {"revenue": category},
+        "subscribers": [
+            {"caller": c, "category": "revenue", "handler": "m:f", "timeout": timeout}
+            for c in handlers
+        ],
+        "retry": {"fast": {"attempts": 1, "delay": "1s"}, "slow": {"attempts": 1, "delay": "1s"}},
+        "crash_guard": {"enabled": False},
+        "admin": {"listen": None},
+    })
+    broker = Broker()
+    stats = Stats({c: "revenue" for c in handlers})
+    settler = Settler(config, broker, stats)  # type: ignore[arg-type]
+    received: list[tuple[str, int]] = []
+
+    def receiving(caller: str, handler: Handler) -> Handler:
+        def invoke(msg: Message) -> Any:
+            received.append((caller, msg.offset))
+            return handler(msg)
+
+        return invoke
+
+    runtimes = {
+        c: SubscriberRuntime(c, receiving(c, f), settler, timeout=30.0)
+        for c, f in handlers.items()
+    }
+    pipeline = Pipeline(config, build_decoders(config), Router(config), runtimes, settler, stats)
+    pipeline.source = FakeSource()
+    return pipeline, broker, received
+
+
+async def start(pipeline: Pipeline) -> None:
+    await pipeline.assigned([TP], {TP: -1})
+
+
+async def settle(rounds: int = 30) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0.005)
+
+
+def ok(msg: Message) -> None:
+    return None
+
+
+def test_a_record_whose_headers_cannot_be_read_is_dead_lettered_and_held_until_written() -> None:
+    """Given offsets 0..4 where 2's header names are not UTF-8 (reading them raises),
+    when the batch is processed and the dead-letter write is refused twice first,
+    then 0, 1, 3, 4 are delivered, 2 reaches the dead-letter topic with stage internal
+    and its traceback, and the commit never passes 2 before the broker has its record."""
+
+    async def scenario() -> None:
+        pipeline, broker, received = build({"medal": ok})
+        refusals = [KafkaError(KafkaError._MSG_TIMED_OUT)] * 2
+        broker.refuse = lambda topic, key, value: refusals.pop() if refusals else None
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(o, broken=("headers",) if o == 2 else ()) for o in range(5)])
+        await settle()
+        tracker = pipeline.tracker.partitions[TP]
+        assert sorted(o for _, o in received) == [0, 1, 3, 4]
+        assert tracker.committable() == 2, "held while its dead-letter write is refused"
+        await asyncio.sleep(1.7)  # two backoffs: 0.5 s, then 1 s
+        [dead] = broker.dead_letters()
+        assert dead[h.STAGE] == b"internal"
+        assert dead[h.ERROR_TYPE] == b"SystemError"
+        assert dead[h.ORIGIN_OFFSET] == b"2"
+        assert b"headers" in (dead[h.TRACEBACK] or b"")
+        assert tracker.committable() == 5
+        assert pipeline.stats.write_failures["dlq"] == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_anywhere_in_the_path_is_dead_lettered_once_never_skipped() -> None:
+    """A decoder that raises something no one foresaw (not a rejection) is shunter's own
+    failure: the record is dead-lettered once with stage internal, nothing is delivered."""
+
+    async def scenario() -> None:
+        pipeline, broker, received = build({"a": ok, "b": ok})
+
+        def broken_decoder(raw: bytes) -> Any:
+            raise MemoryError("no room")
+
+        pipeline.decoders[TOPIC] = broken_decoder
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0), KMsg(1)])
+        await settle()
+        assert received == []
+        assert [d[h.ORIGIN_OFFSET] for d in broker.dead_letters()] == [b"0", b"1"]
+        assert {d[h.STAGE] for d in broker.dead_letters()} == {b"internal"}
+        assert pipeline.tracker.partitions[TP].committable() == 2
+
+    asyncio.run(scenario())
+
+
+def test_an_oversized_record_becomes_a_stub_that_stays_a_stub() -> None:
+    """Given a rejected payload with a 600 kB key, when every write carrying the key or
+    the payload is refused as too large and the first stub write fails once too,
+    then the stub (no key, no payload, no key copy) is written again as a stub, with an
+    error text that does not grow, and the offset is released."""
+
+    async def scenario() -> None:
+        pipeline, broker, _ = build({"medal": ok})
+        timeouts = [KafkaError(KafkaError._MSG_TIMED_OUT)]
+
+        def refuse(topic: str, key: bytes | None, value: bytes | None) -> KafkaError | None:
+            if key is not None or value is not None:
+                return KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)
+            return timeouts.pop() if timeouts else None
+
+        broker.refuse = refuse
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0, value=b"not json", key=b"k" * 600_000)])
+        await asyncio.sleep(0.8)
+        [(topic, key, value, headers)] = broker.sent
+        assert (topic, key, value) == ("g.dlq", None, None)
+        assert h.ORIGIN_KEY not in headers
+        assert headers[h.PAYLOAD_OMITTED] is not None
+        assert headers[h.STAGE] == b"decode"
+        assert (headers[h.ERROR] or b"").count(b"too large to keep") == 1
+        assert sum(len(k) + len(v or b"") for k, v in headers.items()) < 16_384
+        assert pipeline.tracker.partitions[TP].committable() == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("delay", [1e308, math.inf, 10**400], ids=["1e308", "inf", "10**400"])
+def test_a_huge_retry_delay_is_cut_to_seven_days_and_settles(delay: float) -> None:
+    async def scenario() -> None:
+        def later(msg: Message) -> None:
+            raise RetryLater(delay=delay)
+
+        pipeline, broker, _ = build({"medal": later})
+        await start(pipeline)
+        before = int(time.time() * 1000)
+        pipeline.handle_batch([KMsg(0)])
+        await settle()
+        [(topic, _, _, headers)] = broker.sent
+        assert topic == "g.retry.fast"
+        not_before = int(headers[h.NOT_BEFORE] or b"0")
+        assert before + 7 * 86_400_000 <= not_before <= time.time() * 1000 + 7 * 86_400_000
+        assert pipeline.tracker.partitions[TP].committable() == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_handler_that_changes_its_retry_delay_after_raising_still_settles() -> None:
+    async def scenario() -> None:
+        def sneaky(msg: Message) -> None:
+            exc = RetryLater(delay=1)
+            exc.delay = float("nan")
+            raise exc
+
+        pipeline, broker, _ = build({"medal": sneaky})
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0)])
+        await settle()
+        assert [t for t, *_ in broker.sent] == ["g.retry.fast"]
+        assert pipeline.tracker.partitions[TP].committable() == 1
+
+    asyncio.run(scenario())
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [KeyboardInterrupt(), SystemExit(3), Unprintable(), DeadLetter(b"\xff" * 10)],  # type: ignore[arg-type]
+    ids=["KeyboardInterrupt", "SystemExit", "unprintable", "bytes-reason"],
+)
+def test_whatever_a_handler_raises_is_its_outcome(raised: BaseException) -> None:
+    async def scenario() -> None:
+        def careless(msg: Message) -> None:
+            raise raised
+
+        async def careless_async(msg: Message) -> None:
+            await asyncio.sleep(0)
+            raise raised
+
+        pipeline, broker, _ = build({"sync": careless, "async": careless_async})
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0)])
+        await settle()
+        assert len(broker.sent) == 2
+        assert {hdrs[h.CALLER] for *_, hdrs in broker.sent} == {b"sync", b"async"}
+        assert pipeline.tracker.partitions[TP].committable() == 1
+
+    asyncio.run(scenario())
+
+
+def test_settling_that_fails_dead_letters_the_delivery_as_internal() -> None:
+    async def scenario() -> None:
+        def failing(msg: Message) -> None:
+            raise ValueError("boom")
+
+        pipeline, broker, _ = build({"medal": failing})
+
+        def broken_info(*args: Any) -> Any:
+            raise RuntimeError("a bug in describing the failure")
+
+        pipeline.settler._info = broken_info  # type: ignore[method-assign]
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0)])
+        await settle()
+        [dead] = broker.dead_letters()
+        assert dead[h.STAGE] == b"internal"
+        assert dead[h.CALLER] == b"medal"
+        assert b"describing the failure" in (dead[h.TRACEBACK] or b"")
+        assert pipeline.tracker.partitions[TP].committable() == 1
+
+    asyncio.run(scenario())
+
+
+def test_null_header_values_reach_filters_and_handlers() -> None:
+    async def scenario() -> None:
+        seen: list[Any] = []
+
+        def keep(msg: Message) -> None:
+            seen.append(list(msg.headers))
+
+        pipeline, broker, _ = build({"medal": keep}, where="'h' in headers && headers.h == null")
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0, headers=[("h", None), ("bin", b"\xff\x00")])])
+        await settle()
+        assert seen == [[("h", None), ("bin", b"\xff\x00")]]
+        assert broker.sent == []
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_filter_gives_one_dead_letter_record_per_message() -> None:
+    async def scenario() -> None:
+        handlers: dict[str, Handler] = {"a": ok, "b": ok, "c": ok}
+        pipeline, broker, received = build(handlers, where="value.n > 1")
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0, value={"n": "text"}), KMsg(1, value={"n": 5})])
+        await settle()
+        [dead] = broker.dead_letters()
+        assert (dead[h.STAGE], dead[h.CALLER], dead[h.CATEGORY]) == (b"classify", b"", b"revenue")
+        assert dead[h.ORIGIN_OFFSET] == b"0"
+        assert sorted(received) == [("a", 1), ("b", 1), ("c", 1)]
+        assert pipeline.tracker.partitions[TP].committable() == 2
+
+    asyncio.run(scenario())
+
+
+# -- the operator's skip -------------------------------------------------------------------
+
+
+def test_skip_moves_a_partition_stuck_behind_a_handler_that_never_returns() -> None:
+    """Given partition-ordered caller 'stuck' whose handler never returns on offset 1,
+    when an operator skips offset 1,
+    then 1 is dead-lettered for that caller ('skipped by operator'), the offsets behind it
+    run, the partition's commit moves past it, and the handler returning later changes
+    nothing."""
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def stuck(msg: Message) -> None:
+            if msg.offset == 1:
+                await release.wait()
+
+        pipeline, broker, received = build({"stuck": stuck, "other": ok})
+        pipeline.runtimes["stuck"]._lane = lambda msg: "one lane"  # partition ordering
+        pipeline.runtimes["stuck"]._by_key = False
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(o) for o in range(4)])
+        await settle()
+        tracker = pipeline.tracker.partitions[TP]
+        assert tracker.committable() == 1
+        assert ("stuck", 2) not in received
+
+        said = pipeline.skipper.skip(TP, 1, "stuck")
+        assert "skipped" in said
+        await settle()
+        [dead] = broker.dead_letters()
+        assert (dead[h.CALLER], dead[h.ERROR]) == (b"stuck", b"skipped by operator")
+        assert {("stuck", 2), ("stuck", 3)} <= set(received)
+        assert tracker.committable() == 4
+        release.set()
+        await settle()
+        assert len(broker.sent) == 1, "the late outcome is ignored"
+        assert tracker.committable() == 4
+
+    asyncio.run(scenario())
+
+
+def test_skip_of_a_record_not_read_yet_dead_letters_it_unrun_when_it_arrives() -> None:
+    async def scenario() -> None:
+        pipeline, broker, received = build({"medal": ok})
+        await start(pipeline)
+        assert "not read here yet" in pipeline.skipper.skip(TP, 3)
+        pipeline.handle_batch([KMsg(o) for o in range(5)])
+        await settle()
+        assert sorted(o for _, o in received) == [0, 1, 2, 4]
+        [dead] = broker.dead_letters()
+        assert (dead[h.STAGE], dead[h.ERROR], dead[h.ORIGIN_OFFSET]) == (
+            b"skip", b"skipped by operator", b"3")
+        assert pipeline.tracker.partitions[TP].committable() == 5
+
+    asyncio.run(scenario())
+
+
+def test_skip_gives_up_a_write_the_broker_keeps_refusing() -> None:
+    async def scenario() -> None:
+        def failing(msg: Message) -> None:
+            raise ValueError("boom")
+
+        pipeline, broker, _ = build({"medal": failing}, stall_after="0.1s")
+        broker.refuse = lambda topic, key, value: (
+            KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED) if topic == "g.retry.fast" else None
+        )
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0)])
+        await settle()
+        tracker = pipeline.tracker.partitions[TP]
+        assert tracker.committable() == 0
+        pipeline.watch()
+        await asyncio.sleep(0.15)
+        pipeline.watch()
+        [row] = pipeline.status()[0]
+        assert row.stalled and "write keeps failing" in row.held, row
+        said = pipeline.skipper.skip(TP, 0)
+        assert "failing write given up" in said
+        await asyncio.sleep(1.2)
+        assert tracker.committable() == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_stuck_partition_is_reported_stalled_with_its_reason_until_it_moves(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def slow(msg: Message) -> None:
+            if msg.offset == 0:
+                await release.wait()
+
+        pipeline, _, _ = build({"slow": slow}, stall_after="0.2s")
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(0), KMsg(1)])
+        await settle()
+        for _ in range(6):
+            pipeline.watch()
+            await asyncio.sleep(0.05)
+        [row] = pipeline.status()[0]
+        assert row.stalled and row.in_flight == 2 and row.position == 0
+        assert "in the handler of caller slow" in row.held
+        assert any("has not moved" in r.message and "skip" in r.message for r in caplog.records)
+        release.set()
+        await settle()
+        pipeline.watch()
+        [row] = pipeline.status()[0]
+        assert not row.stalled and row.position == 2
+        assert any("moves again" in r.message for r in caplog.records)
+
+    asyncio.run(scenario())
+
+
+def test_stall_watch_reports_once_per_interval_and_forgets_what_moves() -> None:
+    watch = StallWatch(10.0)
+    tp = ("t", 0)
+    assert watch.sample({tp: 5}, 0.0) == ([], [])
+    assert watch.sample({tp: 5}, 9.0) == ([], [])
+    assert watch.sample({tp: 5}, 10.0) == ([tp], [])
+    assert watch.sample({tp: 5}, 15.0) == ([], [])
+    assert watch.sample({tp: 5}, 20.0) == ([tp], [])
+    assert watch.stalled(tp, 20.0)
+    assert watch.sample({tp: 6}, 21.0) == ([], [tp])
+    assert not watch.stalled(tp, 21.0)
+    assert watch.sample({}, 40.0) == ([], [])
+    assert watch.stuck_for(tp, 40.0) == 0.0
