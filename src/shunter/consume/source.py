@@ -35,7 +35,7 @@ log = logging.getLogger("shunter.consume")
 TP = tuple[str, int]
 
 # How often librdkafka refreshes metadata, and so finds a source topic created after start.
-DISCOVERY_INTERVAL = 5.0
+DISCOVERY_INTERVAL = 3.0
 
 
 class Membership:
