@@ -139,9 +139,7 @@ def test_a_pause_through_one_instance_stops_the_caller_on_the_other_within_2s(
 
         def owner() -> str | None:
             owners = [
-                n
-                for n, app in apps.items()
-                if app.service.source.membership().source_partitions
+                n for n, app in apps.items() if app.service.source.membership().source_partitions
             ]
             members = [n for n, app in apps.items() if app.service.source.membership().member]
             return owners[0] if len(owners) == 1 and len(members) == 2 else None
@@ -161,7 +159,9 @@ def test_a_pause_through_one_instance_stops_the_caller_on_the_other_within_2s(
             answered = time.monotonic() - called
             assert answer == {"caller": "medal", "paused": True}
             owner_pauses = apps[own].service.pauses
-            running[own].wait_for(lambda: owner_pauses.is_paused("medal"), timeout=5, interval=0.005)
+            running[own].wait_for(
+                lambda: owner_pauses.is_paused("medal"), timeout=5, interval=0.005
+            )
             stopped = time.monotonic() - called
             audit_before = len(receipts[own].numbers("audit"))
             time.sleep(3.0)
@@ -239,7 +239,7 @@ def test_a_paused_backlog_is_written_once_survives_a_restart_and_comes_back_on_r
         assert all(attempts[n] == 2 for n in range(10)), "a retry keeps its attempt"
         assert all(attempts[n] == 1 for n in range(10, 50))
         control = app.service.control
-        running.wait_for(lambda: f"parked/medal" in control.table)
+        running.wait_for(lambda: "parked/medal" in control.table)
         cursor = orjson.loads(control.table["parked/medal"])["cursor"]
         assert sum(cursor.values()) == 50, cursor
         assert app.service.pauses.backlog()["medal"] == 0
@@ -277,6 +277,53 @@ def test_a_source_topic_created_after_start_is_delivered_within_10s(
         print(f"topic created -> first delivery: {first:.2f} s")
         assert first < 10.0
         running.wait_for(lambda: service.readiness()[0], timeout=10)
-    assert any(
-        f"source topic {topic} appeared" in r.getMessage() for r in caplog.records
-    ), "the new topic is logged"
+    assert any(f"source topic {topic} appeared" in r.getMessage() for r in caplog.records), (
+        "the new topic is logged"
+    )
+
+
+def test_the_flood_guard_pauses_the_caller_on_every_instance(
+    broker: Broker, unique: str, token: str
+) -> None:
+    """Given two instances of one group and a caller that dead-letters everything, when
+    the flood guard of the instance that owns the source partition trips, then the caller
+    is paused on the other instance too, within 2 s of the trip."""
+    topic, group = f"gift-{unique}", f"g-{unique}"
+    broker.create({topic: 1})
+    settings = config(
+        broker,
+        group,
+        topics={topic: {}},
+        categories={"all": {"topics": [topic]}},
+        subscribers=[],
+        retry={"flood_guard": {"window": 10, "max_share": 0.5}},
+    )
+    apps = []
+    for _ in range(2):
+        app = shunter.Dispatcher({**settings, "admin": {"listen": None}})
+
+        @app.subscriber("all", caller="deploy")
+        def broken(msg: shunter.Message) -> None:
+            raise shunter.DeadLetter("bad deploy")
+
+        apps.append(app)
+    with DispatcherThread(apps[0]) as first, DispatcherThread(apps[1]):
+        first.wait_for(
+            lambda: (
+                sum(bool(a.service.source.membership().source_partitions) for a in apps) == 1
+                and all(a.service.source.membership().member for a in apps)
+            )
+        )
+        broker.produce(topic, [{"n": i} for i in range(100)])
+        paused_at: dict[int, float] = {}
+
+        def both_paused() -> bool:
+            for i, a in enumerate(apps):
+                if a.service.pauses.is_paused("deploy"):
+                    paused_at.setdefault(i, time.monotonic())
+            return len(paused_at) == 2
+
+        first.wait_for(both_paused, timeout=60, interval=0.005)
+        spread = max(paused_at.values()) - min(paused_at.values())
+        print(f"flood guard pause reached the other instance {spread * 1000:.0f} ms later")
+        assert spread < 2.0

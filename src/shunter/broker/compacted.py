@@ -70,6 +70,7 @@ class TableFollower:
     partition, and ``on_caught_up()`` once, after the records that were in the topic when
     it started (end-of-partition seen on every partition: see ``read_table``). Then it
     keeps reading new records as they come (a fetch waits at most 100 ms on the broker).
+    ``on_failed(exc)`` reports a failure, after which it follows again from the start.
     """
 
     def __init__(
@@ -80,17 +81,14 @@ class TableFollower:
         on_caught_up: Callable[[], None],
         on_failed: Callable[[BaseException], None] = lambda _exc: None,
     ) -> None:
-        self._consumer = Consumer(
-            {
-                **settings,
-                "group.id": "shunter-table-follower",  # required by the client; never joined
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 100,
-                "topic.metadata.refresh.interval.ms": 10_000,
-            }
-        )
+        self._settings = {
+            **settings,
+            "group.id": "shunter-table-follower",  # required by the client; never joined
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100,
+        }
         self._topic = topic
         self._on_record = on_record
         self._on_caught_up = on_caught_up
@@ -113,16 +111,20 @@ class TableFollower:
         return self._thread.is_alive()
 
     def _run(self) -> None:
-        try:
-            self._follow()
-        except BaseException as exc:  # reported: a silent follower would be worse
-            self.failed = exc
-            self._on_failed(exc)
-        finally:
-            self._consumer.close()
+        """Follow; after a failure (the broker gone, say), start again from the beginning:
+        reading the table again is harmless, since only the last value of a key counts."""
+        while not self._stop.is_set():
+            consumer = Consumer(self._settings)
+            try:
+                self._follow(consumer)
+            except Exception as exc:  # reported: a silent follower would be worse
+                self.failed = exc
+                self._on_failed(exc)
+                self._stop.wait(1.0)
+            finally:
+                consumer.close()
 
-    def _follow(self) -> None:
-        consumer = self._consumer
+    def _follow(self, consumer: Consumer) -> None:
         deadline = time.monotonic() + 30.0
         while True:
             meta = consumer.list_topics(self._topic, timeout=10).topics.get(self._topic)

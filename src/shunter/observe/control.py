@@ -102,9 +102,7 @@ class ControlTopic:
         self._loop.call_soon_threadsafe(self._caught_up.set)  # after every record before it
 
     def _failed(self, exc: BaseException) -> None:
-        log.critical(
-            "following %s failed; pause/resume no longer reach this instance: %s", self.topic, exc
-        )
+        log.error("following %s failed (%s); following it again from the start", self.topic, exc)
 
     def _apply(self, key: str, value: bytes | None) -> None:
         if value is None:
