@@ -232,6 +232,11 @@ class Config(_Strict):
         return f"{self.kafka.group_id}.control"
 
     @property
+    def parked_topic(self) -> str:
+        """Where a paused caller's deliveries wait (never consumed by the group)."""
+        return f"{self.kafka.group_id}.parked"
+
+    @property
     def journal_topic(self) -> str:
         return self.crash_guard.journal_topic or f"{self.kafka.group_id}.journal"
 
@@ -326,6 +331,7 @@ def _cross_check(config: Config, problems: list[str]) -> None:
         config.dlq_topic,
         config.journal_topic,
         config.control_topic,
+        config.parked_topic,
     }
     for name in config.topics:
         if name in internal:

@@ -1,8 +1,17 @@
 """Assembling and running one shunter instance.
 
-Start-up order: broker → topics → decoders, router, subscribers, settler → pipeline →
+Start-up order: broker → topics → decoders, router, subscribers, settler → control topic
+(followed live; paused callers are paused before anything is consumed) → pipeline →
 admin API → consumer. Shutdown reverses it: stop fetching → drain (bounded) → final
-synchronous commit on leaving the group → close subscribers → flush the producer.
+synchronous commit on leaving the group → close subscribers → stop following the control
+topic → flush the producer.
+
+Readiness (``readiness()``): this instance follows the control topic, is a member of its
+group and owns at least one source-topic partition. A member that owns none — retry-tier
+partitions only, or nothing because the group has more members than source partitions —
+is *not ready*, by choice: ready means "consuming its share of the source topics", and a
+spare instance is not (it is alive: ``/health``). Run at most as many instances as the
+source topics have partitions where a rollout waits for readiness.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ from .decode import build_decoders
 from .deliver import SubscriberRuntime
 from .deliver.invoke import Handler, inline, threaded
 from .errors import ConfigError
-from .observe.control import CallerControl
+from .observe.control import ControlTopic
 from .observe.flood import FloodGuard
+from .observe.pause import CallerPauses
 from .observe.stats import Stats
 from .pipeline import Pipeline
 from .settle import Settler
@@ -46,8 +56,9 @@ class Service:
         self._pools: list[ThreadPoolExecutor] = []
         self._closers: list[Any] = []
         self.stuck_threads = 0  # handler threads still running past their timeout at exit
-        self._background: set[asyncio.Task[None]] = set()
-        self.control: CallerControl
+        self.control: ControlTopic | None = None
+        self.pauses: CallerPauses | None = None
+        self.source: Any = None  # the KafkaSource, once it exists
 
     def client_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = dict(self.config.kafka.client)
@@ -70,7 +81,8 @@ class Service:
         settings = self.client_settings()
         cfg = self.config
         internal = {
-            t: cfg.retry.partitions for t in (cfg.fast_topic, cfg.slow_topic, cfg.dlq_topic)
+            t: cfg.retry.partitions
+            for t in (cfg.fast_topic, cfg.slow_topic, cfg.dlq_topic, cfg.parked_topic)
         }
         ensure_topics(settings, internal)
         ensure_topics(
@@ -140,20 +152,7 @@ class Service:
             flood = self.flood = FloodGuard(self.config.retry.flood_guard)
             settler = Settler(self.config, producer, self.stats, flood=flood)
             runtimes = self._runtimes(loop, settler)
-            flood.runtimes = runtimes
-            flood.park = settler.park
-            control = self.control = CallerControl(
-                producer, self.config.control_topic, self.client_settings()
-            )
-            flood.on_pause = self._persist_pause
-            for caller, reason in (await asyncio.to_thread(control.paused)).items():
-                if caller in runtimes:
-                    runtimes[caller].pause()
-                    log.warning(
-                        "caller %s is paused (%s); resume it through the admin API",
-                        caller,
-                        reason or "no reason recorded",
-                    )
+            control, pauses = await self._start_control(loop, producer, settler, runtimes, flood)
             guard = None
             if self.config.crash_guard.enabled:
                 guard = CrashGuard(
@@ -187,8 +186,9 @@ class Service:
                 batch_size=self.config.kafka.batch_size,
                 max_in_flight=self.config.kafka.max_in_flight,
                 revoke_timeout=self.config.kafka.drain_timeout + 30.0,
+                source_topics=list(self.config.topics),
             )
-            pipeline.source = source
+            pipeline.source = self.source = source
             admin = await self._start_admin()
             source.start()
             self.ready.set()
@@ -199,10 +199,12 @@ class Service:
                 self.config.kafka.group_id,
             )
             await self._serve(stop, pipeline)
-            await self._shutdown(source, pipeline, runtimes, producer)
+            await self._shutdown(source, pipeline, runtimes, producer, control, pauses)
             if admin is not None:
                 await admin.cleanup()
         finally:
+            if self.control is not None:
+                await self.control.stop()  # also when start-up failed half-way
             if stop_watchdog is not None:
                 stop_watchdog()
             if self.broker is not None:
@@ -222,6 +224,8 @@ class Service:
         pipeline: Pipeline,
         runtimes: dict[str, SubscriberRuntime],
         producer: ReliableProducer,
+        control: ControlTopic,
+        pauses: CallerPauses,
     ) -> None:
         log.info("stopping: draining in-flight deliveries")
         source.stop_fetching()
@@ -255,13 +259,59 @@ class Service:
                 "deliveries are settled, and the process exits without them",
                 self.stuck_threads,
             )
+        await pauses.close()
+        await control.stop()
         await asyncio.to_thread(producer.close)
         log.info("stopped")
 
-    def _persist_pause(self, caller: str, reason: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.control.record(caller, True, reason))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def _start_control(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        producer: ReliableProducer,
+        settler: Settler,
+        runtimes: dict[str, SubscriberRuntime],
+        flood: FloodGuard,
+    ) -> tuple[ControlTopic, CallerPauses]:
+        """Follow the control topic; returns once the table is read and applied."""
+        control = self.control = ControlTopic(
+            self.client_settings(), self.config.control_topic, producer, loop
+        )
+        pauses = self.pauses = CallerPauses(
+            self.config,
+            control,
+            runtimes,
+            settler.write_parked,
+            self.client_settings(),
+            reset_flood=flood.reset,
+        )
+        settler.set_aside = pauses.set_aside
+        flood.pause = pauses.pause_soon
+        self.stats.gauges.append(pauses.gauges)
+        await control.start()
+        return control, pauses
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Whether this instance is ready, and why not (see the module's docstring)."""
+        reasons = []
+        if not self.ready.is_set() or self.source is None:
+            return False, ["starting"]
+        if self.control is None or not self.control.following:
+            reasons.append(f"not following {self.config.control_topic}")
+        membership = self.source.membership()
+        if not membership.member:
+            reasons.append("not a member of the group (yet)")
+        elif not membership.source_partitions:
+            held = len(membership.retry_partitions)
+            reasons.append(
+                "no source partition assigned"
+                + (f" (only {held} retry-tier partitions)" if held else "")
+                + (
+                    f"; source topics not found: {', '.join(membership.missing_topics)}"
+                    if membership.missing_topics
+                    else "; the group may have more members than source partitions"
+                )
+            )
+        return not reasons, reasons
 
     async def _start_admin(self) -> Any:
         if not self.config.admin.listen:

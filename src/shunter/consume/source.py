@@ -6,6 +6,12 @@ event loop in order; a revocation blocks this thread while the loop drains the r
 partitions, and then their offsets are committed here, inside the callback, before
 librdkafka releases them.
 
+Membership and discovery: ``membership()`` says whether this consumer is a group member
+and which source partitions it owns (retry-tier partitions are not source partitions).
+Metadata is refreshed every few seconds, so a source topic created after start is
+subscribed to within ``DISCOVERY_INTERVAL`` (librdkafka's default would take five
+minutes); its first appearance is logged.
+
 Ordering invariant: batches and revocations both reach the loop through
 ``call_soon_threadsafe`` from this one thread, so the loop sees them in the order they
 happened here. Nothing is ever rewound with seek: a paused partition resumes after the
@@ -27,6 +33,27 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 log = logging.getLogger("shunter.consume")
 
 TP = tuple[str, int]
+
+# How often librdkafka refreshes metadata, and so finds a source topic created after start.
+DISCOVERY_INTERVAL = 3.0
+
+
+class Membership:
+    """What this consumer holds in its group (a snapshot; see ``KafkaSource.membership``)."""
+
+    __slots__ = ("member", "missing_topics", "retry_partitions", "source_partitions")
+
+    def __init__(
+        self,
+        member: bool,
+        source_partitions: list[TP],
+        retry_partitions: list[TP],
+        missing_topics: list[str],
+    ) -> None:
+        self.member = member  # joined the group (an assignment was received, even empty)
+        self.source_partitions = source_partitions
+        self.retry_partitions = retry_partitions
+        self.missing_topics = missing_topics  # subscribed source topics not on the broker
 
 
 class SourceHandler(Protocol):
@@ -55,8 +82,10 @@ class KafkaSource:
         max_in_flight: int = 20_000,
         leave_timeout: float = 10.0,
         revoke_timeout: float = 60.0,
+        source_topics: list[str] | None = None,
     ) -> None:
         conf = {
+            "topic.metadata.refresh.interval.ms": int(DISCOVERY_INTERVAL * 1000),
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
@@ -84,6 +113,11 @@ class KafkaSource:
         self._throttled = False  # paused for back-pressure
         self._thread = threading.Thread(target=self._run, name="shunter-consumer", daemon=True)
         self._watermarks: dict[TP, tuple[int, int]] = {}
+        # Source topics: the subscribed topics that count for readiness (all, if not said).
+        self._source_topics = set(topics if source_topics is None else source_topics)
+        self._missing: set[str] = set(self._source_topics)  # until seen on the broker
+        self._member = False
+        self._first_look = True
 
     # -- called from the loop -------------------------------------------------------------
 
@@ -123,6 +157,16 @@ class KafkaSource:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def membership(self) -> Membership:
+        """Whether this consumer is a group member, and the partitions it owns."""
+        owned = sorted(self.assignment)
+        return Membership(
+            self._member and self._thread.is_alive(),
+            [tp for tp in owned if tp[0] in self._source_topics],
+            [tp for tp in owned if tp[0] not in self._source_topics],
+            sorted(self._missing),
+        )
+
     def watermarks(self, tp: TP) -> tuple[int, int] | None:
         """The partition's (low, high) watermarks as last seen by the consumer thread."""
         return self._watermarks.get(tp)
@@ -138,6 +182,26 @@ class KafkaSource:
                 marks[tp] = (int(low), int(high))
         self._watermarks = marks
 
+    def _discover(self) -> None:
+        """Log source topics that appeared on the broker since the last look."""
+        try:
+            topics = self._consumer.list_topics(timeout=2).topics
+        except KafkaException as exc:
+            log.debug("listing topics failed: %s", exc)
+            return
+        appeared = sorted(t for t in self._missing if t in topics and topics[t].error is None)
+        self._missing.difference_update(appeared)
+        if self._first_look:  # what existed at start is not news (the service said what not)
+            self._first_look = False
+            return
+        for topic in appeared:
+            log.info(
+                "source topic %s appeared (%d partitions); the group consumes it from "
+                "its beginning",
+                topic,
+                len(topics[topic].partitions),
+            )
+
     # -- the thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -149,6 +213,7 @@ class KafkaSource:
             on_lost=self._on_lost,
         )
         next_marks = 0.0
+        next_discovery = 0.0
         try:
             while not self._stopping.is_set():
                 self._apply_commands()
@@ -156,6 +221,9 @@ class KafkaSource:
                 if time.monotonic() >= next_marks:
                     self._refresh_watermarks()
                     next_marks = time.monotonic() + 5.0
+                if self._missing and time.monotonic() >= next_discovery:
+                    self._discover()
+                    next_discovery = time.monotonic() + DISCOVERY_INTERVAL
                 batch = consumer.consume(self._batch_size, 0.1)
                 if not batch:
                     continue
@@ -166,6 +234,7 @@ class KafkaSource:
         except Exception:
             log.critical("consumer thread failed", exc_info=True)
         finally:
+            self._member = False
             self._apply_commands()  # commits queued before the stop
             try:
                 self._leave()
@@ -286,6 +355,7 @@ class KafkaSource:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
+        self._member = True
         log.info("assigned %s", _show(tps))
         committed: dict[TP, int] = {}
         try:
@@ -306,6 +376,7 @@ class KafkaSource:
         self._release(consumer, partitions, lost=False)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._member = False  # until the next assignment: it has to join again
         self._release(consumer, partitions, lost=True)
 
     def _release(self, consumer: Consumer, partitions: list[TopicPartition], lost: bool) -> None:

@@ -144,20 +144,16 @@ async def start_admin(service: Service) -> web.AppRunner:
         if not authorized(request):
             return web.json_response({"error": "unauthorized"}, status=401)
         caller = request.match_info["caller"]
-        pipeline = service.pipeline
-        runtime = pipeline.runtimes.get(caller) if pipeline else None
-        if runtime is None:
+        pauses = service.pauses
+        if pauses is None or not pauses.knows(caller):
             return web.json_response({"error": f"unknown caller {caller}"}, status=404)
-        if request.match_info["action"] == "pause":
-            for msg in runtime.pause():
-                pipeline.settler.park(msg, "caller paused through the admin API")  # type: ignore[union-attr]
-            await service.control.record(caller, True, "paused through the admin API")
+        action = request.match_info["action"]
+        if action == "pause":
+            await pauses.pause(caller, "paused through the admin API")
         else:
-            service.flood.reset(caller)
-            runtime.resume()
-            await service.control.record(caller, False, "resumed through the admin API")
-        log.warning("caller %s %sd through the admin API", caller, request.match_info["action"])
-        return web.json_response({"caller": caller, "paused": runtime.paused})
+            await pauses.resume(caller, "resumed through the admin API")
+        log.warning("caller %s %sd through the admin API", caller, action)
+        return web.json_response({"caller": caller, "paused": pauses.is_paused(caller)})
 
     app = web.Application()
     app.add_routes(

@@ -2,15 +2,16 @@
 
 A bad deploy makes one caller fail everything; without a guard its whole stream would
 pour into the dead-letter topic. Over the last ``window`` settled deliveries of a caller,
-when more than ``max_share`` went to the dead-letter topic, the caller is paused (its
-deliveries are set aside in the slow tier, unrun) and a loud error is logged.
+when more than ``max_share`` went to the dead-letter topic, the caller is paused on every
+instance (``CallerPauses``: its deliveries are set aside in the parked topic, unrun) and a
+loud error is logged.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Any
+from collections.abc import Callable
 
 from ..config import FloodGuardConfig
 
@@ -22,9 +23,8 @@ class FloodGuard:
         self._config = config
         self._settled: dict[str, int] = {}  # caller -> deliveries settled so far
         self._dead: dict[str, deque[int]] = {}  # caller -> their numbers, dead-lettered ones
-        self.runtimes: dict[str, Any] = {}
-        self.park: Any = None  # Settler.park: where a paused caller's deliveries wait
-        self.on_pause: Any = None  # (caller, reason): records the pause so it survives restarts
+        # (caller, reason): pauses the caller group-wide (CallerPauses.pause_soon)
+        self.pause: Callable[[str, str], None] | None = None
         self.tripped: set[str] = set()
 
     def succeeded(self, caller: str, count: int) -> None:
@@ -60,19 +60,16 @@ class FloodGuard:
             return
         log.critical(
             "DEAD-LETTER FLOOD: %.0f%% of caller %s's last %d deliveries were "
-            "dead-lettered; caller %s is PAUSED (its messages wait in the slow tier). "
+            "dead-lettered; caller %s is PAUSED on every instance (its messages wait in "
+            "the parked topic). "
             "Fix the handler, then resume it through the admin API.",
             share * 100,
             caller,
             self._config.window,
             caller,
         )
-        runtime = self.runtimes.get(caller)
-        if runtime is not None:
-            for msg in runtime.pause():
-                self.park(msg, "caller paused by the dead-letter flood guard")
-        if self.on_pause is not None:
-            self.on_pause(caller, f"dead-letter flood: {share:.0%} of the last deliveries")
+        if self.pause is not None:
+            self.pause(caller, f"dead-letter flood: {share:.0%} of the last deliveries")
 
     def reset(self, caller: str) -> None:
         self.tripped.discard(caller)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 from confluent_kafka import KafkaError
 
@@ -54,6 +55,7 @@ class Settler:
             "fast": config.fast_topic,
             "slow": config.slow_topic,
             "dlq": config.dlq_topic,
+            "parked": config.parked_topic,
         }
         self._flood = flood
         # Writes the broker refused, being retried: (consumed tp, offset) -> last error.
@@ -61,6 +63,7 @@ class Settler:
         # Deliveries an operator skipped: (consumed tp, offset, caller or "" for all).
         # A write of theirs being retried is given up: the skip's record stands for it.
         self._abandoned: set[tuple[tuple[str, int], int, str]] = set()
+        self.set_aside: Callable[[Message], None] | None = None  # set by the service
 
     def succeeded(self, done: list[tuple[Message, float]]) -> None:
         """Settle successful deliveries of one caller (the runtime's ``SettleMany``)."""
@@ -105,15 +108,18 @@ class Settler:
             self._flood.observe(msg.caller, dest.tier == "dlq")
         self._write(record, info, dest.tier)
 
-    def park(self, msg: Message, reason: str) -> None:
-        """Set a delivery aside in the slow tier without counting an attempt (caller paused)."""
-        info = self._info(
-            msg,
-            Failed("CallerPaused", reason, ""),
-            Destination("slow", msg.attempt, self._retry.slow.delay),
-        )
+    def park(self, msg: Message, reason: str = "") -> None:
+        """A paused caller's delivery: handed to ``set_aside`` (``CallerPauses.set_aside``,
+        which writes it once to the parked topic). ``reason`` is unused (kept for callers
+        written before the parked topic)."""
+        assert self.set_aside is not None, "the service sets Settler.set_aside"
+        self.set_aside(msg)
+
+    def write_parked(self, msg: Message, info: h.FailureInfo) -> None:
+        """Write a paused caller's delivery to the parked topic, unrun; its share of the
+        offset is released when the broker acknowledged the record."""
         self._stats.parked(msg._record.topic, msg.caller)
-        self._write(msg._record, info, "slow")
+        self._write(msg._record, info, "parked")
 
     def reject(self, record: Record, exc: RejectedMessage) -> None:
         """A message that failed decoding or validation: once to the dead-letter topic."""
