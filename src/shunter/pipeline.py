@@ -242,6 +242,7 @@ class Pipeline:
             return
         ptrack.hold(kmsg.offset(), 1)
         self.settler.unrun(Record.bare(kmsg, ptrack), "skip", "Skipped", SKIPPED)
+        self.skipper.report(ptrack.tp, kmsg.offset(), "", "dead-lettered unrun when read")
 
     def _source_record(
         self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime], skip: str | None
@@ -271,6 +272,7 @@ class Pipeline:
         for runtime, msg in messages:
             if msg.caller == skip:
                 self.skipper.dead_letter(msg)
+                self.skipper.report(ptrack.tp, offset, skip, "dead-lettered unrun when read")
                 continue
             if runtime.paused:
                 self.settler.park(msg, "caller paused")
@@ -314,6 +316,7 @@ class Pipeline:
         ptrack.hold(offset, 1)
         if msg.caller == skip:
             self.skipper.dead_letter(msg)
+            self.skipper.report(tp, offset, skip, "dead-lettered unrun when read")
         elif outcome is not None:
             self.settler(msg, outcome, 0.0)
         elif runtime is not None and runtime.paused:

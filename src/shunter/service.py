@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+import orjson
 
 from .broker.admin import ensure_topics, existing_topics
 from .broker.embedded import CONSUMER_SETTINGS, EmbeddedBroker
@@ -37,7 +40,7 @@ from .observe.flood import FloodGuard
 from .observe.pause import CallerPauses
 from .observe.stats import Stats
 from .pipeline import Pipeline
-from .settle import Settler
+from .settle import Settler, skip
 from .settle.producer import ReliableProducer
 
 log = logging.getLogger("shunter")
@@ -58,6 +61,8 @@ class Service:
         self.stuck_threads = 0  # handler threads still running past their timeout at exit
         self.control: ControlTopic | None = None
         self.pauses: CallerPauses | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._skip_asked_ms: dict[skip.SkipRequest, int] = {}  # when each was requested
         self.source: Any = None  # the KafkaSource, once it exists
 
     def client_settings(self) -> dict[str, Any]:
@@ -189,6 +194,8 @@ class Service:
                 source_topics=list(self.config.topics),
             )
             pipeline.source = self.source = source
+            pipeline.skipper.applied = self._skip_applied
+            control.subscribe(skip.REQUEST, self._skip_requested)
             admin = await self._start_admin()
             source.start()
             self.ready.set()
@@ -290,6 +297,46 @@ class Service:
         await control.start()
         return control, pauses
 
+    # -- the operator's skip, through the control topic (settle/skip.py) ----------------
+
+    def _skip_requested(self, key: str, value: bytes | None) -> None:
+        request = skip.SkipRequest.parse(key)
+        if value is None or request is None or self.pipeline is None:
+            return
+        try:
+            self._skip_asked_ms[request] = int(orjson.loads(value).get("requested_ms", 0))
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            self._skip_asked_ms[request] = 0
+        tp = (request.topic, request.partition)
+        said = self.pipeline.skipper.skip(tp, request.offset, request.caller)
+        log.info("skip requested for %s: %s", key, said)
+
+    def _skip_applied(self, request: skip.SkipRequest, said: str) -> None:
+        asked = self._skip_asked_ms.pop(request, 0)
+        if self.control is None:
+            return
+        put = self.control.put(request.result_key, skip.result_value(said, asked))
+        task = asyncio.get_running_loop().create_task(put)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def request_skip(self, request: skip.SkipRequest, by: str, wait: float) -> str | None:
+        """Ask the group to skip a record; what its owner did, or None if no owner said
+        within ``wait`` seconds (the request stays, and is applied when it is read)."""
+        assert self.control is not None
+        asked = skip.request_value(by)
+        await self.control.put(request.key, asked)
+        asked_ms = int(orjson.loads(asked)["requested_ms"])
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            answer = self.control.table.get(request.result_key)
+            if answer is not None:
+                result = orjson.loads(answer)
+                if int(result.get("requested_ms", 0)) >= asked_ms:
+                    return str(result.get("result", ""))
+            await asyncio.sleep(0.1)
+        return None
+
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether this instance is ready, and why not (see the module's docstring)."""
         reasons = []
@@ -311,6 +358,12 @@ class Service:
                     else "; the group may have more members than source partitions"
                 )
             )
+        if self.pipeline is not None:
+            reasons += [
+                f"partition {p.topic}[{p.partition}] stalled for {p.stuck_seconds:.0f}s: {p.held}"
+                for p in self.pipeline.status()[0]
+                if p.stalled
+            ]
         return not reasons, reasons
 
     async def _start_admin(self) -> Any:

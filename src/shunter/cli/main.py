@@ -14,6 +14,7 @@ COMMANDS = {
     "check": "validate a configuration and print its topology",
     "dlq": "inspect and replay the dead-letter topic",
     "replay": "run one message through one caller's handler in the foreground",
+    "skip": "dead-letter one stuck record (or one caller's delivery) and move on",
     "bench": "benchmark scenarios against a raw confluent-kafka loop (JSON lines)",
     "broker": "run the embedded development broker alone",
 }

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from ..settle.skip import SkipRequest
 from .stats import StatsCollector
 
 if TYPE_CHECKING:
@@ -119,13 +120,11 @@ async def start_admin(service: Service) -> web.AppRunner:
         return web.json_response({"status": "ok"})
 
     async def ready(_: web.Request) -> web.Response:
+        ok, reasons = service.readiness()
         pipeline = service.pipeline
-        ok = service.ready.is_set() and pipeline is not None
-        stalled = []
-        if pipeline is not None:
-            stalled = [p.as_dict() for p in pipeline.status()[0] if p.stalled]
-        ok = ok and not stalled
-        return web.json_response({"ready": ok, "stalled": stalled}, status=200 if ok else 503)
+        stalled = [p.as_dict() for p in pipeline.status()[0] if p.stalled] if pipeline else []
+        body = {"ready": ok, "reasons": reasons, "stalled": stalled}
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(
@@ -155,6 +154,29 @@ async def start_admin(service: Service) -> web.AppRunner:
         log.warning("caller %s %sd through the admin API", caller, action)
         return web.json_response({"caller": caller, "paused": pauses.is_paused(caller)})
 
+    async def skip_record(request: web.Request) -> web.Response:
+        """POST {"topic", "partition", "offset", "caller"?}: the operator's skip."""
+        if not authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        try:
+            body = await request.json()
+            wanted = SkipRequest(
+                str(body["topic"]),
+                int(body["partition"]),
+                int(body["offset"]),
+                str(body.get("caller") or ""),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return web.json_response(
+                {"error": 'expected JSON {"topic": T, "partition": P, "offset": O, "caller": C}'},
+                status=400,
+            )
+        said = await service.request_skip(wanted, "admin API", wait=10.0)
+        if said is None:
+            pending = "no owner of the partition answered in 10 s; applied when it is read"
+            return web.json_response({"pending": pending}, status=202)
+        return web.json_response({"result": said})
+
     app = web.Application()
     app.add_routes(
         [
@@ -164,6 +186,7 @@ async def start_admin(service: Service) -> web.AppRunner:
             web.get("/topology", topo),
             web.get("/stats", stats),
             web.post(r"/callers/{caller}/{action:pause|resume}", pause_resume),
+            web.post("/skip", skip_record),
         ]
     )
     runner = web.AppRunner(app, access_log=None)

@@ -18,9 +18,14 @@ when the broker has that record, like any other settlement.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from ..commit import OffsetTracker
+import orjson
+
+from ..commit import OffsetTracker, PartitionTracker
+from ..crashguard.journal import OWNER
 from ..deliver import SubscriberRuntime
 from ..message import Message
 from .settler import Settler
@@ -40,6 +45,8 @@ class Skipper:
         self._settler = settler
         # Skips of records not read yet: tp -> offset -> caller ("" for every caller).
         self.later: dict[TP, dict[int, str]] = {}
+        # Told what a skip did on an owned partition: (request, what was done).
+        self.applied: Callable[[SkipRequest, str], None] | None = None
 
     def skip(self, tp: TP, offset: int, caller: str = "") -> str:
         """Skip ``tp@offset`` (for ``caller`` only, if given); say what was done."""
@@ -50,6 +57,11 @@ class Skipper:
         if ptrack is None or offset >= ptrack.high:
             self.later.setdefault(tp, {})[offset] = caller
             return f"{where}: not read here yet; it is dead-lettered unrun when it is"
+        said = self._take(ptrack, where, offset, caller)
+        self.report(tp, offset, caller, said)
+        return said
+
+    def _take(self, ptrack: PartitionTracker, where: str, offset: int, caller: str) -> str:
         if offset not in ptrack.pending:
             return f"{where}: already settled; nothing to skip"
 
@@ -62,7 +74,7 @@ class Skipper:
             if not caller or runtime.caller == caller
             for msg in runtime.withdraw(of_it)
         ]
-        failing = self._settler.abandon(tp, offset, caller)
+        failing = self._settler.abandon(ptrack.tp, offset, caller)
         for msg in taken:
             self.dead_letter(msg)
         if not taken and not failing:
@@ -75,11 +87,16 @@ class Skipper:
             where,
             len(taken),
             ", a failing write given up" if failing else "",
-            extra={"topic": tp[0], "partition": tp[1], "offset": offset, "caller": caller},
+            extra={"topic": ptrack.tp[0], "partition": ptrack.tp[1], "offset": offset},
         )
         return f"{where}: skipped ({len(taken)} deliveries dead-lettered)" + (
             ", its failing write given up" if failing else ""
         )
+
+    def report(self, tp: TP, offset: int, caller: str, said: str) -> None:
+        """Tell whoever asked (through the control topic) what a skip did."""
+        if self.applied is not None:
+            self.applied(SkipRequest(tp[0], tp[1], offset, caller), said)
 
     def due(self, tp: TP, offset: int) -> str | None:
         """A skip waiting for this record: the caller ("" for all), or None."""
@@ -102,3 +119,71 @@ class Skipper:
             category=msg.category,
             attempt=msg.attempt,
         )
+
+
+# -- the skip as a control record --------------------------------------------------------
+#
+# ``shunter skip`` and the admin API write ``skip/<topic>/<partition>/<offset>[/<caller>]``
+# to the group's control topic; every instance follows it live (observe/control.py) and
+# the one that owns the partition applies it, now or when it reads the record, and writes
+# what it did under ``skipped/...`` (same rest of the key). Topic and caller names never
+# contain "/", so the key parses back unambiguously.
+
+REQUEST = "skip/"
+RESULT = "skipped/"
+
+
+@dataclass(frozen=True, slots=True)
+class SkipRequest:
+    topic: str
+    partition: int
+    offset: int
+    caller: str = ""  # "" for every caller
+
+    def __post_init__(self) -> None:
+        for name in ("topic", "caller"):
+            value = getattr(self, name)
+            if "/" in value or (name == "topic" and not value):
+                raise ValueError(f"not a {name} name: {value!r}")
+        if self.partition < 0 or self.offset < 0:
+            raise ValueError("partition and offset are numbers from 0")
+
+    @property
+    def key(self) -> str:
+        return REQUEST + self._rest
+
+    @property
+    def result_key(self) -> str:
+        return RESULT + self._rest
+
+    @property
+    def _rest(self) -> str:
+        rest = f"{self.topic}/{self.partition}/{self.offset}"
+        return f"{rest}/{self.caller}" if self.caller else rest
+
+    @classmethod
+    def parse(cls, key: str) -> SkipRequest | None:
+        """The request a ``skip/`` or ``skipped/`` key names; None for anything else."""
+        _, _, rest = key.partition("/")
+        parts = rest.split("/")
+        if len(parts) not in (3, 4) or not parts[1].isdigit() or not parts[2].isdigit():
+            return None
+        try:
+            return cls(parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) > 3 else "")
+        except ValueError:
+            return None
+
+
+def request_value(by: str) -> bytes:
+    return orjson.dumps({"requested_ms": int(time.time() * 1000), "by": by})
+
+
+def result_value(said: str, requested_ms: int) -> bytes:
+    return orjson.dumps(
+        {
+            "result": said,
+            "instance": OWNER,
+            "requested_ms": requested_ms,
+            "ms": int(time.time() * 1000),
+        }
+    )
