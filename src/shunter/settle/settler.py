@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 from confluent_kafka import KafkaError
 
@@ -41,8 +42,11 @@ class Settler:
         producer: ReliableProducer,
         stats: Stats,
         flood: FloodGuard | None = None,
+        extra_headers: Callable[[], list[tuple[str, bytes]]] | None = None,
     ) -> None:
         self._config = config
+        # Hook (tracing, observe/tracing.py): headers added to every retry/DLQ record.
+        self._extra_headers = extra_headers
         self._retry = config.retry
         self._producer = producer
         self._stats = stats
@@ -192,6 +196,8 @@ class Settler:
         ]
         if omit:
             encoded.append((h.PAYLOAD_OMITTED, str(len(record.raw or b"")).encode()))
+        if self._extra_headers is not None:  # hook: the failed delivery's trace context
+            encoded += self._extra_headers()
 
         def done(err: KafkaError | None) -> None:
             if err is None:

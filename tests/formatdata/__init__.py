@@ -1,0 +1,1 @@
+"""Schemas and generated code for the Avro and Protobuf tests."""
