@@ -387,9 +387,7 @@ def _format_problems(name: str, topic: TopicConfig, problems: list[str]) -> None
     if topic.message is not None and fmt != "protobuf":
         problems.append(f"{where}.message: only a protobuf topic takes a message class")
     if fmt == "avro" and topic.schema_ is None and not registry:
-        problems.append(
-            f"{where}: an avro topic needs schema (a local .avsc) or schema_registry"
-        )
+        problems.append(f"{where}: an avro topic needs schema (a local .avsc) or schema_registry")
     if fmt == "protobuf":
         if topic.message is None:
             problems.append(
@@ -399,9 +397,7 @@ def _format_problems(name: str, topic: TopicConfig, problems: list[str]) -> None
         if topic.schema_ is not None or topic.model is not None:
             problems.append(f"{where}: a protobuf topic takes message, not schema or model")
     if fmt == "json" and registry and topic.schema_ is not None:
-        problems.append(
-            f"{where}.schema: a registry JSON topic's schema comes from the registry"
-        )
+        problems.append(f"{where}.schema: a registry JSON topic's schema comes from the registry")
 
 
 def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None) -> Config:

@@ -103,12 +103,22 @@ def build_format_decoder(
     else:
         from confluent_kafka.schema_registry.json_schema import JSONDeserializer
 
-        deserializer = JSONDeserializer(None, schema_registry_client=fetcher.table)
+        # No subject: the writer's schema comes by ID alone (as for avro and protobuf,
+        # which are called without a SerializationContext and so name no subject).
+        deserializer = JSONDeserializer(
+            None,
+            schema_registry_client=fetcher.table,
+            conf={"subject.name.strategy": _no_subject},
+        )
 
     def deserialize(raw: bytes) -> Any:
         return deserializer(raw, None)
 
     return RegistryDecoder(name, deserialize, fetcher, validate)
+
+
+def _no_subject(ctx: Any, record_name: Any) -> None:
+    return None
 
 
 def _require(fmt: str, where: str) -> None:

@@ -262,8 +262,10 @@ def _client(cfg: SchemaRegistryConfig, where: str) -> Any:
         from confluent_kafka.schema_registry import SchemaRegistryClient
     except ImportError as exc:
         raise ConfigError(
-            [f"{where}: needs confluent-kafka's registry support: pip install 'shunter[avro]' "
-             f"or 'shunter[protobuf]' ({exc})"]
+            [
+                f"{where}: needs confluent-kafka's registry support: pip install 'shunter[avro]' "
+                f"or 'shunter[protobuf]' ({exc})"
+            ]
         ) from None
     conf: dict[str, Any] = {"url": cfg.url, "timeout": cfg.timeout, "max.retries": 0}
     if cfg.basic_auth is not None:

@@ -89,9 +89,7 @@ class Tracing:
             if threaded:
                 running[id(msg)] = (msg, span)
             try:
-                with trace.use_span(
-                    span, record_exception=False, set_status_on_exception=False
-                ):
+                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
                     result = invoke(msg)
             except BaseException as exc:
                 running.pop(id(msg), None)
