@@ -67,12 +67,47 @@ class KafkaConfig(_Strict):
     stall_after: Duration = Field(default=120.0, gt=0)
 
 
+class SchemaRegistryConfig(_Strict):
+    """A Confluent Schema Registry: payloads in its wire format (a magic byte and a schema
+    ID ahead of the body), decoded by confluent-kafka's own deserializers. Credentials come
+    through ``${VAR}``, never the file."""
+
+    url: str  # http(s)://host:port, or mock://name (confluent-kafka's in-memory registry)
+    basic_auth: str | None = None  # "user:password", sent as HTTP basic authentication
+    timeout: Duration = 5.0  # one request to the registry
+    client: dict[str, str | int | float | bool] = Field(default_factory=dict)  # more conf
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "mock://")):
+            raise ValueError("expected an http://, https:// or mock:// URL")
+        return value
+
+    @field_validator("basic_auth")
+    @classmethod
+    def _basic_auth(cls, value: str | None) -> str | None:
+        if value is not None and ":" not in value:
+            raise ValueError("expected 'user:password' (from ${VAR}s)")
+        return value
+
+
 class TopicConfig(_Strict):
-    format: Literal["json", "raw"] = "json"
+    """A source topic's payload format.
+
+    json: a JSON Schema (``schema``) or a model (``model``) may check it. avro: a local
+    ``.avsc`` (``schema``) for plain payloads, or ``schema_registry`` (then ``schema`` is an
+    optional reader schema). protobuf: the generated message class (``message``), plain or
+    with ``schema_registry``. raw: the bytes as they are.
+    """
+
+    format: Literal["json", "raw", "avro", "protobuf"] = "json"
     schema_: str | None = Field(default=None, alias="schema")
     model: str | None = None
+    message: str | None = None  # protobuf: 'package.module_pb2:MessageName'
+    schema_registry: SchemaRegistryConfig | None = None
 
-    @field_validator("model")
+    @field_validator("model", "message")
     @classmethod
     def _import_path(cls, value: str | None) -> str | None:
         if value is not None and ":" not in value:
@@ -204,6 +239,19 @@ class LogConfig(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry tracing (the ``otel`` extra): one CONSUMER span per delivery.
+
+    exporter ``otlp``: unless the application installed a tracer provider already, shunter
+    installs the SDK's with the OTLP exporter, configured by the standard
+    ``OTEL_EXPORTER_OTLP_*`` environment variables. ``none``: spans go to whatever tracer
+    provider the application installed (nothing is exported if it installed none)."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "none"] = "otlp"
+    service_name: str = "shunter"
+
+
 class Config(_Strict):
     kafka: KafkaConfig = KafkaConfig()
     topics: dict[str, TopicConfig] = Field(default_factory=dict)
@@ -213,6 +261,7 @@ class Config(_Strict):
     crash_guard: CrashGuardConfig = CrashGuardConfig()
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
+    tracing: TracingConfig = TracingConfig()
     base_dir: str = "."  # where relative paths (schemas) are resolved; set by the loader
 
     @property
@@ -308,8 +357,7 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     for name, topic_cfg in config.topics.items():
         if topic_cfg.schema_ is not None and not config.resolve(topic_cfg.schema_).is_file():
             problems.append(f"topics.{name}.schema: file not found: {topic_cfg.schema_}")
-        if topic_cfg.format == "raw" and (topic_cfg.schema_ or topic_cfg.model):
-            problems.append(f"topics.{name}: a raw topic takes neither schema nor model")
+        _format_problems(name, topic_cfg, problems)
     seen: set[str] = set()
     for i, sub in enumerate(config.subscribers):
         where = f"subscribers[{i}]"
@@ -336,6 +384,29 @@ def _cross_check(config: Config, problems: list[str]) -> None:
     for name in config.topics:
         if name in internal:
             problems.append(f"topics.{name}: this name is one of shunter's own topics")
+
+
+def _format_problems(name: str, topic: TopicConfig, problems: list[str]) -> None:
+    """What a topic's format needs, and what it cannot take."""
+    where = f"topics.{name}"
+    fmt = topic.format
+    registry = topic.schema_registry is not None
+    if fmt == "raw" and (topic.schema_ or topic.model or registry):
+        problems.append(f"{where}: a raw topic takes no schema, model or schema_registry")
+    if topic.message is not None and fmt != "protobuf":
+        problems.append(f"{where}.message: only a protobuf topic takes a message class")
+    if fmt == "avro" and topic.schema_ is None and not registry:
+        problems.append(f"{where}: an avro topic needs schema (a local .avsc) or schema_registry")
+    if fmt == "protobuf":
+        if topic.message is None:
+            problems.append(
+                f"{where}.message: a protobuf topic needs its generated message class "
+                "('package.module_pb2:MessageName')"
+            )
+        if topic.schema_ is not None or topic.model is not None:
+            problems.append(f"{where}: a protobuf topic takes message, not schema or model")
+    if fmt == "json" and registry and topic.schema_ is not None:
+        problems.append(f"{where}.schema: a registry JSON topic's schema comes from the registry")
 
 
 def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None) -> Config:

@@ -99,3 +99,16 @@ class BrokerUnavailable(ShunterError):
     """The Kafka cluster could not be reached."""
 
     transient = True
+
+
+class DecodeUnavailable(ShunterError):
+    """A payload cannot be decoded *yet*: what it needs (a schema from the registry) is out
+    of reach. Nothing is wrong with the message: hold it and decode it again after
+    ``retry_after`` seconds; never dead-letter it for this."""
+
+    transient = True
+
+    def __init__(self, reason: str, retry_after: float) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        super().__init__(reason)

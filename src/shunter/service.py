@@ -64,6 +64,7 @@ class Service:
         self._background: set[asyncio.Task[None]] = set()
         self._skip_asked_ms: dict[skip.SkipRequest, int] = {}  # when each was requested
         self.source: Any = None  # the KafkaSource, once it exists
+        self.tracing: Any = None  # observe.tracing.Tracing when tracing.enabled, else None
 
     def client_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = dict(self.config.kafka.client)
@@ -111,14 +112,18 @@ class Service:
         runtimes = {}
         for i, sub in enumerate(self.config.subscribers):
             handler = self.handlers.get(sub.caller)
+            tracing = self.tracing
             if sub.http is not None:
                 from .deliver.http import http_invoke
 
-                invoke, closer = http_invoke(sub, f"subscribers[{i}]", self.stats)
+                inject = tracing.inject_http if tracing is not None else None
+                invoke, closer = http_invoke(sub, f"subscribers[{i}]", self.stats, inject=inject)
                 self._closers.append(closer)
             elif handler is None:
                 raise ConfigError([f"subscribers[{i}]: no handler for caller {sub.caller!r}"])
             elif sub.isolation == "thread":
+                if tracing is not None:
+                    handler = tracing.handler(handler)
                 invoke, pool = threaded(handler, sub, f"subscribers[{i}]")
                 self._pools.append(pool)
             elif sub.isolation == "process":
@@ -128,10 +133,14 @@ class Service:
                 self._closers.append(closer)
             else:
                 invoke = inline(handler)
+            settle: Any = settler
+            if tracing is not None:  # a span per delivery (observe/tracing.py)
+                invoke = tracing.invoke(invoke, threaded=sub.isolation == "thread")
+                settle = tracing.settle(settler)
             runtimes[sub.caller] = SubscriberRuntime(
                 sub.caller,
                 invoke,
-                settler,
+                settle,
                 ordering=sub.ordering,
                 # A delivery waiting for a worker process must not spend its timeout there.
                 concurrency=(
@@ -155,7 +164,14 @@ class Service:
             await asyncio.to_thread(self._ensure_topics)
             producer = ReliableProducer(self.client_settings(), loop)
             flood = self.flood = FloodGuard(self.config.retry.flood_guard)
-            settler = Settler(self.config, producer, self.stats, flood=flood)
+            self._start_tracing()
+            settler = Settler(
+                self.config,
+                producer,
+                self.stats,
+                flood=flood,
+                extra_headers=self.tracing.retry_headers if self.tracing is not None else None,
+            )
             runtimes = self._runtimes(loop, settler)
             control, pauses = await self._start_control(loop, producer, settler, runtimes, flood)
             guard = None
@@ -270,6 +286,20 @@ class Service:
         await control.stop()
         await asyncio.to_thread(producer.close)
         log.info("stopped")
+
+    def _start_tracing(self) -> None:
+        if not self.config.tracing.enabled:
+            return
+        try:
+            from .observe.tracing import Tracing, tracer_provider
+        except ImportError as exc:
+            raise ConfigError(
+                [f"tracing.enabled: needs the otel extra: pip install 'shunter[otel]' ({exc})"]
+            ) from None
+        provider, shutdown = tracer_provider(self.config.tracing)
+        self.tracing = Tracing(self.config, provider)
+        if shutdown is not None:  # flush the spans still batched on the way out
+            self._closers.append(lambda: asyncio.to_thread(shutdown))
 
     async def _start_control(
         self,

@@ -2,7 +2,11 @@
 
 A filter sees ``value`` (the decoded value), ``topic``, ``key`` (text) and ``headers``
 (a map of text values; a header sent with a null value is ``null``; of repeated names,
-the last).
+the last). Whatever the topic's format, ``value`` is a map: JSON and Avro
+values are dicts already; a Protobuf message is turned into one (fields by their proto
+names, proto3 defaults included, integers as integers, enums by name, unset message
+fields absent so that ``has(value.buyer)`` means what it says) — only for topics with a
+filter, and once per record whatever the number of its filters.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ class Filter:
 
     def __call__(self, record: Record) -> bool:
         """True when the record belongs; any evaluation error propagates to the caller."""
-        context: dict[str, Any] = {"value": record.value, "topic": record.topic}
+        value = record.value
+        if type(value) is not dict and hasattr(value, "DESCRIPTOR"):
+            value = _as_map(value)
+        context: dict[str, Any] = {"value": value, "topic": record.topic}
         if record.key is not None:
             context["key"] = record.key.decode("utf-8", "replace")
         if record.headers:
@@ -42,3 +49,45 @@ def compile_filter(source: str) -> Filter:
         return Filter(source)
     except Exception as exc:
         raise ValueError(str(exc).splitlines()[0]) from None
+
+
+# The last message converted and its map: a record's filters (one per filtered category)
+# share one conversion. Holding the message keeps its identity from being reused.
+_last: tuple[Any, dict[str, Any]] | None = None
+
+
+def _as_map(message: Any) -> dict[str, Any]:
+    global _last
+    if _last is not None and _last[0] is message:
+        return _last[1]
+    converted = message_to_map(message)
+    _last = (message, converted)
+    return converted
+
+
+def message_to_map(message: Any) -> dict[str, Any]:
+    """A Protobuf message as a dict for CEL (see the module's docstring)."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        entry = field.message_type
+        if entry is not None and entry.GetOptions().map_entry:
+            inner = entry.fields_by_name["value"]
+            out[field.name] = {k: _field_value(inner, v) for k, v in value.items()}
+        elif field.is_repeated:
+            out[field.name] = [_field_value(field, v) for v in value]
+        elif entry is not None:
+            if message.HasField(field.name):
+                out[field.name] = message_to_map(value)
+        else:
+            out[field.name] = _field_value(field, value)
+    return out
+
+
+def _field_value(field: Any, value: Any) -> Any:
+    if field.message_type is not None:
+        return message_to_map(value)
+    if field.enum_type is not None:
+        known = field.enum_type.values_by_number.get(value)
+        return known.name if known is not None else value
+    return value

@@ -38,7 +38,12 @@ def _exact(raw: bytes) -> Any:
 
 
 class Decoder:
-    """Decodes one topic's payloads: JSON (orjson) or raw bytes, then validates."""
+    """Decodes one topic's payloads: JSON (orjson) or raw bytes, then validates.
+
+    The other formats (``avro``, ``protobuf``, a schema registry) are subclasses with their
+    own ``__call__``; every decoder is called with the record's bytes on the event loop
+    and returns the value, or raises ``RejectedMessage`` (a dead letter) or
+    ``DecodeUnavailable`` (transient: hold the record and decode it again later)."""
 
     __slots__ = ("_json", "_validate", "topic")
 
@@ -59,6 +64,12 @@ class Decoder:
                 raise RejectedMessage("decode", f"invalid JSON: {exc}") from None
             if _LONG_RUN in raw.translate(_DIGITS_AS_ZEROS):
                 value = _exact(raw)
+        if self._validate is None:
+            return value
+        return self._checked(value)
+
+    def _checked(self, value: Any) -> Any:
+        """The value after the topic's schema or model, if any."""
         if self._validate is None:
             return value
         try:
@@ -110,7 +121,13 @@ def _model_validator(name: str, path: str) -> Validator:
 
 
 def build_decoder(config: Config, name: str, topic: TopicConfig) -> Decoder:
-    validate: Validator | None = None
+    """The decoder of one source topic; ConfigError naming the key path if it cannot be built."""
+    if topic.format in ("avro", "protobuf") or topic.schema_registry is not None:
+        from .formats import build_format_decoder
+
+        validate = _model_validator(name, topic.model) if topic.model is not None else None
+        return build_format_decoder(config, name, topic, validate)
+    validate = None
     if topic.schema_ is not None:
         validate = _schema_validator(config, name, topic.schema_)
     elif topic.model is not None:

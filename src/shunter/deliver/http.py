@@ -58,14 +58,20 @@ Closer = Callable[[], Awaitable[None]]
 
 
 def http_invoke(
-    sub: SubscriberConfig, where: str, stats: Stats, resolver: AbstractResolver | None = None
+    sub: SubscriberConfig,
+    where: str,
+    stats: Stats,
+    resolver: AbstractResolver | None = None,
+    inject: Callable[[dict[str, str]], None] | None = None,
 ) -> tuple[Callable[[Message], Coroutine[Any, Any, None]], Closer]:
     """The runtime's ``Invoke`` for an HTTP subscriber, and the closer of its connection pool.
 
     Call it with the event loop running. ``resolver`` replaces the system DNS under the
-    address policy (tests); the policy applies to whatever it answers.
+    address policy (tests); the policy applies to whatever it answers. ``inject`` adds
+    headers to each request (tracing: the delivery's trace context).
     """
     subscriber = HttpSubscriber(sub, where, resolver)
+    subscriber.inject = inject
     _register(stats, subscriber)
     return subscriber.deliver, subscriber.close
 
@@ -96,6 +102,7 @@ class HttpSubscriber:
         )
         self.limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit else None
         self.answers: Counter[str] = Counter()  # status code, or what went wrong instead
+        self.inject: Callable[[dict[str, str]], None] | None = None  # see http_invoke
         _check_budget(sub, where, self.timeout)
         policy = AddressPolicy(cfg.allow_private)
         connector = aiohttp.TCPConnector(
@@ -161,6 +168,8 @@ class HttpSubscriber:
             ATTEMPT: str(msg.attempt),
             IDEMPOTENCY_KEY: idempotency_key(msg),
         }
+        if self.inject is not None:
+            self.inject(headers)
         try:
             async with self.session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
@@ -228,11 +237,11 @@ class HttpSubscriber:
 
 
 def _plain(obj: Any) -> Any:
-    """JSON for values orjson does not know: pydantic models (``topics.<t>.model``)."""
-    dump = getattr(obj, "model_dump", None)
-    if callable(dump):
-        return dump(mode="json")
-    raise TypeError(f"type {type(obj).__name__} is not JSON serializable")
+    """JSON for values orjson does not know: pydantic models (``topics.<t>.model``),
+    Protobuf messages (their JSON mapping), Avro bytes and decimals."""
+    from ..decode.display import plain
+
+    return plain(obj)
 
 
 def _url_secrets(url: URL) -> list[str]:

@@ -46,8 +46,11 @@ class Settler:
         producer: ReliableProducer,
         stats: Stats,
         flood: FloodGuard | None = None,
+        extra_headers: Callable[[], list[tuple[str, bytes]]] | None = None,
     ) -> None:
         self._config = config
+        # Hook (tracing, observe/tracing.py): headers added to every retry/DLQ record.
+        self._extra_headers = extra_headers
         self._retry = config.retry
         self._producer = producer
         self._stats = stats
@@ -280,6 +283,8 @@ class Settler:
             encoded = [*h.encode(info)]
             encoded += [(k, v) for k, v in record.headers or [] if not k.startswith(h.PREFIX)]
             key, value = record.key, record.raw
+        if self._extra_headers is not None:  # hook: the failed delivery's trace context
+            encoded += self._extra_headers()
 
         def done(err: KafkaError | None) -> None:
             if err is None:
