@@ -30,7 +30,7 @@ from .config import Config
 from .crashguard.guard import CrashGuard, SuspectRun
 from .decode import Decoder
 from .deliver import SubscriberRuntime
-from .errors import RejectedMessage
+from .errors import DecodeUnavailable, RejectedMessage
 from .message import KafkaRecord, Message, Record
 from .observe.stalls import StallWatch
 from .observe.stats import Stats
@@ -62,6 +62,7 @@ _UNTIL_RELEASED = math.inf  # held until the crash suspects are done, not until 
 _NOT_DUE = "a retry record not yet due"
 _FOR_JOURNAL = "waiting for its crash-guard journal record"
 _FOR_SUSPECTS = "waiting for its crash suspects to be re-run"
+_FOR_DECODE = "waiting for what decoding needs (a schema registry out of reach)"
 
 
 def _due(kmsg: KafkaRecord) -> bool:
@@ -263,6 +264,9 @@ class Pipeline:
             ptrack.hold(offset, 1)
             self.settler.reject(record, exc)
             return False
+        except DecodeUnavailable as exc:
+            self._decode_later(kmsg, exc, skip)
+            return False
         routes, filter_errors = self.router.routes(record)
         runtimes = self.runtimes
         # Everything that can fail is done before the offset is held: a failure up to
@@ -313,6 +317,9 @@ class Pipeline:
                 record.value = decoder(record.raw) if decoder is not None else record.raw
             except RejectedMessage as exc:
                 outcome = DeadLettered(exc.reason, "RejectedMessage", stage=exc.stage)
+            except DecodeUnavailable as exc:
+                self._decode_later(kmsg, exc, skip)
+                return
         ptrack.hold(offset, 1)
         if msg.caller == skip:
             self.skipper.dead_letter(msg)
@@ -324,6 +331,23 @@ class Pipeline:
         elif runtime is not None:
             runtime.submit(msg)
             touched.add(runtime)
+
+    def _decode_later(self, kmsg: KafkaRecord, exc: DecodeUnavailable, skip: str | None) -> None:
+        """What decoding needs is out of reach (a schema registry): nothing is wrong with
+        the record, so it is never dead-lettered for it. Its partition is held, in order,
+        and the record decoded again after ``exc.retry_after``."""
+        tp = (kmsg.topic(), kmsg.partition())
+        log.warning(
+            "%s[%d]@%d cannot be decoded yet (%s); its partition waits %.1fs",
+            *tp,
+            kmsg.offset(),
+            exc.reason,
+            exc.retry_after,
+            extra={"topic": tp[0], "partition": tp[1], "offset": kmsg.offset()},
+        )
+        self._hold(tp, kmsg, time.time() + exc.retry_after, _FOR_DECODE)
+        if skip is not None:  # read again later: the skip waits for it
+            self.skipper.later.setdefault(tp, {})[kmsg.offset()] = skip
 
     def _failed_internally(self, kmsg: KafkaRecord, exc: Exception) -> None:
         """A failure in shunter's own path of one record (reading it, decoding, routing):

@@ -220,11 +220,6 @@ def test_avro_and_protobuf_topics_reach_in_process_and_http_subscribers(
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the pipeline to hold a record on DecodeUnavailable and decode it again "
-    "after exc.retry_after (pipeline.py, the lead's)",
-)
 def test_an_unreachable_registry_holds_records_and_loses_none_when_it_returns(
     broker: Broker, unique: str
 ) -> None:

@@ -516,3 +516,35 @@ def test_stall_watch_reports_once_per_interval_and_forgets_what_moves() -> None:
     assert not watch.stalled(tp, 21.0)
     assert watch.sample({}, 40.0) == ([], [])
     assert watch.stuck_for(tp, 40.0) == 0.0
+
+
+def test_a_record_that_cannot_be_decoded_yet_waits_in_order_and_is_never_dead_lettered() -> None:
+    """Given a decoder whose registry is out of reach for the first two tries of offset 1,
+    then offsets 1..3 wait (in order, the partition paused) and are delivered once it
+    answers; nothing goes to the dead-letter topic."""
+
+    async def scenario() -> None:
+        from shunter.errors import DecodeUnavailable
+
+        pipeline, broker, received = build({"medal": ok})
+        tries = {"left": 2}
+        decode = pipeline.decoders[TOPIC]
+
+        def flaky(raw: bytes) -> Any:
+            if b'"n":1' in raw and tries["left"]:
+                tries["left"] -= 1
+                raise DecodeUnavailable("registry unreachable", 0.05)
+            return decode(raw)
+
+        pipeline.decoders[TOPIC] = flaky
+        await start(pipeline)
+        pipeline.handle_batch([KMsg(o) for o in range(4)])
+        await settle(2)
+        assert received == [("medal", 0)]
+        assert TP in pipeline.source.paused
+        await asyncio.sleep(0.3)
+        assert received == [("medal", o) for o in range(4)]
+        assert broker.sent == [] and TP not in pipeline.source.paused
+        assert pipeline.tracker.partitions[TP].committable() == 4
+
+    asyncio.run(scenario())
