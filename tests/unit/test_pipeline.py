@@ -178,7 +178,8 @@ class FakeJournal(CrashGuard):
         return out
 
 
-def build(journal: FakeJournal) -> tuple[Pipeline, list[tuple[int, int]], list[BaseException]]:
+def build(journal: FakeJournal | None) -> tuple[Pipeline, list[tuple[int, int]],
+                                               list[BaseException]]:
     config = parse_config({
         "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g"},
         "topics": {TOPIC: {}},
@@ -191,7 +192,7 @@ def build(journal: FakeJournal) -> tuple[Pipeline, list[tuple[int, int]], list[B
     delivered: list[tuple[int, int]] = []
 
     def medal(msg: Message) -> None:
-        if pipeline.guard is not None:
+        if journal is not None:
             journal.check((msg.topic, msg.partition), msg.offset)
         delivered.append((msg.partition, msg.offset))
 
@@ -320,8 +321,7 @@ def test_without_the_crash_guard_every_consumed_offset_is_delivered_before_it_is
     commit reaches one past the last offset exactly when every offset was delivered."""
 
     async def scenario() -> None:
-        pipeline, delivered, errors = build(FakeJournal())
-        pipeline.guard = None
+        pipeline, delivered, errors = build(None)
         await pipeline.assigned([TP], {})
         for offsets in (range(0, 40), range(40, 90)):
             pipeline.handle_batch(batch(offsets))
@@ -442,7 +442,7 @@ def test_retry_suspects_not_yet_due_wait_unrun_and_lose_nothing() -> None:
                               + batch(range(0, 5)))
         await settle()
         assert {o for p, o in delivered} == set(range(5)), "the source partition goes on"
-        assert [m.offset() for m in pipeline._held[tp]] == [10, 11, 12, 13]
+        assert [m.offset() for m in pipeline.held.messages(tp) or []] == [10, 11, 12, 13]
         assert pipeline.tracker.partitions[tp].committable() <= 10
         assert not errors, errors
         assert not journal.uncovered, journal.uncovered

@@ -16,8 +16,10 @@ from .journal import TP, PartitionState, key_of, read_latest, recover
 
 log = logging.getLogger("shunter.crashguard")
 
-# Set by the supervisor for the worker it restarts after an unclean death.
+# Set by the supervisor for the worker it restarts after an unclean death: how the last
+# worker ended, and the stack its fatal-signal dump holds (bounded), if it left one.
 LAST_EXIT_ENV = "SHUNTER_LAST_EXIT"
+LAST_STACK_ENV = "SHUNTER_LAST_STACK"
 
 
 @dataclass
@@ -61,6 +63,7 @@ class CrashGuard:
         self.settings = settings
         self.quarantine_after = quarantine_after
         self.last_exit = os.environ.get(LAST_EXIT_ENV, "")
+        self.last_stack = os.environ.get(LAST_STACK_ENV, "")
         self.states: dict[TP, PartitionState] = {}
         self._coverage: dict[TP, _Coverage] = {}
         self._seq = 0

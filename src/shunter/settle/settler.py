@@ -143,10 +143,11 @@ class Settler:
         self._stats.rejected(record.topic, exc.stage)
         self.unrun(record, exc.stage, "RejectedMessage", exc.reason)
 
-    def quarantine(self, record: Record, reason: str, signal: str = "") -> None:
-        """A record suspected of killing the process: to the dead-letter topic, unrun."""
+    def quarantine(self, record: Record, reason: str, signal: str = "", stack: str = "") -> None:
+        """A record suspected of killing the process: to the dead-letter topic, unrun,
+        with the dying thread's stack when it is known (the failing line travels)."""
         self._stats.rejected(record.topic, "crash")
-        self.unrun(record, "crash", "crash", reason, signal=signal)
+        self.unrun(record, "crash", "crash", reason, traceback=stack, signal=signal)
 
     def filter_failed(self, record: Record, categories: list[str], error: str) -> None:
         """A category filter failed on the record: once to the dead-letter topic, naming

@@ -1,0 +1,277 @@
+"""The crash guard's gate on the record path: nothing runs before the journal names it.
+
+The pipeline hands every batch to its gate and gets it back, in order, once it may run
+(``Pipeline.process``); per record it asks ``admit`` while the gate is ``busy`` or a
+batch was not named as a whole. Two gates:
+
+- ``OpenGate`` (crash guard off): every batch runs at once, nothing is held.
+- ``JournalGate``: before any delivery of a batch starts, one journal record per
+  partition names the offsets that may be in a handler, and the batch waits for the
+  broker's acknowledgement (batches never overtake each other). After a death, the
+  window the dead owner left is re-run: see ``suspects.py``.
+
+Coverage invariant (``CrashGuard.covered``, kept here): no offset runs unless every
+possible last journal record of its partition names it. A record that arrives while its
+partition is held is past what was journaled: its partition is held again until a record
+names it (``_cover``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..consume.held import UNTIL_RELEASED, HeldPartitions
+from ..message import KafkaRecord, Record
+from ..settle import headers as h
+from .guard import CrashGuard
+
+if TYPE_CHECKING:
+    from ..commit import OffsetTracker, PartitionTracker
+    from ..settle import Settler
+
+log = logging.getLogger("shunter.crashguard")
+
+TP = tuple[str, int]
+
+FOR_JOURNAL = "waiting for its crash-guard journal record"
+
+
+class Gated(Protocol):
+    """What a gate asks of the pipeline it guards."""
+
+    tracker: OffsetTracker
+    held: HeldPartitions
+    settler: Settler
+    retry_topics: set[str]
+
+    def process(self, batch: list[Any], named: bool = False) -> None: ...
+
+    def run_alone(self, kmsg: KafkaRecord) -> None: ...
+
+    def count(self, taken: int) -> None: ...
+
+
+class OpenGate:
+    """No crash guard: batches run as they come."""
+
+    guard: CrashGuard | None = None
+    busy = False
+
+    def __init__(self, pipeline: Gated) -> None:
+        self._pipeline = pipeline
+
+    def handle_batch(self, batch: list[Any]) -> None:
+        self._pipeline.process(batch, True)
+
+    def admit(self, tp: TP, kmsg: Any, named: bool) -> bool:
+        return True
+
+    async def assigned(self, tps: list[TP], committed: dict[TP, int]) -> None:
+        return None
+
+    def leaving(self, tps: set[TP]) -> None:
+        return None
+
+    async def released(
+        self, tps: list[TP], trackers: list[PartitionTracker], lost: bool
+    ) -> None:
+        return None
+
+    def waiting(self) -> dict[TP, str]:
+        return {}
+
+
+class _Waiting:
+    """A batch waiting for its journal records to be acknowledged."""
+
+    __slots__ = ("batch", "last", "left")
+
+    def __init__(self, batch: list[Any], last: dict[TP, int]) -> None:
+        self.batch = batch
+        self.last = last  # per partition, its last offset in the batch
+        self.left = 0
+
+
+class JournalGate:
+    """The crash guard on: journal first, then run; suspects re-run as ``suspects.py`` says."""
+
+    def __init__(self, guard: CrashGuard, pipeline: Gated) -> None:
+        from .suspects import Suspects  # the suspects' half of the gate
+
+        self.guard = guard
+        self._pipeline = pipeline
+        self._tracker = pipeline.tracker
+        self._held = pipeline.held
+        self._waiting: deque[_Waiting] = deque()  # batches waiting for their journal record
+        # Per partition with nothing processed yet since its assignment: the first offset
+        # journaled (see handle_batch). Dropped when the partition is revoked.
+        self._unprocessed_lo: dict[TP, int] = {}
+        self._covering: set[asyncio.Task[None]] = set()  # _cover tasks (kept referenced)
+        self.suspects = Suspects(self, guard, pipeline)
+
+    @property
+    def busy(self) -> bool:
+        """Crash suspects are re-run: every record must be looked at (``admit``)."""
+        return bool(self.suspects)
+
+    # -- the path of a batch --------------------------------------------------------------
+
+    def handle_batch(self, batch: list[Any]) -> None:
+        """Journal the batch, then hand it on to be processed in order."""
+        first: dict[TP, int] = {}
+        last: dict[TP, int] = {}
+        for kmsg in batch:
+            if kmsg.error() is None:
+                tp = (kmsg.topic(), kmsg.partition())
+                last[tp] = kmsg.offset()
+                first.setdefault(tp, last[tp])
+        waiting = _Waiting(batch, last)
+        for tp, hi in last.items():
+            ptrack = self._tracker.partitions.get(tp)
+            if ptrack is None or tp in self.suspects or tp in self._held:
+                continue
+            state = self.guard.state(tp)
+            # The window starts at the first offset not yet settled. Before this partition
+            # has processed anything since its assignment, that is the first offset of
+            # the first batch journaled, not this batch's: the journal keeps only its
+            # last record per partition, and an earlier batch may still be waiting.
+            lo = self.window_start(tp, ptrack, first[tp])
+            state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
+            waiting.left += 1
+            record = state.encode("batch", lo, hi)
+            self.guard.write(tp, record, hi, partial(self._journaled, waiting))
+        self._waiting.append(waiting)
+        self._flush_waiting()
+
+    def window_start(self, tp: TP, ptrack: PartitionTracker, first: int) -> int:
+        """The first offset a record of ``tp`` must name (``first``: of what it runs)."""
+        if ptrack.high >= 0:
+            return ptrack.committable()
+        return min(self._unprocessed_lo.setdefault(tp, first), first)
+
+    def _journaled(self, waiting: _Waiting, _err: object) -> None:
+        waiting.left -= 1
+        self._flush_waiting()
+
+    def _flush_waiting(self) -> None:
+        """Process journaled batches, oldest first: batches never overtake each other."""
+        covered = self.guard.covered
+        while self._waiting and self._waiting[0].left == 0:
+            waiting = self._waiting.popleft()
+            # The common case: the journal names every offset of the batch, so no record
+            # of it needs the per-message check (a partition held meanwhile, say, does).
+            named = all(hi <= covered(tp) for tp, hi in waiting.last.items())
+            self._pipeline.process(waiting.batch, named)
+
+    def admit(self, tp: TP, kmsg: Any, named: bool) -> bool:
+        """May ``kmsg`` run now? If not, the gate keeps it (suspect, deferred, held)."""
+        if self.suspects and not self.suspects.admit(tp, kmsg):
+            return False
+        # The journal must name an offset before it runs. Batches are journaled on
+        # arrival, so this holds but for what arrived while its partition was held: that
+        # partition is held again until a record names it.
+        if (
+            not named
+            and kmsg.offset() > self.guard.covered(tp)
+            and tp in self._tracker.partitions
+        ):
+            self._held.hold(tp, kmsg, UNTIL_RELEASED, FOR_JOURNAL)
+            self._start_cover(tp)
+            return False
+        return True
+
+    def _start_cover(self, tp: TP) -> None:
+        task = asyncio.get_running_loop().create_task(self._cover(tp))
+        self._covering.add(task)
+        task.add_done_callback(self._covering.discard)
+
+    async def _cover(self, tp: TP) -> None:
+        """Journal what ``tp`` holds, then release it (held meanwhile, so in order)."""
+        ptrack = self._tracker.partitions.get(tp)
+        if ptrack is None:
+            return
+        state = self.guard.state(tp)
+        while not ptrack.revoked:
+            held = self._held.messages(tp)
+            if not held:
+                return  # forgotten: the partition left
+            hi = max(m.offset() for m in held)
+            if hi <= self.guard.covered(tp):
+                self._held.release(tp)  # synchronously after the check: nothing slips in
+                return
+            lo = self.window_start(tp, ptrack, min(m.offset() for m in held))
+            await self.guard.write_and_wait(tp, state.encode("batch", lo, hi), hi)
+
+    # -- partitions coming and going ------------------------------------------------------
+
+    async def assigned(self, tps: list[TP], committed: dict[TP, int]) -> None:
+        for tp in tps:
+            self._unprocessed_lo.pop(tp, None)
+        states = await self.guard.recover(tps, committed)
+        self.suspects.recovered(states)
+
+    def leaving(self, tps: set[TP]) -> None:
+        """Before the drain: what of ``tps`` waits for its journal record or behind crash
+        suspects must not reach a later owner's tracker (this instance may be assigned the
+        partition again)."""
+        self.suspects.leaving(tps)
+        for tp in tps:
+            self._unprocessed_lo.pop(tp, None)
+        for waiting in self._waiting:
+            kept = [m for m in waiting.batch if (m.topic(), m.partition()) not in tps]
+            self._pipeline.count(len(waiting.batch) - len(kept))
+            waiting.batch = kept
+        self.suspects.flush_deferred()
+
+    async def released(
+        self, tps: list[TP], trackers: list[PartitionTracker], lost: bool
+    ) -> None:
+        """After the drain: the last word about each partition this process lets go."""
+        guard = self.guard
+        if lost:
+            guard.forget(tps)
+            return
+        # This process lets them go alive: whatever still runs in a handler (a drain that
+        # timed out) did not kill it, so the next owner suspects nothing. Were it blamed,
+        # one slow record would stop every partition behind suspects.
+        try:
+            await asyncio.gather(
+                *(
+                    # suspects not yet re-run stay in the record (see journal.recover)
+                    guard.write_and_wait(
+                        t.tp, guard.states[t.tp].encode("clean", t.committable(), -1), -1
+                    )
+                    for t in trackers
+                    if t.tp in guard.states
+                )
+            )
+        finally:  # also when cancelled: no retry of these records may outlive us
+            guard.forget(tps)
+
+    def waiting(self) -> dict[TP, str]:
+        return self.suspects.waiting()
+
+    # -- quarantine -----------------------------------------------------------------------
+
+    def quarantine(self, kmsg: KafkaRecord, ptrack: PartitionTracker, crashes: int) -> None:
+        """To the dead-letter topic unrun, with the dying stack if this machine has it."""
+        record = Record.bare(kmsg, ptrack)
+        if kmsg.topic() in self._pipeline.retry_topics:  # name the origin, like every DLQ
+            with contextlib.suppress(Exception):
+                info = h.decode(record.headers)
+                record.topic, record.partition = info.origin_topic, info.origin_partition
+                record.offset, record.timestamp = info.origin_offset, info.origin_timestamp_ms
+        last = self.guard.last_exit
+        reason = f"crash: the process died {crashes} times while this message was in flight" + (
+            f" (last exit: {last})" if last else ""
+        )
+        log.error(
+            "quarantined %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
+        )
+        ptrack.hold(kmsg.offset(), 1)
+        self._pipeline.settler.quarantine(record, reason, signal=last, stack=self.guard.last_stack)
