@@ -374,11 +374,14 @@ class Pipeline:
             if tracker is not None:
                 tracker.committed = -1
 
-    def commit_due(self) -> None:
+    def commit_due(self) -> bool:
+        """Commit what is settled and new; True when something was."""
         offsets = self.tracker.due()
         if offsets and self.source is not None:
             self.source.commit(offsets)
             self.tracker.mark_committed(offsets)
+            return True
+        return False
 
     async def drain(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait (bounded) until every held offset is settled."""

@@ -30,6 +30,7 @@ from .broker.embedded import CONSUMER_SETTINGS, EmbeddedBroker
 from .classify import Router
 from .config import Config
 from .crashguard.guard import CrashGuard
+from .crashguard.supervisor import touch_progress
 from .crashguard.watchdog import start_watchdog
 from .decode import build_decoders
 from .deliver import SubscriberRuntime
@@ -235,10 +236,13 @@ class Service:
 
     async def _serve(self, stop: asyncio.Event, pipeline: Pipeline) -> None:
         interval = self.config.kafka.commit_interval
+        touched = 0.0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            pipeline.commit_due()
+            if pipeline.commit_due() and time.monotonic() - touched >= 1.0:
+                touch_progress()  # the supervisor restarts a worker that moved on at once
+                touched = time.monotonic()
             pipeline.watch()
 
     async def _shutdown(

@@ -25,7 +25,7 @@ from typing import TextIO
 
 from ..message import Message
 
-_HEADER_END = "--\n"
+HEADER_END = "--\n"
 
 _file: TextIO | None = None
 _path: Path | None = None
@@ -39,7 +39,7 @@ def enable(path_dir: str | Path) -> Path:
     path = directory / f"crash-{os.getpid()}.log"
     file = open(path, "w")  # noqa: SIM115 - faulthandler writes to it for the life of the process
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    file.write(f"shunter pid {os.getpid()} started {started}: {' '.join(sys.argv)}\n{_HEADER_END}")
+    file.write(f"shunter pid {os.getpid()} started {started}: {' '.join(sys.argv)}\n{HEADER_END}")
     file.flush()
     faulthandler.enable(file, all_threads=True)
     if _file is not None:
@@ -123,7 +123,7 @@ def _innermost_message(frame: FrameType | None) -> Message | None:
 
 
 def _dumped(text: str) -> bool:
-    _, _, after = text.partition(_HEADER_END)
+    _, _, after = text.partition(HEADER_END)
     return bool(after.strip())
 
 
