@@ -227,6 +227,10 @@ class CrashGuardConfig(_Strict):
     enabled: bool = True
     loop_blocked_after: Duration = 5.0  # the loop watchdog's threshold; 0 turns it off
     crash_dir: str | None = None  # fatal-signal dumps; default <tmp>/shunter-<group_id>
+    # After a death, re-run the suspects of inline/thread callers in sandbox processes
+    # (a pill kills the sandbox, not the dispatcher), each limited to this much memory.
+    sandbox: bool = True
+    sandbox_memory_mb: int = Field(default=1024, ge=16)
 
 
 class AdminConfig(_Strict):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from confluent_kafka import KafkaError
@@ -26,6 +27,7 @@ from .config import Config
 from .consume.held import NOT_DUE, HeldPartitions
 from .crashguard.gate import JournalGate, OpenGate
 from .crashguard.guard import CrashGuard
+from .crashguard.sandbox import SandboxSpec
 from .decode import Decoder
 from .deliver import SubscriberRuntime
 from .errors import DecodeUnavailable, RejectedMessage
@@ -61,6 +63,7 @@ class Pipeline:
         settler: Settler,
         stats: Stats,
         guard: CrashGuard | None = None,
+        sandbox: dict[str, SandboxSpec] | None = None,
     ) -> None:
         self.config = config
         self.decoders = decoders
@@ -77,7 +80,7 @@ class Pipeline:
         self.held = HeldPartitions(self.process, self.count)
         self._source: Any = None
         self.gate: JournalGate | OpenGate = (
-            OpenGate(self) if guard is None else JournalGate(guard, self)
+            OpenGate(self) if guard is None else JournalGate(guard, self, sandbox)
         )
 
     @property
@@ -130,11 +133,14 @@ class Pipeline:
         for runtime in touched:
             runtime.kick()
 
-    def run_alone(self, kmsg: KafkaRecord) -> None:
-        """Process one record now (a crash suspect), its deliveries started at once."""
+    def run_alone(
+        self, kmsg: KafkaRecord, divert: Callable[[Message], bool] | None = None
+    ) -> None:
+        """Process one record now (a crash suspect), its deliveries started at once;
+        ``divert(msg)`` may take a delivery instead of its runtime (a sandbox)."""
         touched: set[SubscriberRuntime] = set()
         try:
-            self._one(kmsg, kmsg.topic(), touched, {})
+            self._one(kmsg, kmsg.topic(), touched, {}, divert)
         except Exception as exc:
             self._failed_internally(kmsg, exc)
         for runtime in touched:
@@ -146,6 +152,7 @@ class Pipeline:
         topic: str,
         touched: set[SubscriberRuntime],
         accepted: dict[str, int],
+        divert: Callable[[Message], bool] | None = None,
     ) -> None:
         skip = None
         if self.skipper.later:
@@ -154,10 +161,10 @@ class Pipeline:
                 self._skipped_unread(kmsg)
                 return
         if topic in self.decoders:
-            if self._source_record(kmsg, topic, touched, skip):
+            if self._source_record(kmsg, topic, touched, skip, divert):
                 accepted[topic] = accepted.get(topic, 0) + 1
         elif topic in self.retry_topics:
-            self._retry_record(kmsg, topic, touched, skip)
+            self._retry_record(kmsg, topic, touched, skip, divert)
 
     def _skipped_unread(self, kmsg: KafkaRecord) -> None:
         """An operator skipped this record before it was read: dead-lettered unrun."""
@@ -169,7 +176,12 @@ class Pipeline:
         self.skipper.report(ptrack.tp, kmsg.offset(), "", "dead-lettered unrun when read")
 
     def _source_record(
-        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime], skip: str | None
+        self,
+        kmsg: KafkaRecord,
+        topic: str,
+        touched: set[SubscriberRuntime],
+        skip: str | None,
+        divert: Callable[[Message], bool] | None = None,
     ) -> bool:
         offset = kmsg.offset()
         ptrack = self.tracker.partitions.get((topic, kmsg.partition()))
@@ -204,6 +216,8 @@ class Pipeline:
             if runtime.paused:
                 self.settler.park(msg, "caller paused")
                 continue
+            if divert is not None and divert(msg):
+                continue
             runtime.submit(msg)
             touched.add(runtime)
         if filter_errors:
@@ -212,7 +226,12 @@ class Pipeline:
         return True
 
     def _retry_record(
-        self, kmsg: KafkaRecord, topic: str, touched: set[SubscriberRuntime], skip: str | None
+        self,
+        kmsg: KafkaRecord,
+        topic: str,
+        touched: set[SubscriberRuntime],
+        skip: str | None,
+        divert: Callable[[Message], bool] | None = None,
     ) -> None:
         offset = kmsg.offset()
         tp = (topic, kmsg.partition())
@@ -251,6 +270,8 @@ class Pipeline:
             self.settler(msg, outcome, 0.0)
         elif runtime is not None and runtime.paused:
             self.settler.park(msg, "caller paused")
+        elif divert is not None and divert(msg):
+            pass
         elif runtime is not None:
             runtime.submit(msg)
             touched.add(runtime)

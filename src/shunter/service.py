@@ -30,6 +30,7 @@ from .broker.embedded import CONSUMER_SETTINGS, EmbeddedBroker
 from .classify import Router
 from .config import Config
 from .crashguard.guard import CrashGuard
+from .crashguard.sandbox import SandboxSpec
 from .crashguard.supervisor import touch_progress
 from .crashguard.watchdog import start_watchdog
 from .decode import build_decoders
@@ -154,6 +155,33 @@ class Service:
             )
         return runtimes
 
+    def _sandbox_specs(self) -> dict[str, SandboxSpec] | None:
+        """How to re-run each in-process caller in a sandbox after a death; None when the
+        sandbox is off or some in-process handler cannot be run in another process (its
+        suspects then run one at a time in this process, as without a sandbox)."""
+        guard = self.config.crash_guard
+        if not guard.sandbox:
+            return None
+        from .deliver.process import sandbox_reference
+
+        specs = {}
+        for sub in self.config.subscribers:
+            handler = self.handlers.get(sub.caller)
+            if sub.http is not None or sub.isolation == "process" or handler is None:
+                continue
+            ref = sandbox_reference(handler, sub)
+            if ref is None:
+                log.warning(
+                    "caller %s's handler cannot run in another process (defined in the "
+                    "__main__ script, or not importable): after a crash, suspects are "
+                    "re-run one at a time in this process instead of a sandbox",
+                    sub.caller,
+                )
+                return None
+            memory = sub.memory_limit_mb or guard.sandbox_memory_mb
+            specs[sub.caller] = SandboxSpec(ref, sub.timeout, memory)
+        return specs
+
     async def run(self, stop: asyncio.Event) -> None:
         from .consume import KafkaSource
 
@@ -191,6 +219,7 @@ class Service:
                 settler,
                 self.stats,
                 guard,
+                self._sandbox_specs() if guard is not None else None,
             )
             consumer_settings = {
                 **self.client_settings(),
@@ -275,6 +304,7 @@ class Service:
             log.error("the consumer did not leave the group in %.0fs; exiting without it", leave)
         for runtime in runtimes.values():
             await runtime.close()
+        await pipeline.gate.close()
         for closer in self._closers:
             await closer()
         for pool in self._pools:

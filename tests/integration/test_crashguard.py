@@ -49,7 +49,9 @@ def fragile(msg):
 """.replace("KILLER", str(KILLER))
 
 
-def write_service(tmp: Path, broker: Broker, group: str, topic: str) -> Path:
+def write_service(
+    tmp: Path, broker: Broker, group: str, topic: str, sandbox: bool = True
+) -> Path:
     (tmp / "crashy.py").write_text(textwrap.dedent(HANDLERS))
     config = {
         "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group,
@@ -60,7 +62,7 @@ def write_service(tmp: Path, broker: Broker, group: str, topic: str) -> Path:
             {"caller": "steady", "category": "revenue", "handler": "crashy:steady"},
             {"caller": "fragile", "category": "revenue", "handler": "crashy:fragile"},
         ],
-        "crash_guard": {"quarantine_after": 3},
+        "crash_guard": {"quarantine_after": 3, "sandbox": sandbox},
         "admin": {"listen": None},
         "retry": {"partitions": 2},
     }
@@ -137,13 +139,14 @@ def test_a_message_that_kills_the_process_is_quarantined(
 
 
 def test_journal_is_read_by_the_next_instance(broker: Broker, unique: str, tmp_path: Path) -> None:
-    """Given instance A dies with the killer in flight, when separate instances (no shared
-    supervisor, as on other machines) take the partition over one after another, then
-    each applies the count that the journal in Kafka carries, and the third quarantines."""
+    """Given instance A dies with the killer in flight and no sandbox, when separate
+    instances (no shared supervisor, as on other machines) take the partition over one
+    after another, then each applies the count that the journal in Kafka carries, and
+    the third quarantines."""
     topic, group = f"crashj-{unique}", f"g-{unique}"
     broker.create({topic: 1})
     broker.produce(topic, [{"n": i} for i in range(MESSAGES)])
-    config = write_service(tmp_path, broker, group, topic)
+    config = write_service(tmp_path, broker, group, topic, sandbox=False)
     owners = []
     for _ in range(3):
         proc = start(config, tmp_path, "exit", "--no-supervise")
@@ -163,6 +166,43 @@ def test_journal_is_read_by_the_next_instance(broker: Broker, unique: str, tmp_p
         proc.wait(60)
     log = (tmp_path / "service.log").read_text()
     assert "quarantined" in log and "died 3 times" in log
+    assert len({(p, o) for c, p, o in ledger(tmp_path) if c == "fragile"}) == MESSAGES - 1
+
+
+def test_the_next_instance_reruns_suspects_in_a_sandbox_and_does_not_die(
+    broker: Broker, unique: str, tmp_path: Path
+) -> None:
+    """Given instance A died with the killer in flight (the first death), when another
+    instance takes the partition over (another machine: no shared supervisor), then it
+    re-runs the window in sandboxes: the killer kills two sandboxes, not the instance,
+    and is quarantined with the dying stack naming the handler's line; every other pair
+    is delivered, and the journal in Kafka carried the first count."""
+    topic, group = f"crashs-{unique}", f"g-{unique}"
+    broker.create({topic: 1})
+    broker.produce(topic, [{"n": i} for i in range(MESSAGES)])
+    k_part, k_off = killer_coordinates(broker, topic)
+    config = write_service(tmp_path, broker, group, topic)
+    first = start(config, tmp_path, "segfault", "--no-supervise")
+    assert first.wait(120) == -11, "the first instance dies on the killer (SIGSEGV)"
+    second = start(config, tmp_path, "segfault", "--no-supervise")
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and len(ledger(tmp_path)) < 2 * MESSAGES - 1:
+            assert second.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
+            time.sleep(0.5)
+        dlq = [h.decode(m.headers()) for m in broker.read_all(f"{group}.dlq", expect=1)]
+    finally:
+        second.terminate()
+        status = second.wait(60)
+    log = (tmp_path / "service.log").read_text()
+    assert status == 0, log[-3000:]
+    assert "running it again in a fresh one" in log
+    [crash] = dlq
+    assert (crash.stage, crash.caller, crash.origin_offset) == ("crash", "fragile", k_off)
+    assert "died 3 times" in crash.error and "sandbox" in crash.error
+    assert crash.signal == "SIGSEGV"
+    assert "crashy.py" in crash.traceback and "in fragile" in crash.traceback, crash.traceback
+    assert ("steady", k_part, k_off) in ledger(tmp_path), "the innocent caller got it"
     assert len({(p, o) for c, p, o in ledger(tmp_path) if c == "fragile"}) == MESSAGES - 1
 
 

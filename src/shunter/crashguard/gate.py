@@ -22,13 +22,15 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..consume.held import UNTIL_RELEASED, HeldPartitions
-from ..message import KafkaRecord, Record
+from ..message import KafkaRecord, Message, Record
 from ..settle import headers as h
 from .guard import CrashGuard
+from .sandbox import SandboxSpec
 
 if TYPE_CHECKING:
     from ..commit import OffsetTracker, PartitionTracker
@@ -51,7 +53,9 @@ class Gated(Protocol):
 
     def process(self, batch: list[Any], named: bool = False) -> None: ...
 
-    def run_alone(self, kmsg: KafkaRecord) -> None: ...
+    def run_alone(
+        self, kmsg: KafkaRecord, divert: Callable[[Message], bool] | None = None
+    ) -> None: ...
 
     def count(self, taken: int) -> None: ...
 
@@ -85,6 +89,9 @@ class OpenGate:
     def waiting(self) -> dict[TP, str]:
         return {}
 
+    async def close(self) -> None:
+        return None
+
 
 class _Waiting:
     """A batch waiting for its journal records to be acknowledged."""
@@ -100,7 +107,9 @@ class _Waiting:
 class JournalGate:
     """The crash guard on: journal first, then run; suspects re-run as ``suspects.py`` says."""
 
-    def __init__(self, guard: CrashGuard, pipeline: Gated) -> None:
+    def __init__(
+        self, guard: CrashGuard, pipeline: Gated, sandbox: dict[str, SandboxSpec] | None = None
+    ) -> None:
         from .suspects import Suspects  # the suspects' half of the gate
 
         self.guard = guard
@@ -112,7 +121,7 @@ class JournalGate:
         # journaled (see handle_batch). Dropped when the partition is revoked.
         self._unprocessed_lo: dict[TP, int] = {}
         self._covering: set[asyncio.Task[None]] = set()  # _cover tasks (kept referenced)
-        self.suspects = Suspects(self, guard, pipeline)
+        self.suspects = Suspects(self, guard, pipeline, sandbox)
 
     @property
     def busy(self) -> bool:
@@ -255,6 +264,10 @@ class JournalGate:
 
     def waiting(self) -> dict[TP, str]:
         return self.suspects.waiting()
+
+    async def close(self) -> None:
+        if self.suspects.sandbox is not None:
+            await self.suspects.sandbox.close()
 
     # -- quarantine -----------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ class PartitionState:
 
 @dataclass(frozen=True)
 class Entry:
-    mode: str  # batch | single | clean
+    mode: str  # batch | single | sandbox | clean
     lo: int
     hi: int
     offset: int
@@ -127,7 +127,9 @@ def recover(entry: Entry | None, committed: int) -> PartitionState:
     # session) and came back, and nothing died. Its deliveries are not crash suspects.
     # Either way, suspects an owner had not finished re-running when it let the partition
     # go stay suspects, without a new count: nothing died since.
-    if entry.mode == "clean" or entry.owner == OWNER:
+    # A "sandbox" record: its owner re-ran suspects in sandboxes, which a pill kills
+    # instead of it (their deaths are in the counts already); its own death is not theirs.
+    if entry.mode in ("clean", "sandbox") or entry.owner == OWNER:
         state.prune(start)
         state.suspects_hi = entry.suspects_hi if entry.suspects_hi >= start else -1
         return state

@@ -19,6 +19,7 @@ from ..consume.held import NOT_DUE, UNTIL_RELEASED
 from ..settle import headers as h
 from .guard import CrashGuard, SuspectRun
 from .journal import PartitionState
+from .sandbox import Sandbox, SandboxSpec
 
 if TYPE_CHECKING:
     from .gate import Gated, JournalGate
@@ -40,7 +41,13 @@ def _due(kmsg: Any) -> bool:
 
 
 class Suspects:
-    def __init__(self, gate: JournalGate, guard: CrashGuard, pipeline: Gated) -> None:
+    def __init__(
+        self,
+        gate: JournalGate,
+        guard: CrashGuard,
+        pipeline: Gated,
+        sandbox: dict[str, SandboxSpec] | None = None,
+    ) -> None:
         self._gate = gate
         self._guard = guard
         self._pipeline = pipeline
@@ -49,6 +56,13 @@ class Suspects:
         self._runs: dict[TP, SuspectRun] = {}
         self._task: asyncio.Task[None] | None = None
         self._deferred: list[Any] = []  # messages held back while crash suspects run
+        # Every in-process caller can be sandboxed: suspects run in sandboxes, and the
+        # rest of the stream goes on meanwhile (a pill can no longer kill this process).
+        self.sandbox = (
+            None
+            if sandbox is None
+            else Sandbox(sandbox, pipeline.settler, guard.quarantine_after, self._count_death)
+        )
 
     def __bool__(self) -> bool:
         return bool(self._runs)
@@ -66,12 +80,15 @@ class Suspects:
         if tp in self._runs:
             self._take(tp, kmsg)
             return False
+        if self.sandbox is not None:
+            return True
         self._deferred.append(kmsg)  # nothing else runs while a suspect runs alone
         self._pipeline.count(-1)
         return False
 
     def waiting(self) -> dict[TP, str]:
-        out = {tp: "re-running crash suspects one at a time" for tp in self._runs}
+        how = "one at a time" if self.sandbox is None else "in a sandbox"
+        out = {tp: f"re-running crash suspects {how}" for tp in self._runs}
         for kmsg in self._deferred:
             tp = (kmsg.topic(), kmsg.partition())
             out.setdefault(tp, "held back while another partition's crash suspects re-run")
@@ -111,7 +128,10 @@ class Suspects:
             while True:
                 ready = [(tp, run) for tp, run in self._runs.items() if run.queue]
                 for tp, run in ready:
-                    await self._run_partition(tp, run)
+                    if self.sandbox is None:
+                        await self._run_partition(tp, run)
+                    else:
+                        await self._sandbox_partition(tp, run)
                 done = [(tp, r) for tp, r in self._runs.items() if r.complete and not r.queue]
                 for tp, run in done:
                     await self._done(tp, run)
@@ -161,11 +181,65 @@ class Suspects:
             # partition are cleared, so later deaths cannot pile counts on innocents.
             state.prune(offset + 1)
 
+    async def _sandbox_partition(self, tp: TP, run: SuspectRun) -> None:
+        """Hand the window's records to the sandboxes, in order, without waiting for
+        them: a sandbox death is counted against the one offset it ran (_count_death)."""
+        assert self.sandbox is not None
+        guard = self._guard
+        ptrack = self._tracker.partitions.get(tp)
+        state = guard.states.get(tp)
+        if ptrack is None or state is None or ptrack.revoked:
+            return
+        if not run.running:  # the journal says: suspects in a sandbox, no death of ours
+            run.running = True
+            lo = ptrack.committable() if ptrack.high >= 0 else run.queue[0].offset()
+            await guard.write_and_wait(tp, state.encode("sandbox", lo, run.hi), run.hi)
+        while run.queue and self._runs.get(tp) is run and not ptrack.revoked:
+            kmsg = run.queue.popleft()
+            offset = kmsg.offset()
+            if tp[0] in self._pipeline.retry_topics and not _due(kmsg):
+                rest = list(run.queue)  # as in _run_partition: unrun, they wait until due
+                run.queue.clear()
+                run.complete = True
+                self._held.hold(tp, kmsg, UNTIL_RELEASED, NOT_DUE)
+                self._held.put_back(tp, rest)
+                return
+            crashes = state.crashes(offset)
+            if crashes >= guard.quarantine_after:
+                self._gate.quarantine(kmsg, ptrack, crashes)
+                state.quarantine(offset, crashes)
+                continue
+            self._pipeline.run_alone(kmsg, self.sandbox.take)
+
+    async def _count_death(self, tp: TP, offset: int) -> int:
+        """A sandbox died running ``offset``: one more crash for it, journaled before it
+        runs again (the journal keeps the count if this process dies too)."""
+        state = self._guard.states.get(tp)
+        ptrack = self._tracker.partitions.get(tp)
+        if state is None or ptrack is None or ptrack.revoked:
+            return self._guard.quarantine_after  # gone: nothing runs it again here
+        state.single[offset] = state.single.get(offset, 0) + 1
+        crashes = state.crashes(offset)
+        if crashes >= self._guard.quarantine_after:
+            state.quarantine(offset, crashes)
+        lo = ptrack.committable()
+        await self._guard.write_and_wait(tp, state.encode("sandbox", lo, offset), offset)
+        return crashes
+
     async def _done(self, tp: TP, run: SuspectRun) -> None:
         if self._runs.get(tp) is not run:
             return  # revoked meanwhile, perhaps assigned again with suspects of its own
         state = self._guard.states.get(tp)
         ptrack = self._tracker.partitions.get(tp)
+        # The sandboxes finish the window before anything after it runs (rare: a death).
+        while (  # noqa: ASYNC110
+            self.sandbox is not None
+            and ptrack is not None
+            and not ptrack.revoked
+            and self._runs.get(tp) is run
+            and any(o <= run.hi for o in ptrack.pending)
+        ):
+            await asyncio.sleep(0.01)
         if state is not None and ptrack is not None and not ptrack.revoked:
             # First the journal says the suspects are done: until now its last word named
             # the last suspect, which a crash of what runs next must not be blamed on.

@@ -339,6 +339,16 @@ def _reference(handler: Callable[[Message], Any], sub: SubscriberConfig, where: 
         ]) from None
 
 
+def sandbox_reference(
+    handler: Callable[[Message], Any], sub: SubscriberConfig
+) -> str | bytes | None:
+    """How a sandbox process finds an in-process caller's handler, or None if it cannot."""
+    try:
+        return _reference(handler, sub, "")
+    except ConfigError:
+        return None
+
+
 def _rebuild(outcome: worker.Raised) -> BaseException:
     """The handler's exception, raised again in the parent with the worker's traceback."""
     _, blob, type_name, text, traceback_text = outcome

@@ -1,0 +1,157 @@
+"""Crash suspects re-run in a sandbox process: a pill kills the sandbox, not the dispatcher.
+
+After a death, the deliveries of the dead owner's window to in-process callers (inline
+and thread isolation) run in a worker process per caller (the ``isolation: process``
+worker, deliver/process.py), one at a time and in order, the worker answering for each.
+When the sandbox dies, the death is counted against exactly the offset it was running
+(the journal's ``single`` count, written before the delivery runs again), a fresh sandbox
+takes over, and at ``crash_guard.quarantine_after`` that caller's delivery is quarantined
+with the sandbox's dying stack: the failing line travels with the record. The death in
+the dispatcher that made the window suspect counts as the first.
+
+The sandbox's address space is limited (``crash_guard.sandbox_memory_mb``), so a memory
+pill ends the sandbox, not the dispatcher under the OOM killer. Innocent offsets run at
+the speed of a round trip to a worker, with no journal round trip each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..deliver.failure import failure, timed_out
+from ..deliver.process import WorkerPool, _rebuild
+from ..errors import WorkerDied
+from ..message import Message
+from ..outcome import SUCCEEDED, Outcome
+
+if TYPE_CHECKING:
+    from ..settle import Settler
+
+log = logging.getLogger("shunter.crashguard")
+
+TP = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """How to run one in-process caller's handler in a sandbox."""
+
+    ref: str | bytes  # the handler's import path, or the pickled module-level function
+    timeout: float
+    memory_limit_mb: int
+
+
+# Counts a sandbox death against one offset and says whether it is now quarantined:
+# (tp, offset) -> the crash count after this death.
+CountDeath = Callable[[TP, int], Awaitable[int]]
+
+
+class Sandbox:
+    def __init__(
+        self,
+        specs: dict[str, SandboxSpec],
+        settler: Settler,
+        quarantine_after: int,
+        count_death: CountDeath,
+    ) -> None:
+        self.specs = specs
+        self._settler = settler
+        self._quarantine_after = quarantine_after
+        self._count_death = count_death
+        self._pools: dict[str, WorkerPool] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self.deaths = 0  # sandboxes that died running a suspect
+
+    def __bool__(self) -> bool:
+        return bool(self._running)
+
+    def take(self, msg: Message) -> bool:
+        """Run ``msg`` in its caller's sandbox if the caller runs in-process; True if so."""
+        spec = self.specs.get(msg.caller)
+        if spec is None:
+            return False
+        task = asyncio.get_running_loop().create_task(self._deliver(msg, spec))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return True
+
+    async def _deliver(self, msg: Message, spec: SandboxSpec) -> None:
+        tp, offset = msg._record.ptrack.tp, msg._record.seq
+        while not msg._record.ptrack.revoked:
+            started = time.perf_counter()
+            try:
+                outcome = await self._run(msg, spec)
+            except WorkerDied as died:
+                self.deaths += 1
+                crashes = await self._count_death(tp, offset)
+                stack = str(died.__cause__ or "").strip()
+                if crashes < self._quarantine_after:
+                    log.warning(
+                        "caller %s: the sandbox %s on crash suspect %s[%d]@%d (%d of %d); "
+                        "running it again in a fresh one",
+                        msg.caller,
+                        died,
+                        *tp,
+                        offset,
+                        crashes,
+                        self._quarantine_after,
+                    )
+                    continue
+                self._quarantine(msg, crashes, died, stack)
+                return
+            self._settler(msg, outcome, time.perf_counter() - started)
+            return
+
+    async def _run(self, msg: Message, spec: SandboxSpec) -> Outcome:
+        pool = self._pools.get(msg.caller)
+        if pool is None:
+            pool = self._pools[msg.caller] = WorkerPool(
+                msg.caller, spec.ref, 1, spec.memory_limit_mb
+            ).start()
+        try:
+            reply = await asyncio.wait_for(pool.run(msg), spec.timeout)
+        except TimeoutError:  # the pool killed the worker: a timeout, not a crash
+            return timed_out(spec.timeout)
+        return SUCCEEDED if reply is None else failure(_rebuild(reply))
+
+    def _quarantine(self, msg: Message, crashes: int, died: WorkerDied, stack: str) -> None:
+        reason = (
+            f"crash: the process died {crashes} times while this message was in flight "
+            f"(the last {crashes - 1} in a sandbox: {died})"
+        )
+        log.error(
+            "quarantined caller %s's delivery of %s[%d]@%d: %s",
+            msg.caller,
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            reason,
+            extra={"caller": msg.caller, "topic": msg.topic, "offset": msg.offset},
+        )
+        self._settler.unrun(
+            msg._record,
+            "crash",
+            "crash",
+            reason,
+            traceback=stack,
+            signal=died.signal,
+            caller=msg.caller,
+            category=msg.category,
+            attempt=msg.attempt,
+        )
+
+    async def close(self) -> None:
+        """Stop the sandboxes (what runs in them stays unsettled: its offsets are held)."""
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            await pool.close()
+
