@@ -32,6 +32,10 @@ class RejectedMessage(ShunterError):
         super().__init__(f"{stage}: {reason}")
 
 
+class UnreadableHeadersError(ShunterError):
+    """A consumed record's headers cannot be read (a header name that is not UTF-8)."""
+
+
 class RetryLater(ShunterError):
     """Raised by a handler: retry this delivery later, after ``delay`` seconds if given.
 

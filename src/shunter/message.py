@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .errors import UnreadableHeadersError
+
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError
 
@@ -15,6 +17,28 @@ Headers = Sequence[tuple[str, bytes | None]]
 
 
 T = TypeVar("T")
+
+# Records whose headers could not be read, by coordinates. confluent-kafka keeps the
+# half-built header list of a failed read (a header name that is not UTF-8) and hands it
+# out on the next call: iterating it crashes the interpreter. So a record's headers are
+# read through ``read_headers`` only, and never again once a read failed.
+_UNREADABLE: set[tuple[str, int, int]] = set()
+_UNREADABLE_MAX = 10_000
+
+
+def read_headers(kmsg: KafkaRecord) -> Headers | None:
+    """The record's headers; ``UnreadableHeadersError`` if they cannot be read (ever again)."""
+    if _UNREADABLE and (kmsg.topic(), kmsg.partition(), kmsg.offset()) in _UNREADABLE:
+        raise UnreadableHeadersError("its headers could not be read (an earlier attempt failed)")
+    try:
+        return kmsg.headers()
+    except Exception as exc:
+        if len(_UNREADABLE) >= _UNREADABLE_MAX:
+            _UNREADABLE.clear()
+        _UNREADABLE.add((kmsg.topic(), kmsg.partition(), kmsg.offset()))
+        raise UnreadableHeadersError(
+            f"its headers cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _read(read: Callable[[], T], default: T) -> T:
@@ -29,7 +53,7 @@ class KafkaRecord(Protocol):
 
     Any of the accessors may raise on a record a hostile producer made (``headers()``
     raises on a header name that is not UTF-8): the pipeline reads them inside its
-    per-record guard, never outside it."""
+    per-record guard, never outside it, and headers only through ``read_headers``."""
 
     def error(self) -> KafkaError | None: ...
 
@@ -104,7 +128,7 @@ class Record:
             kmsg.key(),
             kmsg.value(),  # type: ignore[arg-type]  # None: a tombstone, which decode rejects
             kmsg.timestamp()[1],
-            kmsg.headers(),
+            read_headers(kmsg),
             ptrack,
             offset,
         )
@@ -121,7 +145,7 @@ class Record:
             _read(kmsg.key, None),
             _read(kmsg.value, None),  # type: ignore[arg-type]
             _read(lambda: kmsg.timestamp()[1], 0),
-            _read(kmsg.headers, None),
+            _read(lambda: read_headers(kmsg), None),
             ptrack,
             offset,
         )

@@ -31,7 +31,7 @@ from .crashguard.sandbox import SandboxSpec
 from .decode import Decoder
 from .deliver import SubscriberRuntime
 from .errors import DecodeUnavailable, RejectedMessage
-from .message import KafkaRecord, Message, Record
+from .message import KafkaRecord, Message, Record, read_headers
 from .observe.stalls import StallWatch
 from .observe.stats import Stats
 from .observe.status import CallerStatus, PartitionStatus, snapshot, watch
@@ -238,7 +238,7 @@ class Pipeline:
         ptrack = self.tracker.partitions.get(tp)
         if ptrack is None or offset < ptrack.high:  # revoked while it waited, or stale
             return
-        info = h.decode(kmsg.headers())  # unreadable: _failed_internally dead-letters it
+        info = h.decode(read_headers(kmsg))  # unreadable: _failed_internally dead-letters it
         if info.not_before_ms > time.time() * 1000:
             self.held.hold(tp, kmsg, info.not_before_ms / 1000, NOT_DUE)
             if skip is not None:  # read again when due: the skip waits for it

@@ -1,6 +1,6 @@
 """CEL filters on categories, compiled once with the ``common-expression-language`` package.
 
-A filter sees ``value`` (the decoded value), ``topic``, ``key`` (text) and ``headers``
+A filter sees ``value`` (the decoded value), ``topic``, ``key`` (text, or null) and ``headers``
 (a map of text values; a header sent with a null value is ``null``; of repeated names,
 the last). Whatever the topic's format, ``value`` is a map: JSON and Avro
 values are dicts already; a Protobuf message is turned into one (fields by their proto
@@ -30,13 +30,17 @@ class Filter:
         value = record.value
         if type(value) is not dict and hasattr(value, "DESCRIPTOR"):
             value = _as_map(value)
-        context: dict[str, Any] = {"value": value, "topic": record.topic}
-        if record.key is not None:
-            context["key"] = record.key.decode("utf-8", "replace")
-        if record.headers:
-            context["headers"] = {
-                k: None if v is None else v.decode("utf-8", "replace") for k, v in record.headers
-            }
+        key = record.key
+        context: dict[str, Any] = {
+            "value": value,
+            "topic": record.topic,
+            # Always defined, so that a filter reading them never fails for their absence.
+            "key": None if key is None else key.decode("utf-8", "replace"),
+            "headers": {
+                k: None if v is None else v.decode("utf-8", "replace")
+                for k, v in record.headers or ()
+            },
+        }
         result = self._program.execute(context)
         if not isinstance(result, bool):
             raise TypeError(f"filter returned {type(result).__name__}, expected a bool")

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..consume.held import NOT_DUE, UNTIL_RELEASED
+from ..message import read_headers
 from ..settle import headers as h
 from .guard import CrashGuard, SuspectRun
 from .journal import PartitionState
@@ -35,7 +36,7 @@ def _due(kmsg: Any) -> bool:
     """A retry record whose delay is over (or whose headers say nothing usable: it is
     then dead-lettered when it is processed)."""
     try:
-        return h.decode(kmsg.headers()).not_before_ms <= time.time() * 1000
+        return h.decode(read_headers(kmsg)).not_before_ms <= time.time() * 1000
     except Exception:
         return True
 
