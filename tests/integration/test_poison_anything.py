@@ -430,11 +430,12 @@ class Expect:
     amt_errors: bool  # the `amt` filter must fail on it (a classify dead letter)
     behaviour: Behaviour
     may_reject: bool = False  # JSON to orjson, but shunter may refuse it (depth, numbers)
+    spec: Spec | None = None
 
 
 def expect(spec: Spec, record: RawRecord, topic: str, where: tuple[int, int]) -> Expect:
     behaviour = BEHAVIOURS[spec.case] if spec.case is not None else BEHAVIOURS[0]
-    base = Expect(topic, *where, set(), set(), set(CALLERS), "", False, behaviour)
+    base = Expect(topic, *where, set(), set(), set(CALLERS), "", False, behaviour, spec=spec)
     if not all(utf8(n) for n in visible_names(record)):
         base.rejected = "internal"
         return base
@@ -514,7 +515,7 @@ def audit(expects: list[Expect], ev: Evidence, now_ms: float) -> list[str]:
         receipts.setdefault((r.caller, r.topic, r.partition, r.offset), []).append(r)
     for e in expects:
         where = (e.topic, e.partition, e.offset)
-        name = f"{e.topic}[{e.partition}]@{e.offset} ({e.behaviour.name})"
+        name = f"{e.topic}[{e.partition}]@{e.offset} ({e.behaviour.name}; {e.spec!r:.160})"
         dead = ev.dead.get(where, [])
         dead_callers = Counter(d.text(h.CALLER) or "" for d in dead)
         reached = {c for c in CALLERS if (c, *where) in receipts}
@@ -701,23 +702,23 @@ def run_batch(broker: Broker, batch: list[Spec], tag: str) -> Outcome:
                 ends = ends_of(cs)
                 got = committed(broker, group, topic, 2)
                 at = time.time()
-                for p in range(2):
+                for p, end in ends.items():
                     offset = got.get(p, -1)
                     samples.append((at, topic, p, offset))
                     last = moved.get((topic, p))
                     if last is None or last[0] != offset:
                         moved[(topic, p)] = (offset, at)
                     elif (
-                        offset < ends.get(p, 0)
+                        offset < end
                         and at - last[1] > STALL_AFTER + 3
                         and at - began > 15
                         and probe.status_at(time.monotonic()) == 200
                     ):
                         stuck_while_ready.append(
                             f"{topic}[{p}] stuck at {offset} for {at - last[1]:.0f}s "
-                            f"(end {ends[p]}) while /ready said 200"
+                            f"(end {end}) while /ready said 200"
                         )
-                    if offset < ends.get(p, 0):
+                    if offset < end:
                         done = False
             if done and not _retries_pending(broker, app, handlers, expects):
                 break
