@@ -31,6 +31,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .. import __version__
 from ..config import Config, TracingConfig
+from ..deliver.invoke import is_async
 from ..deliver.runtime import Invoke, Settle
 from ..message import Message
 from ..outcome import DeadLettered, Failed, Outcome, Succeeded
@@ -83,6 +84,12 @@ class Tracing:
         """``invoke`` with a span around each delivery (``threaded``: the handler runs on
         a thread, wrapped by ``handler``)."""
         failed, running = self._failed, self._running
+        if is_async(invoke):  # the span is attached where the coroutine runs: in _finish
+
+            def traced_async(msg: Message) -> Any:
+                return self._finish(msg, self._start(msg), None, invoke)
+
+            return traced_async
 
         def traced(msg: Message) -> Any:
             span = self._start(msg)
@@ -103,16 +110,21 @@ class Tracing:
                 failed[id(msg)] = (msg, span)  # a timeout settles before the thread ends
                 return result
             if hasattr(result, "__await__"):
-                return self._finish(msg, span, result)
+                return self._finish(msg, span, result, None)
             _succeeded(span)
             return result
 
         return traced
 
-    async def _finish(self, msg: Message, span: Span, pending: Awaitable[Any]) -> None:
+    async def _finish(
+        self, msg: Message, span: Span, pending: Awaitable[Any] | None, call: Invoke | None
+    ) -> None:
+        """Await the delivery with its span current; ``call``: start it here first."""
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            await pending
+            result = call(msg) if call is not None else pending
+            if result is not None:
+                await result
         except BaseException as exc:
             self._failure(msg, span, exc)
             raise
