@@ -321,3 +321,19 @@ def test_tracing_off_leaves_the_record_path_untouched() -> None:
     on._start_tracing()
     runtime = on._runtimes(None, settler)["medal"]  # type: ignore[arg-type]
     assert runtime._invoke is not handler and runtime._settle is not settler
+
+
+def test_a_failing_thread_isolated_handler_records_its_exception(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = spans
+
+    def on_thread(msg: Message) -> None:
+        raise LookupError("no such anchor")
+
+    ((_outcome, headers),) = run(Tracing(CONFIG, provider), on_thread, message([]), threaded=True)
+    span = only(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.attributes["exception.type"] for e in span.events] == ["LookupError"]
+    assert span.attributes["shunter.outcome"] == "retry-fast"
+    assert headers and headers[0][0] == RETRY_TRACEPARENT

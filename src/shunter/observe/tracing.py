@@ -133,14 +133,17 @@ class Tracing:
         _succeeded(span)
 
     def _thread_done(self, msg: Message, span: Span, future: asyncio.Future[Any]) -> None:
+        """Runs before the runtime learns the thread's result (registered first)."""
         self._running.pop(id(msg), None)
-        if future.cancelled() or future.exception() is not None:
-            exc = None if future.cancelled() else future.exception()
+        if id(msg) not in self._failed:
+            return  # settled already (timed out while the thread ran): the span has ended
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled() or exc is not None:
             if exc is not None:
                 span.record_exception(exc)
-            return  # settled as a failure, which ends the span
-        if self._failed.pop(id(msg), None) is not None:
-            _succeeded(span)
+            return  # the runtime settles it as a failure, which ends the span
+        del self._failed[id(msg)]
+        _succeeded(span)
 
     def _failure(self, msg: Message, span: Span, exc: BaseException) -> None:
         if not isinstance(exc, asyncio.CancelledError):  # a timeout: its outcome says so
