@@ -326,11 +326,12 @@ class Service:
             return
         try:
             from .observe.tracing import Tracing, tracer_provider
+
+            provider, shutdown = tracer_provider(self.config.tracing)
         except ImportError as exc:
             raise ConfigError(
                 [f"tracing.enabled: needs the otel extra: pip install 'shunter[otel]' ({exc})"]
             ) from None
-        provider, shutdown = tracer_provider(self.config.tracing)
         self.tracing = Tracing(self.config, provider)
         if shutdown is not None:  # flush the spans still batched on the way out
             self._closers.append(lambda: asyncio.to_thread(shutdown))

@@ -132,6 +132,9 @@ def test_registry_malformed_payloads_are_rejected_with_reasons(fmt: str) -> None
     assert rejected(decode, good[:5]).startswith("truncated payload: 5 bytes")
     unknown = b"\x00" + (4242).to_bytes(4, "big") + good[5:]
     assert rejected(decode, unknown).startswith("unknown schema id 4242")
+    guid = b"\x01" + bytes(range(16)) + good[5:]  # the newer framing: a schema GUID
+    assert rejected(decode, guid).startswith("unknown schema guid 000102030405")
+    assert "tombstone" in rejected(decode, None)
     if fmt == "avro":
         assert "cannot decode the body: EOFError" in rejected(decode, good[:7])
 

@@ -288,3 +288,52 @@ def test_the_settler_hook_adds_the_failed_span_to_the_retry_record(
         format(producer_ctx.trace_id, "032x"),
         format(span.context.span_id, "016x"),
     ]
+
+
+def test_tracing_off_leaves_the_record_path_untouched() -> None:
+    """Off (the default): the runtime calls the handler itself and settles straight into
+    the settler; on: both are wrapped."""
+    from shunter.service import Service
+
+    def handler(msg: Message) -> None:
+        pass
+
+    class FakeSettler:
+        def __call__(self, msg: Message, outcome: Outcome, elapsed: float) -> None:
+            pass
+
+        def succeeded(self, done: list[tuple[Message, float]]) -> None:
+            pass
+
+    base = {
+        "topics": {"gifts": {}},
+        "categories": {"revenue": {"topics": ["gifts"]}},
+        "subscribers": [{"caller": "medal", "category": "revenue"}],
+    }
+    settler = FakeSettler()
+    off = Service(parse_config(base), {"medal": handler})
+    runtime = off._runtimes(None, settler)["medal"]  # type: ignore[arg-type]
+    assert off.tracing is None
+    assert runtime._invoke is handler and runtime._settle is settler
+
+    on = Service(parse_config({**base, "tracing": {"enabled": True, "exporter": "none"}}), {})
+    on.handlers = {"medal": handler}
+    on._start_tracing()
+    runtime = on._runtimes(None, settler)["medal"]  # type: ignore[arg-type]
+    assert runtime._invoke is not handler and runtime._settle is not settler
+
+
+def test_a_failing_thread_isolated_handler_records_its_exception(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = spans
+
+    def on_thread(msg: Message) -> None:
+        raise LookupError("no such anchor")
+
+    ((_outcome, headers),) = run(Tracing(CONFIG, provider), on_thread, message([]), threaded=True)
+    span = only(exporter)
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.attributes["exception.type"] for e in span.events] == ["LookupError"]
+    assert span.attributes["shunter.outcome"] == "retry-fast"
+    assert headers and headers[0][0] == RETRY_TRACEPARENT

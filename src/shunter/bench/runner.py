@@ -46,6 +46,13 @@ SCENARIOS = [
     ),
     Scenario("http-fanout", "http_fanout:run", "fan-out to HTTP subscribers"),
     Scenario("journal", "journal:run", "cost of the crash-guard journal (on vs off)"),
+    Scenario("tracing", "formats:tracing", "fanout-3 with tracing on vs off", default=False),
+    Scenario(
+        "decode-formats",
+        "formats:decode_formats",
+        "decode cost per format (avro, protobuf, plain and registry) vs JSON",
+        default=False,
+    ),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}

@@ -30,9 +30,9 @@ from yarl import URL
 from ..app import Dispatcher
 from ..classify import Router
 from ..config import Config, SubscriberConfig, load_config
-from ..decode.decoder import build_decoder
+from ..decode import decode_now
 from ..deliver.failure import failure
-from ..errors import RejectedMessage
+from ..errors import DecodeUnavailable, RejectedMessage
 from ..loader import make_importable
 from ..message import Message
 from ..observe.logs import setup_logging
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True)  # tracebacks and paths stay unbroken
     try:
         delivery = _delivery(config, args)
-    except ReadError as exc:
+    except (ReadError, DecodeUnavailable) as exc:
         Console(stderr=True).print(Text(f"shunter replay: {exc}", style="red"))
         return NOT_RUN
     except RejectedMessage as exc:
@@ -136,7 +136,7 @@ def _build(
     topic_config = config.topics.get(topic)
     if topic_config is None:
         raise ReadError(f"origin topic {topic!r} is not in this configuration")
-    value = build_decoder(config, topic, topic_config)(record.value)  # may raise Rejected
+    value = decode_now(config, topic, record.value)  # may raise Rejected (waits for a registry)
     message = make_message(
         value,
         topic=topic,

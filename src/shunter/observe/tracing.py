@@ -31,6 +31,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from .. import __version__
 from ..config import Config, TracingConfig
+from ..deliver.invoke import is_async
 from ..deliver.runtime import Invoke, Settle
 from ..message import Message
 from ..outcome import DeadLettered, Failed, Outcome, Succeeded
@@ -83,6 +84,12 @@ class Tracing:
         """``invoke`` with a span around each delivery (``threaded``: the handler runs on
         a thread, wrapped by ``handler``)."""
         failed, running = self._failed, self._running
+        if is_async(invoke):  # the span is attached where the coroutine runs: in _finish
+
+            def traced_async(msg: Message) -> Any:
+                return self._finish(msg, self._start(msg), None, invoke)
+
+            return traced_async
 
         def traced(msg: Message) -> Any:
             span = self._start(msg)
@@ -103,16 +110,21 @@ class Tracing:
                 failed[id(msg)] = (msg, span)  # a timeout settles before the thread ends
                 return result
             if hasattr(result, "__await__"):
-                return self._finish(msg, span, result)
+                return self._finish(msg, span, result, None)
             _succeeded(span)
             return result
 
         return traced
 
-    async def _finish(self, msg: Message, span: Span, pending: Awaitable[Any]) -> None:
+    async def _finish(
+        self, msg: Message, span: Span, pending: Awaitable[Any] | None, call: Invoke | None
+    ) -> None:
+        """Await the delivery with its span current; ``call``: start it here first."""
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
-            await pending
+            result = call(msg) if call is not None else pending
+            if result is not None:
+                await result
         except BaseException as exc:
             self._failure(msg, span, exc)
             raise
@@ -121,14 +133,17 @@ class Tracing:
         _succeeded(span)
 
     def _thread_done(self, msg: Message, span: Span, future: asyncio.Future[Any]) -> None:
+        """Runs before the runtime learns the thread's result (registered first)."""
         self._running.pop(id(msg), None)
-        if future.cancelled() or future.exception() is not None:
-            exc = None if future.cancelled() else future.exception()
+        if id(msg) not in self._failed:
+            return  # settled already (timed out while the thread ran): the span has ended
+        exc = None if future.cancelled() else future.exception()
+        if future.cancelled() or exc is not None:
             if exc is not None:
                 span.record_exception(exc)
-            return  # settled as a failure, which ends the span
-        if self._failed.pop(id(msg), None) is not None:
-            _succeeded(span)
+            return  # the runtime settles it as a failure, which ends the span
+        del self._failed[id(msg)]
+        _succeeded(span)
 
     def _failure(self, msg: Message, span: Span, exc: BaseException) -> None:
         if not isinstance(exc, asyncio.CancelledError):  # a timeout: its outcome says so
