@@ -281,7 +281,7 @@ class Pipeline:
         the record, so it is never dead-lettered for it. Its partition is held, in order,
         and the record decoded again after ``exc.retry_after``."""
         tp = (kmsg.topic(), kmsg.partition())
-        log.warning(
+        log.debug(  # the decoder logs the outage itself, not every wait
             "%s[%d]@%d cannot be decoded yet (%s); its partition waits %.1fs",
             *tp,
             kmsg.offset(),

@@ -14,12 +14,12 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError
 
+from shunter import message
 from shunter.classify import Router
 from shunter.config import parse_config
 from shunter.decode import build_decoders
 from shunter.deliver import SubscriberRuntime
 from shunter.errors import DeadLetter, RetryLater
-from shunter import message
 from shunter.message import Message
 from shunter.observe.stalls import StallWatch
 from shunter.observe.stats import Stats

@@ -163,7 +163,7 @@ class CrashGuard:
             if state.suspects_hi >= 0:
                 log.warning(
                     "%s[%d]: its previous owner (%s) died with deliveries in flight; re-running "
-                    "offsets %d..%d one at a time (quarantine after %d crashes)",
+                    "offsets %d..%d as crash suspects (quarantine after %d crashes)",
                     tp[0],
                     tp[1],
                     entries[key].owner,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..deliver.failure import failure, timed_out
-from ..deliver.process import WorkerPool, _rebuild
+from ..deliver.process import WorkerPool, WorkerTraceback, _rebuild
 from ..errors import WorkerDied
 from ..message import Message
 from ..outcome import SUCCEEDED, Outcome
@@ -117,7 +117,13 @@ class Sandbox:
             reply = await asyncio.wait_for(pool.run(msg), spec.timeout)
         except TimeoutError:  # the pool killed the worker: a timeout, not a crash
             return timed_out(spec.timeout)
-        return SUCCEEDED if reply is None else failure(_rebuild(reply))
+        if reply is None:
+            return SUCCEEDED
+        if reply[2] == "MemoryError":  # its limit stopped what the OOM killer would have
+            died = WorkerDied(f"sandbox out of memory (limit {spec.memory_limit_mb} MB)")
+            died.__cause__ = WorkerTraceback(reply[4])
+            raise died
+        return failure(_rebuild(reply))
 
     def _quarantine(self, msg: Message, crashes: int, died: WorkerDied, stack: str) -> None:
         reason = (
