@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 
+from .. import __version__
 from ..errors import ConfigError
 
 COMMANDS = {
@@ -16,13 +17,17 @@ COMMANDS = {
     "replay": "run one message through one caller's handler in the foreground",
     "bench": "benchmark scenarios against a raw confluent-kafka loop (JSON lines)",
     "broker": "run the embedded development broker alone",
+    "completion": "print a bash completion script (eval \"$(shunter completion)\")",
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object], dict[str, str]]:
+    """The whole command line: the parser, each command's module, and the commands whose
+    module failed to import (name → why)."""
     parser = argparse.ArgumentParser(prog="shunter", description="Kafka message dispatcher.")
+    parser.add_argument("--version", action="version", version=f"shunter {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = {}
+    modules: dict[str, object] = {}
     broken: dict[str, str] = {}
     for name, summary in COMMANDS.items():
         command = sub.add_parser(name, help=summary, description=summary)
@@ -34,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module.add_arguments(command)
         modules[name] = module
+    return parser, modules, broken
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules, broken = build_parser()
     args = parser.parse_args(argv)
     if args.command in broken:
         print(f"shunter {args.command}: cannot load: {broken[args.command]}", file=sys.stderr)
         return 1
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(modules[args.command].run(args) or 0)  # type: ignore[attr-defined]
     except ConfigError as exc:
         print(f"shunter: {exc}", file=sys.stderr)
         return 2
