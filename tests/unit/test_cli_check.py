@@ -69,7 +69,7 @@ def test_check_reports_every_problem_of_a_file_in_one_pass(
 
 def test_a_bad_value_is_quoted_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Given a duration the parser rejects, then the refusal quotes the value once."""
-    code, out = check(tmp_path, THREE_ROUNDS, capsys)
+    _, out = check(tmp_path, THREE_ROUNDS, capsys)
     line = next(x for x in out.splitlines() if "subscribers[0].timeout" in x)
     assert line.count("'soon'") == 1, line
 
@@ -160,7 +160,7 @@ def test_every_key_of_the_model_is_in_the_reference_with_its_meaning() -> None:
     """Every leaf key of the model appears with a type and a written meaning (the field's
     docstring in config.py)."""
     text = reference.render()
-    for key in reference.keys():
+    for key in reference.entries():
         assert f"`{key.path}`" in text
         assert key.meaning, f"{key.path} has no docstring in config.py"
     for path in ["kafka.drain_timeout", "retry.flood_guard.max_share",
@@ -183,7 +183,7 @@ def test_a_key_added_to_the_model_appears_without_touching_the_generator(
     class WiderConfig(Config):
         kafka: Wider = Wider()
 
-    found = {k.path: k for k in reference.keys(WiderConfig)}
+    found = {k.path: k for k in reference.entries(WiderConfig)}
     key = found["kafka.stall_after"]
     assert (key.kind, key.default, key.example) == ("number", "60.0", "120")
     assert key.meaning == "How long a partition may be held before it is reported."

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..app import Dispatcher
-from ..config import Config, parse_config, redact
+from ..config import Config, SubscriberConfig, parse_config, redact
 from ..errors import ConfigError
 from ..loader import import_object, make_importable
 from . import output, reference
@@ -128,7 +128,7 @@ def _import_problems(data: Any) -> list[str]:
 
 def _targets(config: Config, secrets: set[str]) -> dict[str, tuple[str, str]]:
     """caller → (handler or URL, kind); a URL may carry a ${TOKEN}, so it is redacted."""
-    out = {}
+    out: dict[str, tuple[str, str]] = {}
     for sub in config.subscribers:
         target = sub.http.url if sub.http else sub.handler or "(code)"
         out[sub.caller] = (redact([target], secrets)[0], "http" if sub.http else sub.isolation)
@@ -139,9 +139,11 @@ def _rows(config: Config, secrets: set[str]) -> list[dict[str, Any]]:
     targets = _targets(config, secrets)
     rows = []
     for name, category in config.categories.items():
-        subs = [s for s in config.subscribers if s.category == name]
+        subs: list[SubscriberConfig | None] = [
+            s for s in config.subscribers if s.category == name
+        ]
         for topic in category.topics:
-            for sub in subs or [None]:
+            for sub in subs or [None]:  # a category nobody subscribes to is a row too
                 target, kind = targets[sub.caller] if sub else ("", "")
                 rows.append(
                     {
@@ -163,7 +165,15 @@ def _table(config: Config, secrets: set[str], wide: bool) -> Table:
     table = Table(title=f"shunter topology (group {config.kafka.group_id})")
     columns = ["topic", "category", "caller", "handler / URL"]
     if wide:
-        columns = ["topic", "category", "filter", "caller", "handler / URL", "isolation", "ordering"]
+        columns = [
+            "topic",
+            "category",
+            "filter",
+            "caller",
+            "handler / URL",
+            "isolation",
+            "ordering",
+        ]
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in _rows(config, secrets):

@@ -17,7 +17,7 @@ COMMANDS = {
     "replay": "run one message through one caller's handler in the foreground",
     "bench": "benchmark scenarios against a raw confluent-kafka loop (JSON lines)",
     "broker": "run the embedded development broker alone",
-    "completion": "print a bash completion script (eval \"$(shunter completion)\")",
+    "completion": 'print a bash completion script (eval "$(shunter completion)")',
 }
 
 

@@ -54,7 +54,9 @@ class Key:
     example: str
 
 
-def keys(model: type[BaseModel] = Config, prefix: str = "", defaults: Any = None) -> Iterator[Key]:
+def entries(
+    model: type[BaseModel] = Config, prefix: str = "", defaults: Any = None
+) -> Iterator[Key]:
     """Every leaf key of ``model``, depth first, in declaration order."""
     for name, field in model.model_fields.items():
         if name in HIDDEN:
@@ -66,7 +68,7 @@ def keys(model: type[BaseModel] = Config, prefix: str = "", defaults: Any = None
         if nested is not None:
             child = path + {"dict": ".<name>", "list": "[]", "model": ""}[shape]
             yield Key(path, _section_kind(shape, nested), "", _text(field), "")
-            yield from keys(nested, child, default if shape == "model" else None)
+            yield from entries(nested, child, default if shape == "model" else None)
             continue
         yield Key(path, _kind(field), _show_default(field, default), _text(field), _example(field))
 
@@ -74,7 +76,7 @@ def keys(model: type[BaseModel] = Config, prefix: str = "", defaults: Any = None
 def render() -> str:
     """The whole reference as Markdown, at most 80 columns wide (code spans aside)."""
     out = [HEADER]
-    for key in keys():
+    for key in entries():
         if key.kind.startswith("section"):
             out.append(f"## `{key.path}`\n")
             if key.meaning:
@@ -140,10 +142,7 @@ def _is_duration(field: FieldInfo) -> bool:
 
 
 def _kind(field: FieldInfo) -> str:
-    if _is_duration(field):
-        base = "duration"
-    else:
-        base = _type_name(field.annotation)
+    base = "duration" if _is_duration(field) else _type_name(field.annotation)
     bounds = []
     for meta in field.metadata:
         for attr, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<")):
