@@ -44,12 +44,14 @@ from ..settle.dlqread import (
 )
 from ..settle.redrive import (
     Mark,
+    Marking,
     Plan,
     Planner,
     ensure_marks_topic,
     read_marks,
     replay,
     replayed_topic,
+    unreplayed,
 )
 from . import output
 
@@ -314,7 +316,7 @@ def _payload(value: bytes | None) -> str:
     try:
         text = orjson.dumps(orjson.loads(value), option=orjson.OPT_INDENT_2).decode()
     except orjson.JSONDecodeError:
-        text = output.safe_bytes(value[:_MAX_PAYLOAD])
+        text = "(not JSON) " + output.safe_bytes(value[:_MAX_PAYLOAD])
     if len(text) > _MAX_PAYLOAD:
         text = text[:_MAX_PAYLOAD] + f"\n... ({len(text) - _MAX_PAYLOAD} more characters)"
     return output.safe(text, keep_lines=True)
@@ -335,21 +337,27 @@ def _replay(config: Config, settings: dict[str, Any], args: argparse.Namespace) 
         found, _ = select(reader, config.dlq_topic, _where(args), args.limit or None)
     marks_topic = replayed_topic(config)
     marks = read_marks(settings, marks_topic) if found else {}
-    skipped = [] if args.again else [d for d in found if d.id in marks]
-    found = [d for d in found if args.again or d.id not in marks]
     planner = Planner(config)
     plans = [p for p in (_narrow(planner.plan(d), set(args.to)) for d in found) if p is not None]
+    skipped = 0
+    if not args.again:
+        fresh = [unreplayed(p, marks.get(p.dead.id)) for p in plans]
+        skipped = sum(
+            len(p.routes) - (len(f.routes) if f else 0) for p, f in zip(plans, fresh, strict=True)
+        )
+        plans = [p for p in fresh if p is not None]
     console = output.console(args, stderr=args.json)  # --json: only JSON on stdout
     if skipped:
         console.print(
             Text(
-                f"skipped {len(skipped)} records replayed already (marked on {marks_topic}); "
+                f"skipped {skipped} deliveries replayed already (marked on {marks_topic}); "
                 "--again replays them again",
                 style="yellow",
             )
         )
     if not plans:
-        console.print(Text(f"no matching records on {config.dlq_topic}"))
+        nothing = "nothing left to replay" if skipped else "no matching records"
+        console.print(Text(f"{nothing} on {config.dlq_topic}"))
         return 0
     ready = [p for p in plans if not p.refused]
     refused = [p for p in plans if p.refused]
@@ -378,7 +386,7 @@ def _replay(config: Config, settings: dict[str, Any], args: argparse.Namespace) 
             ready,
             args.rate,
             lambda: progress.advance(task),
-            marks=(config.dlq_topic, marks_topic),
+            marks=Marking(config.dlq_topic, marks_topic, marks),
         )
     for dead_id, error in result.failed:
         console.print(Text(f"  write failed for {dead_id}: {output.safe(error)}", style="red"))

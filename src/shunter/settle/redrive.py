@@ -67,6 +67,24 @@ class Mark:
     callers: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Marking:
+    """Where replays are marked, and the marks already there (their callers are kept)."""
+
+    dlq_topic: str
+    topic: str
+    previous: dict[RecordId, Mark] = field(default_factory=dict)
+
+
+def unreplayed(plan: Plan, mark: Mark | None) -> Plan | None:
+    """The plan without the routes to callers ``mark`` says it was replayed to already;
+    None when nothing is left. A refused plan stays as it is."""
+    if mark is None or plan.refused:
+        return plan
+    routes = tuple(r for r in plan.routes if r.caller not in mark.callers)
+    return replace(plan, routes=routes) if routes else None
+
+
 def read_marks(settings: dict[str, Any], topic: str) -> dict[RecordId, Mark]:
     """Every replay marker of ``topic`` (none when the topic does not exist yet)."""
     marks = {}
@@ -203,15 +221,15 @@ def replay(
     plans: Iterable[Plan],
     rate: float,
     acked: Callable[[], None] = lambda: None,
-    marks: tuple[str, str] | None = None,
+    marks: Marking | None = None,
 ) -> ReplayResult:
     """Write one record per route of every plan to ``topic`` (the fast tier), at most
     ``rate`` per second, and wait until the broker acknowledged each; ``acked`` is called
     on each acknowledgement. Idempotent producer, ``acks=all``.
 
-    With ``marks`` = (dead-letter topic, marker topic), each record carries the
-    ``shunter-replay-of`` header, and a plan whose records were all acknowledged gets its
-    marker written to the marker topic."""
+    With ``marks``, each record carries the ``shunter-replay-of`` header, and a plan whose
+    records were all acknowledged gets its marker (the callers it was ever replayed to)
+    written to the marker topic."""
     producer = Producer(
         {
             **settings,
@@ -226,11 +244,11 @@ def replay(
     def marker(plan: Plan) -> None:
         if marks is None:
             return
-        value = {
-            "replayed_ms": int(time.time() * 1000),
-            "callers": [r.caller for r in plan.routes],
-            "to": topic,
-        }
+        before = marks.previous.get(plan.dead.id)
+        callers = dict.fromkeys(
+            [*(before.callers if before else ()), *(r.caller for r in plan.routes)]
+        )
+        value = {"replayed_ms": int(time.time() * 1000), "callers": list(callers), "to": topic}
 
         def report(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
@@ -239,7 +257,7 @@ def replay(
                 result.marked += 1
 
         producer.produce(
-            marks[1], orjson.dumps(value), str(plan.dead.id).encode(), on_delivery=report
+            marks.topic, orjson.dumps(value), str(plan.dead.id).encode(), on_delivery=report
         )
 
     def delivered(plan: Plan, left: list[int]) -> Callable[[KafkaError | None, Any], None]:
@@ -262,7 +280,7 @@ def replay(
         for plan in plans:
             assert plan.dead.info is not None
             left = [len(plan.routes)]
-            origin = f"{marks[0]}:{plan.dead.id}" if marks else ""
+            origin = f"{marks.dlq_topic}:{plan.dead.id}" if marks else ""
             for route in plan.routes:
                 while (ahead := started + sent / rate - time.monotonic()) > 0:
                     producer.poll(min(ahead, 0.05))
