@@ -139,9 +139,7 @@ def _rows(config: Config, secrets: set[str]) -> list[dict[str, Any]]:
     targets = _targets(config, secrets)
     rows = []
     for name, category in config.categories.items():
-        subs: list[SubscriberConfig | None] = [
-            s for s in config.subscribers if s.category == name
-        ]
+        subs: list[SubscriberConfig | None] = [s for s in config.subscribers if s.category == name]
         for topic in category.topics:
             for sub in subs or [None]:  # a category nobody subscribes to is a row too
                 target, kind = targets[sub.caller] if sub else ("", "")
