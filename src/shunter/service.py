@@ -25,13 +25,14 @@ from .deliver.invoke import Handler, inline, threaded
 from .errors import ConfigError
 from .observe.control import CallerControl
 from .observe.flood import FloodGuard
+from .observe.logs import kafka_logger
 from .observe.stats import Stats
 from .pipeline import Pipeline
 from .settle import Settler
 from .settle.producer import ReliableProducer
 
 log = logging.getLogger("shunter")
-KAFKA_LOG = logging.getLogger("shunter.kafka")
+KAFKA_LOG = kafka_logger()  # librdkafka's lines, rate-limited (observe/logs.py)
 
 
 class Service:

@@ -15,6 +15,7 @@ characters escaped: a record cannot put escape sequences on the operator's termi
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections import Counter
@@ -31,6 +32,7 @@ from rich.text import Text
 
 from ..config import Config, did_you_mean, load_config
 from ..loader import make_importable
+from ..observe.logs import setup_logging
 from ..settle import headers as h
 from ..settle.dlqread import (
     DeadLetterRecord,
@@ -129,7 +131,10 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    secrets: set[str] = set()
+    config = load_config(args.config, secrets=secrets)
+    if not logging.getLogger().handlers:  # librdkafka's lines, when Kafka is unreachable
+        setup_logging(config.log.format, "WARNING", secrets)
     make_importable(args.config)  # topic models are user code
     actions: dict[str, Callable[[Config, dict[str, Any], argparse.Namespace], int]] = {
         "list": _list,
