@@ -2,7 +2,8 @@
 
     python receiver.py [PORT]        # default 8091, as in shunter.yaml
 
-Answers 200 to each POST on /hooks/guard and prints the guard purchase it was given.
+Answers 200 to each POST on /hooks/guard and prints the guard purchase it was given: the
+body is the decoded value as JSON; the message's coordinates come as Shunter-* headers.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from aiohttp import web
 
 
 async def guard(request: web.Request) -> web.Response:
-    body = await request.json()
-    value = body.get("value", {})
-    print(f"anchor-task: {value.get('anchor_id')} +{value.get('price')} coins", flush=True)
+    value = await request.json()
+    where = f"{request.headers.get('Shunter-Topic')}@{request.headers.get('Shunter-Offset')}"
+    print(f"anchor-task: {value['anchor_id']} +{value['price']} coins ({where})", flush=True)
     return web.json_response({"ok": True})
 
 

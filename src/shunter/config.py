@@ -127,8 +127,10 @@ class HttpConfig(_Strict):
     timeout: Duration = 5.0
     """One request, connection included; past it the delivery failed (and is retried)."""
     body: Literal["json", "raw"] = "json"
-    """``json``: an envelope with the decoded value and the message's coordinates;
-    ``raw``: the payload bytes as they were on the topic."""
+    """``json``: the decoded value as JSON; ``raw``: the payload bytes as they were on the
+    topic. Either way the message's coordinates travel in ``Shunter-Caller``,
+    ``Shunter-Topic``, ``Shunter-Partition``, ``Shunter-Offset``, ``Shunter-Attempt``
+    (and more) request headers."""
     content_type: str = "application/octet-stream"
     """The Content-Type of raw bodies whose record has none of its own."""
     headers: dict[str, str] = Field(

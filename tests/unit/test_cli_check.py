@@ -242,3 +242,4 @@ def test_the_console_script_prints_its_version() -> None:
     assert out.stdout.strip() == f"shunter {__version__}"
 
 
+

@@ -1,7 +1,7 @@
 """CEL filters on categories, compiled once with the ``common-expression-language`` package.
 
-A filter sees ``value`` (the decoded value), ``topic``, ``key`` (text) and ``headers``
-(a map of text values).
+A filter sees ``value`` (the decoded value; a topic's pydantic model as its fields),
+``topic``, ``key`` (text) and ``headers`` (a map of text values).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import cel
+from pydantic import BaseModel
 
 from ..message import Record
 
@@ -22,7 +23,10 @@ class Filter:
 
     def __call__(self, record: Record) -> bool:
         """True when the record belongs; any evaluation error propagates to the caller."""
-        context: dict[str, Any] = {"value": record.value, "topic": record.topic}
+        value = record.value
+        if isinstance(value, BaseModel):  # a topic's ``model:``: CEL sees its fields
+            value = value.model_dump(mode="json")
+        context: dict[str, Any] = {"value": value, "topic": record.topic}
         if record.key is not None:
             context["key"] = record.key.decode("utf-8", "replace")
         if record.headers:
