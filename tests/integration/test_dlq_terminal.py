@@ -4,8 +4,10 @@ reaches the terminal as a control character."""
 
 from __future__ import annotations
 
+import logging
 import shlex
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,17 @@ pytestmark = pytest.mark.kafka
 ESC = "\x1b"
 HOSTILE_KEY = b"\x1b]0;pwned\x07\x1b[2Jkey"
 HOSTILE_PAYLOAD = b'{"n": 1, "note": "\\u001b[31mred\\u202eevil"}'
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_put_back() -> Iterator[None]:
+    """`shunter replay` and `dlq` set up logging for the command; the next test gets the
+    root logger as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -114,3 +127,25 @@ def test_safe_and_command_lines() -> None:
     assert all(len(line) <= 30 for line in text.splitlines())
     assert shlex.split(text.replace("\\\n", " ")) == [
         "shunter", "replay", "-c", "/a path/with spaces.yaml", "--x", "1"]
+
+
+def test_the_foreground_replay_escapes_what_the_message_put_in_the_traceback(
+    broker: Broker, unique: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a handler whose exception quotes the payload (escape sequences included),
+    when `shunter replay` runs it, then the traceback reaches the terminal escaped."""
+    topic, module = f"gift-{unique}", f"quoting_{unique}"
+    (tmp_path / f"{module}.py").write_text(
+        "def handler(msg):\n    raise ValueError(msg.value['note'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broker.create({topic: 1})
+    broker.produce(topic, [{"note": "\x1b[2Jcleared"}])
+    path = tmp_path / "shunter.yaml"
+    path.write_text(yaml.safe_dump(config(
+        broker, f"g-{unique}", topics={topic: {}}, categories={"c": {"topics": [topic]}},
+        subscribers=[{"caller": "quoter", "category": "c", "handler": f"{module}:handler"}])))
+    code, out = run(capsys, "replay", "-c", str(path), "--topic", topic, "--partition", "0",
+                    "--offset", "0", "--caller", "quoter")
+    assert code == 1, out
+    assert "ValueError: \\x1b[2Jcleared" in out and ESC not in out
