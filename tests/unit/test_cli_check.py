@@ -243,3 +243,12 @@ def test_the_console_script_prints_its_version() -> None:
 
 
 
+
+
+def test_run_refuses_a_configuration_without_subscribers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "shunter.yaml"
+    path.write_text("kafka: {bootstrap_servers: 127.0.0.1:1}\n")
+    assert main(["run", "-c", str(path), "--no-supervise"]) == 2
+    assert "subscribers: no subscriber is configured" in capsys.readouterr().err

@@ -141,6 +141,13 @@ def run(args: argparse.Namespace) -> int:
         "show": _show,
         "replay": _replay,
     }
+    caller = getattr(args, "caller", None)
+    callers = [s.caller for s in config.subscribers]
+    if caller and caller not in callers:  # still searched: a caller since removed has letters
+        hint = did_you_mean(caller, callers)
+        Console(stderr=True).print(
+            Text(f"note: {caller!r} is not a caller of this configuration{hint}", style="yellow")
+        )
     try:
         settings = client_settings(config, args.bootstrap)
         return actions[args.action](config, settings, args)

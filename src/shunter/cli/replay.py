@@ -29,7 +29,7 @@ from yarl import URL
 
 from ..app import Dispatcher
 from ..classify import Router
-from ..config import Config, SubscriberConfig, load_config
+from ..config import Config, SubscriberConfig, did_you_mean, load_config
 from ..decode.decoder import build_decoder
 from ..deliver.failure import failure
 from ..errors import RejectedMessage
@@ -158,8 +158,10 @@ def _build(
     try:
         sub = config.subscriber(caller)
     except KeyError:
-        known = ", ".join(s.caller for s in config.subscribers) or "none"
-        raise ReadError(f"unknown caller {caller!r} (callers: {known})") from None
+        callers = [s.caller for s in config.subscribers]
+        known = ", ".join(callers) or "none"
+        hint = did_you_mean(caller, callers)
+        raise ReadError(f"unknown caller {caller!r} (callers: {known}){hint}") from None
     message.caller, message.category = caller, sub.category
     note = ""
     if all(r.caller != caller for r in routes):

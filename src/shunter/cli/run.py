@@ -20,6 +20,7 @@ from ..app import Dispatcher
 from ..config import load_config
 from ..crashguard import crashfile
 from ..crashguard.supervisor import supervise
+from ..errors import ConfigError
 from ..loader import make_importable
 from ..observe.logs import setup_logging
 
@@ -43,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
     make_importable(args.config)
     secrets: set[str] = set()
     config = load_config(args.config, secrets=secrets)  # refuse a bad file before forking
+    if not config.subscribers:  # nothing would receive anything (as `shunter check` says)
+        raise ConfigError(
+            [
+                "subscribers: no subscriber is configured, so nothing would "
+                "receive any message (add at least one under subscribers:)"
+            ]
+        )
     setup_logging(config.log.format, config.log.level, secrets)
     crash_dir = config.crash_guard.crash_dir or os.path.join(
         tempfile.gettempdir(), f"shunter-{config.kafka.group_id}"
