@@ -178,7 +178,8 @@ def _list(config: Config, settings: dict[str, Any], args: argparse.Namespace) ->
     replayed = sum(1 for d in found if d.id in marks)
     if replayed:
         shown += f"; {replayed} replayed already"
-    console.print(Text(shown + ". One record: shunter dlq show -c FILE ID", style="dim"))
+    console.print(Text(shown, style="dim"))
+    console.print(Text("one record: shunter dlq show -c FILE ID", style="dim"))
     return 0
 
 

@@ -66,17 +66,26 @@ def safe_bytes(value: bytes | None) -> str:
         return repr(value)
 
 
-def command_lines(words: list[str], width: int) -> str:
+def command_lines(words: list[str], width: int, indent: str = "  ") -> str:
     """A shell command that can be copied: quoted words, continued with `` \\`` between
-    words (never inside one) when it does not fit ``width``."""
+    words (never inside one, nor between an option and its value) when it does not fit
+    ``width``."""
     quoted = [shlex.quote(w) for w in words]
+    units: list[str] = []
+    for word in quoted:  # "--offset 0" stays on one line
+        option = bool(units) and units[-1].startswith("-") and " " not in units[-1]
+        together = f"{units[-1]} {word}" if units else word
+        if option and not word.startswith("-") and len(indent + together) + 2 <= width:
+            units[-1] = together
+        else:
+            units.append(word)
     lines: list[str] = []
     line = ""
-    for word in quoted:
+    for word in units:
         candidate = f"{line} {word}" if line else word
         if line and len(candidate) + 2 > width:
             lines.append(line + " \\")
-            line = "  " + word
+            line = indent + word
         else:
             line = candidate
     lines.append(line)

@@ -3,7 +3,6 @@ few seconds otherwise (CI logs, pipes)."""
 
 from __future__ import annotations
 
-import shlex
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -14,7 +13,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ..cli.output import command_lines
 from .logdigest import Notice
+
+__all__ = ["Display", "Snapshot", "command_lines", "hanging"]
 
 PLAIN_EVERY = 2.0  # seconds between progress lines when not on a terminal
 
@@ -94,23 +96,6 @@ def hanging(head: str, text: str, style: str = "") -> Table:
     grid.add_column(overflow="fold")
     grid.add_row(Text(head, style=style), Text(text, style=style))
     return grid
-
-
-def command_lines(words: list[str], width: int) -> str:
-    """A shell command that can be copied whole: quoted words, continued with a
-    backslash between words (never inside one) when it does not fit ``width``."""
-    quoted = [shlex.quote(w) for w in words]
-    lines: list[str] = []
-    line = ""
-    for word in quoted:
-        candidate = f"{line} {word}" if line else word
-        if line and len(candidate) + 2 > width:
-            lines.append(line + " \\")
-            line = "    " + word
-        else:
-            line = candidate
-    lines.append(line)
-    return "\n".join(lines)
 
 
 def _panel(snap: Snapshot) -> RenderableType:

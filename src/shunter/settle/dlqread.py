@@ -198,8 +198,9 @@ class TopicReader:
         try:
             meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
         except Exception as exc:  # KafkaException: no broker answered
+            why = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else exc
             raise ReadError(
-                f"cannot reach Kafka at {self._servers}: {exc}; check that a broker is "
+                f"cannot reach Kafka at {self._servers} ({why}); check that a broker is "
                 "running there and that kafka.bootstrap_servers (or --bootstrap) names it"
             ) from None
         if meta is None or meta.error is not None or not meta.partitions:
