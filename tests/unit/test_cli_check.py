@@ -252,3 +252,14 @@ def test_run_refuses_a_configuration_without_subscribers(
     path.write_text("kafka: {bootstrap_servers: 127.0.0.1:1}\n")
     assert main(["run", "-c", str(path), "--no-supervise"]) == 2
     assert "subscribers: no subscriber is configured" in capsys.readouterr().err
+
+
+
+def test_a_closed_pipe_ends_a_command_quietly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`shunter dlq list --json | head -1`: when the reader is gone, the command ends with
+    status 141 (as a shell reports SIGPIPE) and no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["check", "--reference"]) == 141
