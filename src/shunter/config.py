@@ -243,8 +243,8 @@ class TierConfig(_Strict):
     """One retry tier."""
 
     attempts: int = Field(ge=0, le=1000)
-    """Deliveries of a failed message in this tier before it moves to the next (the slow
-    tier, then the dead-letter topic); 0 skips the tier."""
+    """Attempts of a failed delivery in this tier before it moves on (fast tier → slow
+    tier → dead-letter topic); 0 skips the tier."""
     delay: Duration
     """How long a failed delivery waits in this tier before it is tried again."""
 

@@ -52,6 +52,7 @@ class Key:
     default: str  # "" when the key is required
     meaning: str
     example: str
+    note: str = ""
 
 
 def entries(
@@ -70,7 +71,10 @@ def entries(
             yield Key(path, _section_kind(shape, nested), "", _text(field), "")
             yield from entries(nested, child, default if shape == "model" else None)
             continue
-        yield Key(path, _kind(field), _show_default(field, default), _text(field), _example(field))
+        shown = _show_default(field, default)
+        # A key its section's default fills in is still required once the section is written.
+        note = f"required when `{prefix}` is written" if shown and field.is_required() else ""
+        yield Key(path, _kind(field), shown, _text(field), _example(field), note)
 
 
 def render() -> str:
@@ -85,6 +89,8 @@ def render() -> str:
                 out.append(_wrap(key.kind.removeprefix("section: ")) + "\n")
             continue
         facts = [key.kind, f"default `{key.default}`" if key.default else "required"]
+        if key.note:
+            facts.append(key.note)
         if key.example:
             facts.append(f"example `{key.example}`")
         out.append(f"### `{key.path}`\n")
