@@ -263,3 +263,17 @@ def test_a_closed_pipe_ends_a_command_quietly(monkeypatch: pytest.MonkeyPatch) -
     with os.fdopen(write, "w") as closed:
         monkeypatch.setattr(sys, "stdout", closed)
         assert main(["check", "--reference"]) == 141
+
+
+def test_a_refusal_folds_at_the_terminals_width_without_cutting_a_word(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shunter.cli.main import refusal
+
+    monkeypatch.setenv("COLUMNS", "60")
+    problem = ("subscribers[0].category: unknown category 'revenu' (expected one of: guard, "
+               "revenue); did you mean 'revenue'?")
+    folded = refusal([problem], fold=True).splitlines()
+    assert all(len(line) <= 60 for line in folded)
+    assert " ".join(x.strip().removeprefix("- ") for x in folded[1:]) == problem
+    assert refusal([problem], fold=False).splitlines()[1] == "  - " + problem

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
+import textwrap
 
 from .. import __version__
 from ..errors import ConfigError
@@ -52,13 +54,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(modules[args.command].run(args) or 0)  # type: ignore[attr-defined]
     except ConfigError as exc:
-        print(f"shunter: {exc}", file=sys.stderr)
+        print(refusal(exc.problems, sys.stderr.isatty()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `shunter dlq list --json | head -1`: the reader has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
+
+
+def refusal(problems: list[str], fold: bool) -> str:
+    """A refused configuration, one problem per item; on a terminal (``fold``) folded at
+    its width between words (a key path, a name or a value is never cut), else one line
+    per problem for grep and the journal."""
+    width = max(shutil.get_terminal_size().columns, 40) if fold else 1_000_000
+    lines = ["shunter: invalid configuration:"]
+    for problem in problems:
+        lines.append(
+            textwrap.fill(
+                problem,
+                width,
+                initial_indent="  - ",
+                subsequent_indent="      ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
