@@ -488,6 +488,7 @@ def _cross_check(data: dict[str, Any], base_dir: str, problems: list[str]) -> No
         retry.get("fast_topic") or f"{group}.retry.fast",
         retry.get("slow_topic") or f"{group}.retry.slow",
         retry.get("dlq_topic") or f"{group}.dlq",
+        (retry.get("dlq_topic") or f"{group}.dlq") + ".replayed",  # dlq replay's markers
         _section(data, "crash_guard").get("journal_topic") or f"{group}.journal",
         f"{group}.control",
     }

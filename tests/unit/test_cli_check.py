@@ -277,3 +277,14 @@ def test_a_refusal_folds_at_the_terminals_width_without_cutting_a_word(
     assert all(len(line) <= 60 for line in folded)
     assert " ".join(x.strip().removeprefix("- ") for x in folded[1:]) == problem
     assert refusal([problem], fold=False).splitlines()[1] == "  - " + problem
+
+
+def test_the_replay_marker_topic_is_one_of_shunters_own() -> None:
+    data: dict[str, Any] = {
+        "kafka": {"group_id": "g"},
+        "topics": {"g.dlq.replayed": {}},
+        "categories": {"c": {"topics": ["g.dlq.replayed"]}},
+        "subscribers": [{"caller": "a", "category": "c", "handler": "os:getcwd"}],
+    }
+    with pytest.raises(ConfigError, match=r"topics\.g\.dlq\.replayed: this name is one of"):
+        parse_config(data)
