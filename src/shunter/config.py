@@ -7,10 +7,12 @@ was expected; nothing downstream ever re-validates or guesses.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -50,21 +52,44 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A field's docstring is its description in the reference (docs/configuration.md).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class KafkaConfig(_Strict):
-    bootstrap_servers: str | None = None
-    group_id: str = "shunter"
-    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    consumer: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """How shunter reaches Kafka and how much it reads at once."""
+
+    bootstrap_servers: str | None = Field(default=None, examples=["broker-1:9092,broker-2:9092"])
+    """Comma-separated Kafka addresses. Absent: shunter starts the embedded development
+    broker (memory only) on a free port and logs its address."""
+    group_id: str = Field(default="shunter", examples=["live-revenue-dispatcher"])
+    """The consumer group of every instance of this deployment; also the prefix of
+    shunter's own topics (``<group_id>.retry.fast``, ``.retry.slow``, ``.dlq``,
+    ``.journal``, ``.control``)."""
+    client: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, examples=[{"security.protocol": "SASL_SSL"}]
+    )
+    """Extra librdkafka settings for every client (consumer, producers, admin):
+    ``security.protocol``, ``sasl.*``, ``ssl.*``. Put secrets in ``${VAR}``."""
+    consumer: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, examples=[{"session.timeout.ms": 10000}]
+    )
+    """librdkafka settings for the consumer only, applied over ``client``."""
     batch_size: int = Field(default=1000, ge=1, le=100_000)
+    """Records fetched from Kafka and handed to the pipeline at most at once."""
     max_in_flight: int = Field(default=20_000, ge=1)
+    """Records consumed but not yet settled at most (the in-flight window); reaching it
+    pauses fetching. Bounds memory and the duplicates after a crash."""
     commit_interval: Duration = 0.5
+    """How often the settled offsets are committed."""
     drain_timeout: Duration = 10.0
-    # A partition whose position has not moved for this long while offsets wait is
-    # reported as stalled (log, gauge, /ready 503) until it moves or a record is skipped.
+    """On stop or partition revocation: how long in-flight deliveries may take to settle
+    before shunter leaves them uncommitted (they are delivered again later)."""
     stall_after: Duration = Field(default=120.0, gt=0)
+    """A partition whose position has not moved for this long while offsets wait is
+    reported stalled (an ERROR line naming the record and what holds it, the
+    ``shunter_partition_stalled`` gauge, ``/ready`` 503) until it moves or an operator
+    skips the record (``shunter skip``)."""
 
 
 class SchemaRegistryConfig(_Strict):
@@ -72,10 +97,14 @@ class SchemaRegistryConfig(_Strict):
     ID ahead of the body), decoded by confluent-kafka's own deserializers. Credentials come
     through ``${VAR}``, never the file."""
 
-    url: str  # http(s)://host:port, or mock://name (confluent-kafka's in-memory registry)
-    basic_auth: str | None = None  # "user:password", sent as HTTP basic authentication
-    timeout: Duration = 5.0  # one request to the registry
-    client: dict[str, str | int | float | bool] = Field(default_factory=dict)  # more conf
+    url: str = Field(examples=["https://registry.internal:8081"])
+    """``http(s)://host:port``, or ``mock://name`` (confluent-kafka's in-memory registry)."""
+    basic_auth: str | None = Field(default=None, examples=["${REGISTRY_USER}:${REGISTRY_PASS}"])
+    """``user:password`` sent as HTTP basic authentication (from ``${VAR}``s)."""
+    timeout: Duration = 5.0
+    """One request to the registry; an unreachable registry holds the record (transient)."""
+    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """More settings for confluent-kafka's registry client."""
 
     @field_validator("url")
     @classmethod
@@ -93,19 +122,23 @@ class SchemaRegistryConfig(_Strict):
 
 
 class TopicConfig(_Strict):
-    """A source topic's payload format.
-
-    json: a JSON Schema (``schema``) or a model (``model``) may check it. avro: a local
-    ``.avsc`` (``schema``) for plain payloads, or ``schema_registry`` (then ``schema`` is an
-    optional reader schema). protobuf: the generated message class (``message``), plain or
-    with ``schema_registry``. raw: the bytes as they are.
-    """
+    """A source topic: how its payloads are decoded and validated."""
 
     format: Literal["json", "raw", "avro", "protobuf"] = "json"
-    schema_: str | None = Field(default=None, alias="schema")
-    model: str | None = None
-    message: str | None = None  # protobuf: 'package.module_pb2:MessageName'
+    """How the payload bytes become ``msg.value``: ``json`` decodes them, ``raw`` leaves
+    them as bytes, ``avro`` gives a dict, ``protobuf`` the generated message; avro and
+    protobuf plain, or in the Confluent wire format with ``schema_registry``."""
+    schema_: str | None = Field(default=None, alias="schema", examples=["schemas/gift.json"])
+    """A JSON Schema file every JSON payload must satisfy (else dead-lettered with stage
+    ``validate``), or the ``.avsc`` of a plain Avro topic (a reader schema with a
+    registry); relative to the configuration file."""
+    model: str | None = Field(default=None, examples=["myapp.models:GuardPurchase"])
+    """A pydantic model (``package.module:Name``) the decoded payload is validated into;
+    ``msg.value`` is then the model instance."""
+    message: str | None = Field(default=None, examples=["myapp.events_pb2:GuardPurchase"])
+    """A protobuf topic's generated message class (``package.module_pb2:MessageName``)."""
     schema_registry: SchemaRegistryConfig | None = None
+    """The registry of a topic in the Confluent wire format."""
 
     @field_validator("model", "message")
     @classmethod
@@ -116,28 +149,56 @@ class TopicConfig(_Strict):
 
 
 class CategoryConfig(_Strict):
-    topics: list[str] = Field(min_length=1)
-    where: str | None = None
+    """A business category: the messages of some source topics, optionally filtered."""
+
+    topics: list[str] = Field(min_length=1, examples=[["gift", "lottery"]])
+    """The source topics (names under ``topics``) whose messages belong to the category."""
+    where: str | None = Field(default=None, examples=["value.type == 'buy'"])
+    """A CEL expression over ``value``, ``key``, ``headers`` and ``topic``; only the
+    messages for which it is true belong to the category."""
 
 
 class HttpConfig(_Strict):
     """An HTTP subscriber's endpoint (see ``deliver/http.py`` for the request and the
     response contract, ``deliver/http_guard.py`` for the allowlists)."""
 
-    url: str
-    timeout: Duration = 5.0  # one request, connection included
+    url: str = Field(examples=["https://task.internal/hooks/guard"])
+    """The endpoint each delivery is POSTed to (``http`` or ``https``)."""
+    timeout: Duration = 5.0
+    """One request, connection included; past it the delivery failed (and is retried)."""
     body: Literal["json", "raw"] = "json"
-    content_type: str = "application/octet-stream"  # raw bodies whose record has none
-    headers: dict[str, str] = Field(default_factory=dict)
-    rate_limit: float | None = Field(default=None, gt=0)  # requests per second
-    allow_hosts: list[str] | None = None  # host names, IP addresses or *.domain
-    allow_ports: list[int] | None = None
-    allow_private: list[str] = Field(default_factory=list)  # addresses or CIDR ranges
+    """``json``: the decoded value as JSON; ``raw``: the payload bytes as they were on the
+    topic. Either way the message's coordinates travel in ``Shunter-Caller``,
+    ``Shunter-Topic``, ``Shunter-Partition``, ``Shunter-Offset``, ``Shunter-Attempt``
+    (and more) request headers."""
+    content_type: str = "application/octet-stream"
+    """The Content-Type of raw bodies whose record has none of its own."""
+    headers: dict[str, str] = Field(
+        default_factory=dict, examples=[{"Authorization": "Bearer ${TASK_TOKEN}"}]
+    )
+    """Extra request headers; put secrets in ``${VAR}``."""
+    rate_limit: float | None = Field(default=None, gt=0, examples=[200])
+    """Requests per second at most to this subscriber; absent: no limit."""
+    allow_hosts: list[str] | None = Field(default=None, examples=[["task.internal"]])
+    """If set, the only host names, IP addresses or ``*.domain`` patterns the URL may
+    name."""
+    allow_ports: list[int] | None = Field(default=None, examples=[[443]])
+    """If set, the only TCP ports the URL may name."""
+    allow_private: list[str] = Field(default_factory=list, examples=[["10.0.0.0/8"]])
+    """Private, loopback or link-local addresses or CIDR ranges the endpoint may resolve
+    to; any other private address is refused."""
     breaker_failures: int = Field(default=5, ge=1)
+    """Consecutive failed requests that open the circuit breaker: deliveries then go
+    straight to the retry tier without a request until the cooldown has passed."""
     breaker_cooldown: Duration = 10.0
-    max_body: int = Field(default=65_536, ge=0)  # response bytes read at most
+    """How long an open breaker waits before it lets one trial request through."""
+    max_body: int = Field(default=65_536, ge=0)
+    """Response bytes read at most (the rest is discarded)."""
     max_retry_after: Duration = 300.0
-    ca_file: str | None = None  # extra trusted CAs; verification itself cannot be turned off
+    """The longest ``Retry-After`` a response may ask for; longer ones are capped."""
+    ca_file: str | None = Field(default=None, examples=["/etc/ssl/internal-ca.pem"])
+    """Extra trusted certificate authorities (PEM); verification itself cannot be
+    turned off."""
 
     @field_validator("headers")
     @classmethod
@@ -181,16 +242,34 @@ class HttpConfig(_Strict):
 
 
 class SubscriberConfig(_Strict):
-    caller: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
-    category: str
-    handler: str | None = None
+    """One subscriber of a category: an in-process handler or an HTTP endpoint."""
+
+    caller: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$", examples=["fan-medal"])
+    """The subscriber's unique name: in every log line, metric, retry and dead-letter
+    record of its deliveries. Letters, digits, ``_``, ``.`` and ``-``."""
+    category: str = Field(examples=["revenue"])
+    """The category (a name under ``categories``) whose messages it receives."""
+    handler: str | None = Field(default=None, examples=["myapp.medal:on_revenue"])
+    """A sync or async callable taking a ``shunter.Message`` (``package.module:function``).
+    Give either ``handler`` or ``http`` (or register the handler in code)."""
     http: HttpConfig | None = None
+    """An HTTP endpoint that receives each delivery instead of a Python handler."""
     ordering: Literal["key", "partition", "none"] = "key"
+    """Which of its deliveries wait for each other: ``key`` (messages with the same key,
+    in offset order), ``partition`` (all of a partition) or ``none``."""
     concurrency: int = Field(default=64, ge=1, le=100_000)
+    """Deliveries to this subscriber running at once at most."""
     timeout: Duration = 30.0
+    """How long one delivery may run; past it the delivery failed (and is retried)."""
     isolation: Literal["inline", "thread", "process"] = "inline"
+    """Where the handler runs: ``inline`` on the event loop (async handlers, or quick sync
+    ones), ``thread`` in a thread pool, ``process`` in worker processes (a crash kills a
+    worker, not shunter)."""
     workers: int = Field(default=2, ge=1, le=256)
-    memory_limit_mb: int | None = Field(default=None, ge=16)
+    """With ``isolation: process``: the worker processes of this subscriber."""
+    memory_limit_mb: int | None = Field(default=None, ge=16, examples=[512])
+    """With ``isolation: process``: a worker's address-space limit; a worker past it is
+    replaced and the delivery fails."""
 
     @field_validator("handler")
     @classmethod
@@ -201,46 +280,90 @@ class SubscriberConfig(_Strict):
 
 
 class TierConfig(_Strict):
+    """One retry tier."""
+
     attempts: int = Field(ge=0, le=1000)
+    """Attempts of a failed delivery in this tier before it moves on (fast tier → slow
+    tier → dead-letter topic); 0 skips the tier."""
     delay: Duration
+    """How long a failed delivery waits in this tier before it is tried again."""
 
 
 class FloodGuardConfig(_Strict):
+    """What happens when most of a caller's deliveries fail at once (an outage, not a bad
+    message): pause that caller instead of pushing everything through the retry tiers."""
+
     window: int = Field(default=200, ge=10)
+    """The caller's last deliveries the failure share is measured over."""
     max_share: float = Field(default=0.5, gt=0, le=1)
+    """The share of failures in the window that trips the guard."""
     action: Literal["pause", "continue"] = "pause"
+    """``pause``: pause the caller (group-wide, until resumed through the admin API);
+    ``continue``: only log and count."""
 
 
 class RetryConfig(_Strict):
+    """The retry tiers and the dead-letter topic."""
+
     fast: TierConfig = TierConfig(attempts=3, delay=1.0)
+    """The first tier, for a first failure."""
     slow: TierConfig = TierConfig(attempts=5, delay=300.0)
-    fast_topic: str | None = None
-    slow_topic: str | None = None
-    dlq_topic: str | None = None
+    """The second tier, after the fast tier's attempts."""
+    fast_topic: str | None = Field(default=None, examples=["revenue.retry.fast"])
+    """The fast tier's topic; absent: ``<group_id>.retry.fast``."""
+    slow_topic: str | None = Field(default=None, examples=["revenue.retry.slow"])
+    """The slow tier's topic; absent: ``<group_id>.retry.slow``."""
+    dlq_topic: str | None = Field(default=None, examples=["revenue.dlq"])
+    """The dead-letter topic; absent: ``<group_id>.dlq``."""
     partitions: int = Field(default=6, ge=1)
+    """Partitions of the retry and dead-letter topics when shunter creates them."""
     flood_guard: FloodGuardConfig = FloodGuardConfig()
+    """Pausing a caller whose deliveries mostly fail."""
 
 
 class CrashGuardConfig(_Strict):
+    """Recognising and quarantining a message that kills the whole process."""
+
     quarantine_after: int = Field(default=3, ge=1)
-    journal_topic: str | None = None
+    """Process deaths with a message in flight after which that message is quarantined
+    to the dead-letter topic (reason ``crash``) without being run again."""
+    journal_topic: str | None = Field(default=None, examples=["revenue.journal"])
+    """The compacted topic recording what is in flight; absent: ``<group_id>.journal``."""
     enabled: bool = True
-    loop_blocked_after: Duration = 5.0  # the loop watchdog's threshold; 0 turns it off
-    crash_dir: str | None = None  # fatal-signal dumps; default <tmp>/shunter-<group_id>
-    # After a death, re-run the suspects of inline/thread callers in sandbox processes
-    # (a pill kills the sandbox, not the dispatcher), each limited to this much memory.
+    """Turn the crash guard (and its journal writes) off."""
+    loop_blocked_after: Duration = 5.0
+    """The event-loop watchdog: a loop blocked this long is logged with its stack;
+    0 turns the watchdog off."""
+    crash_dir: str | None = Field(default=None, examples=["/var/lib/shunter/crashes"])
+    """Where fatal-signal dumps (every thread's stack) are written; absent:
+    ``<tmp>/shunter-<group_id>``."""
     sandbox: bool = True
+    """After a death, re-run the crash suspects of inline and thread callers in sandbox
+    processes, so that a pill kills a sandbox, not the dispatcher (off: one at a time in
+    the dispatcher, as when a handler cannot run in another process)."""
     sandbox_memory_mb: int = Field(default=1024, ge=16)
+    """A sandbox's memory limit (a caller's own ``memory_limit_mb`` wins): a memory pill
+    ends the sandbox instead of taking the dispatcher to the OOM killer."""
 
 
 class AdminConfig(_Strict):
+    """The admin HTTP API and dashboard."""
+
     listen: str | None = "127.0.0.1:8080"
+    """``host:port`` of the admin API (health, readiness, metrics, topology, stats,
+    pause/resume, dead letters); ``null`` turns it off."""
     token_env: str = "SHUNTER_ADMIN_TOKEN"
+    """The environment variable holding the bearer token that mutating calls need."""
 
 
 class LogConfig(_Strict):
+    """shunter's log lines (on standard error)."""
+
     format: Literal["text", "json"] = "text"
+    """``text`` for people, ``json`` for one object per line carrying caller and message
+    coordinates as fields."""
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """The lowest level logged."""
 
 
 class TracingConfig(_Strict):
@@ -252,21 +375,37 @@ class TracingConfig(_Strict):
     provider the application installed (nothing is exported if it installed none)."""
 
     enabled: bool = False
+    """One span per delivery; off, tracing costs nothing."""
     exporter: Literal["otlp", "none"] = "otlp"
+    """``otlp``: the SDK's OTLP exporter (``OTEL_*`` variables); ``none``: the
+    application's own tracer provider."""
     service_name: str = "shunter"
+    """The ``service.name`` of the spans shunter's own provider exports."""
 
 
 class Config(_Strict):
+    """A shunter deployment."""
+
     kafka: KafkaConfig = KafkaConfig()
+    """How shunter reaches Kafka."""
     topics: dict[str, TopicConfig] = Field(default_factory=dict)
+    """The source topics, by name."""
     categories: dict[str, CategoryConfig] = Field(default_factory=dict)
+    """The business categories, by name."""
     subscribers: list[SubscriberConfig] = Field(default_factory=list)
+    """Every subscriber of the deployment."""
     retry: RetryConfig = RetryConfig()
+    """Retry tiers and dead-letter topic."""
     crash_guard: CrashGuardConfig = CrashGuardConfig()
+    """The crash guard."""
     admin: AdminConfig = AdminConfig()
+    """The admin API."""
     log: LogConfig = LogConfig()
+    """Logging."""
     tracing: TracingConfig = TracingConfig()
-    base_dir: str = "."  # where relative paths (schemas) are resolved; set by the loader
+    """OpenTelemetry tracing (the ``otel`` extra), off by default."""
+    base_dir: str = "."
+    """Where relative paths (schemas) are resolved; set by the loader, not in the file."""
 
     @property
     def fast_topic(self) -> str:
@@ -342,50 +481,93 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(root)"
 
 
-def _cross_check(config: Config, problems: list[str]) -> None:
-    """The checks no single key can make: references between sections."""
-    for name, category in config.categories.items():
-        for i, topic in enumerate(category.topics):
-            if topic not in config.topics:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'gift'?"`` when one of ``choices`` is close to ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _expected(word: str, names: Iterable[str]) -> str:
+    ordered = sorted(names)
+    return f"(expected one of: {', '.join(ordered) or 'none defined'}){did_you_mean(word, ordered)}"
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _cross_check(data: dict[str, Any], base_dir: str, problems: list[str]) -> None:
+    """The checks no single key can make: references between sections.
+
+    They read the document itself, not the validated model, so that a file with a bad
+    value in one place still has its references checked everywhere else in the same pass.
+    """
+    topics = _section(data, "topics")
+    categories = _section(data, "categories")
+    subscribers = data.get("subscribers")
+    subscribers = subscribers if isinstance(subscribers, list) else []
+    for name, category in categories.items():
+        if not isinstance(category, dict):
+            continue
+        listed = category.get("topics")
+        for i, topic in enumerate(listed if isinstance(listed, list) else []):
+            if isinstance(topic, str) and topic not in topics:
                 problems.append(
                     f"categories.{name}.topics[{i}]: unknown topic {topic!r} "
-                    f"(expected one of: {', '.join(sorted(config.topics)) or 'none defined'})"
+                    + _expected(topic, topics)
                 )
-        if category.where is not None:
+        where = category.get("where")
+        if isinstance(where, str):
             from .classify.filters import compile_filter
 
             try:
-                compile_filter(category.where)
+                compile_filter(where)
             except ValueError as exc:
                 problems.append(f"categories.{name}.where: not a valid CEL expression: {exc}")
-    for name, topic_cfg in config.topics.items():
-        if topic_cfg.schema_ is not None and not config.resolve(topic_cfg.schema_).is_file():
-            problems.append(f"topics.{name}.schema: file not found: {topic_cfg.schema_}")
-        _format_problems(name, topic_cfg, problems)
+    for name, topic_cfg in topics.items():
+        if not isinstance(topic_cfg, dict):
+            continue
+        schema = topic_cfg.get("schema")
+        if isinstance(schema, str) and not Path(base_dir, schema).is_file():
+            problems.append(f"topics.{name}.schema: file not found: {schema}")
+        try:
+            checked = TopicConfig.model_validate(topic_cfg)
+        except ValidationError:
+            continue  # its own errors are reported with their key paths already
+        _format_problems(name, checked, problems)
     seen: set[str] = set()
-    for i, sub in enumerate(config.subscribers):
+    for i, sub in enumerate(subscribers):
+        if not isinstance(sub, dict):
+            continue
         where = f"subscribers[{i}]"
-        if sub.caller in seen:
-            problems.append(f"{where}.caller: duplicate caller {sub.caller!r}")
-        seen.add(sub.caller)
-        if sub.category not in config.categories:
+        caller = sub.get("caller")
+        if isinstance(caller, str) and caller in seen:
+            problems.append(f"{where}.caller: duplicate caller {caller!r}")
+        if isinstance(caller, str):
+            seen.add(caller)
+        category = sub.get("category")
+        if isinstance(category, str) and category not in categories:
             problems.append(
-                f"{where}.category: unknown category {sub.category!r} "
-                f"(expected one of: {', '.join(sorted(config.categories)) or 'none defined'})"
+                f"{where}.category: unknown category {category!r} "
+                + _expected(category, categories)
             )
-        if sub.http is not None and sub.handler is not None:
+        if sub.get("http") is not None and sub.get("handler") is not None:
             problems.append(f"{where}: expected either handler or http, not both")
-        if sub.http is not None and sub.isolation != "inline":
+        if sub.get("http") is not None and sub.get("isolation", "inline") != "inline":
             problems.append(f"{where}.isolation: HTTP subscribers take no isolation setting")
+    kafka, retry = _section(data, "kafka"), _section(data, "retry")
+    group = kafka.get("group_id") if isinstance(kafka.get("group_id"), str) else "shunter"
     internal = {
-        config.fast_topic,
-        config.slow_topic,
-        config.dlq_topic,
-        config.journal_topic,
-        config.control_topic,
-        config.parked_topic,
+        retry.get("fast_topic") or f"{group}.retry.fast",
+        retry.get("slow_topic") or f"{group}.retry.slow",
+        retry.get("dlq_topic") or f"{group}.dlq",
+        (retry.get("dlq_topic") or f"{group}.dlq") + ".replayed",  # dlq replay's markers
+        _section(data, "crash_guard").get("journal_topic") or f"{group}.journal",
+        f"{group}.control",
+        f"{group}.parked",
     }
-    for name in config.topics:
+    for name in topics:
         if name in internal:
             problems.append(f"topics.{name}: this name is one of shunter's own topics")
 
@@ -416,6 +598,8 @@ def _format_problems(name: str, topic: TopicConfig, problems: list[str]) -> None
 def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem.
 
+    Every problem of the document is found in one pass: bad values, unknown keys (with the
+    closest valid key suggested) and references between sections.
     Values substituted from the environment are added to ``secrets`` and never appear in
     a refusal, whatever the key or the validator that quotes them.
     """
@@ -429,16 +613,20 @@ def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None
     if secrets is not None:
         secrets.update(found)
     data["base_dir"] = base_dir
+    config: Config | None = None
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             problems.append(f"{_loc(err['loc'])}: {_describe(err)}")
-        raise ConfigError(redact(problems, found)) from None
-    _cross_check(config, problems)
-    if problems:
-        raise ConfigError(redact(problems, found))
+    _cross_check(data, base_dir, problems)
+    if problems or config is None:
+        raise ConfigError(redact(_once(problems), found))
     return config
+
+
+def _once(problems: list[str]) -> list[str]:
+    return list(dict.fromkeys(problems))
 
 
 def redact(lines: list[str], secrets: set[str]) -> list[str]:
@@ -455,15 +643,42 @@ def redact(lines: list[str], secrets: set[str]) -> list[str]:
 def _describe(err: Any) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
-        return "unknown key"
+        key = str(err["loc"][-1])
+        return "unknown key" + did_you_mean(key, _keys_at(err["loc"][:-1]))
     if kind == "missing":
         return "required key is missing"
     text = str(err["msg"])
     text = text.removeprefix("Value error, ")
     got = err.get("input")
-    if not isinstance(got, dict | list):
+    if not isinstance(got, dict | list) and repr(got) not in text:  # say the value once
         text += f" (got {got!r})"
     return text
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The valid keys of the section at ``loc`` (e.g. ``subscribers, 0, http``)."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:  # a name under topics/categories: stay on the mapping's values
+            continue
+        model = _model_of(field.annotation)
+    if model is None:
+        return []
+    return [f.alias or name for name, f in model.model_fields.items() if name != "base_dir"]
+
+
+def _model_of(annotation: Any) -> Any:
+    """The model class inside ``X``, ``X | None``, ``list[X]`` or ``dict[str, X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def load_config(path: str | Path, secrets: set[str] | None = None) -> Config:

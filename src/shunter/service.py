@@ -39,6 +39,7 @@ from .deliver.invoke import Handler, inline, threaded
 from .errors import ConfigError
 from .observe.control import ControlTopic
 from .observe.flood import FloodGuard
+from .observe.logs import kafka_logger
 from .observe.pause import CallerPauses
 from .observe.stats import Stats
 from .pipeline import Pipeline
@@ -46,7 +47,7 @@ from .settle import Settler, skip
 from .settle.producer import ReliableProducer
 
 log = logging.getLogger("shunter")
-KAFKA_LOG = logging.getLogger("shunter.kafka")
+KAFKA_LOG = kafka_logger()  # librdkafka's lines, rate-limited (observe/logs.py)
 
 
 class Service:

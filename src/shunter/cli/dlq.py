@@ -4,13 +4,18 @@ time; replay to the original caller only, rate-limited.
 A dead-letter record is named ``<partition>:<offset>`` on the dead-letter topic
 (``config.dlq_topic``); ``list`` prints these IDs and ``show``/``replay --id`` take them.
 Replaying writes fresh records to the fast retry tier for the running dispatcher to
-deliver (see settle/redrive.py for who receives what); the dead-letter records themselves
-stay where they are, so replaying the same selection twice delivers it twice.
+deliver (see settle/redrive.py for who receives what). The dead-letter records stay where
+they are; each one replayed is marked on ``<dead-letter topic>.replayed``, and ``replay``
+skips marked records unless ``--again``.
+
+Every byte of a message (key, headers, payload, error text) is printed with its control
+characters escaped: a record cannot put escape sequences on the operator's terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections import Counter
@@ -25,8 +30,9 @@ from rich.prompt import Confirm
 from rich.table import Table
 from rich.text import Text
 
-from ..config import Config, load_config
+from ..config import Config, did_you_mean, load_config
 from ..loader import make_importable
+from ..observe.logs import setup_logging
 from ..settle import headers as h
 from ..settle.dlqread import (
     DeadLetterRecord,
@@ -38,7 +44,18 @@ from ..settle.dlqread import (
     parse_since,
     select,
 )
-from ..settle.redrive import Plan, Planner, replay
+from ..settle.redrive import (
+    Mark,
+    Marking,
+    Plan,
+    Planner,
+    ensure_marks_topic,
+    read_marks,
+    replay,
+    replayed_topic,
+    unreplayed,
+)
+from . import output
 
 STAGES = ("decode", "validate", "classify", "deliver", "crash")
 _ERROR_WIDTH = 60
@@ -53,9 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing.add_argument(
         "--limit", type=_count, default=50, help="show the newest N matches (default 50; 0: all)"
     )
-    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    output.add_output_arguments(listing)
     show = actions.add_parser("show", help="one record: headers, traceback, payload")
     _common(show)
+    output.add_output_arguments(show)
     show.add_argument("id", type=_record_id, help="<partition>:<offset>, as `dlq list` prints")
     again = actions.add_parser(
         "replay",
@@ -80,8 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     again.add_argument(
         "--rate", type=_rate, default=50.0, help="records written per second (default 50/s)"
     )
+    again.add_argument(
+        "--again",
+        action="store_true",
+        help="also replay records already replayed (marked on <dlq topic>.replayed)",
+    )
     again.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     again.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    output.add_output_arguments(again)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -107,13 +131,23 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    secrets: set[str] = set()
+    config = load_config(args.config, secrets=secrets)
+    if not logging.getLogger().handlers:  # librdkafka's lines, when Kafka is unreachable
+        setup_logging(config.log.format, "WARNING", secrets)
     make_importable(args.config)  # topic models are user code
     actions: dict[str, Callable[[Config, dict[str, Any], argparse.Namespace], int]] = {
         "list": _list,
         "show": _show,
         "replay": _replay,
     }
+    caller = getattr(args, "caller", None)
+    callers = [s.caller for s in config.subscribers]
+    if caller and caller not in callers:  # still searched: a caller since removed has letters
+        hint = did_you_mean(caller, callers)
+        Console(stderr=True).print(
+            Text(f"note: {caller!r} is not a caller of this configuration{hint}", style="yellow")
+        )
     try:
         settings = client_settings(config, args.bootstrap)
         return actions[args.action](config, settings, args)
@@ -128,47 +162,72 @@ def run(args: argparse.Namespace) -> int:
 def _list(config: Config, settings: dict[str, Any], args: argparse.Namespace) -> int:
     with TopicReader(settings) as reader:
         found, total = select(reader, config.dlq_topic, _where(args), args.limit or None)
+    marks = read_marks(settings, replayed_topic(config)) if found else {}
     if args.json:
         for dead in found:
-            sys.stdout.write(orjson.dumps(_as_json(dead)).decode() + "\n")
+            sys.stdout.write(orjson.dumps(_as_json(dead, marks.get(dead.id))).decode() + "\n")
         return 0
-    console = Console()
+    console = output.console(args)
     if not found:
         console.print(Text(f"no matching records on {config.dlq_topic}"))
         return 0
-    console.print(_table(config.dlq_topic, found))
+    console.print(_table(config.dlq_topic, found, marks, output.is_wide(console)))
     shown = f"{len(found)} of {total} matching records on {config.dlq_topic}"
     if len(found) < total:
         shown += f" (the newest {len(found)}; --limit 0 shows all)"
-    console.print(Text(shown + "; `shunter dlq show -c FILE ID` for one", style="dim"))
+    replayed = sum(1 for d in found if d.id in marks)
+    if replayed:
+        shown += f"; {replayed} replayed already"
+    console.print(Text(shown, style="dim"))
+    console.print(Text("one record: shunter dlq show -c FILE ID", style="dim"))
     return 0
 
 
-def _table(topic: str, found: list[DeadLetterRecord]) -> Table:
+def _table(
+    topic: str, found: list[DeadLetterRecord], marks: dict[RecordId, Mark], wide: bool
+) -> Table:
+    """Wide: every column. At a terminal's width: the ID, time, caller, failure (stage
+    and error type) and origin, never cut (a cell folds instead), without the error text
+    (``dlq show`` prints it)."""
     table = Table(title=f"dead letters on {topic}")
-    for name in ("id", "time", "caller", "stage", "error type", "error", "origin", "attempts"):
-        table.add_column(name, no_wrap=name != "error", overflow="fold")
+    if wide:
+        names = ["id", "time", "caller", "stage", "error type", "error", "origin", "attempts"]
+        names.append("replayed")
+    else:
+        names = ["id", "time", "caller", "failure", "origin"]
+    for name in names:
+        whole = name in ("id", "origin")
+        table.add_column(name, no_wrap=whole or (wide and name != "error"), overflow="fold")
     for dead in found:
-        info = dead.info
-        when = Text(_time(dead.record.timestamp_ms))
-        if info is None:
-            table.add_row(Text(str(dead.id)), when, "", "", "", Text(dead.problem), "", "")
-            continue
-        table.add_row(
-            Text(str(dead.id)),
-            when,
-            Text(info.caller) if info.caller else Text("(none)", style="dim"),
-            Text(info.stage),
-            Text(info.error_type),
-            Text(_shorten(info.error, _ERROR_WIDTH)),
-            Text(f"{info.origin_topic}[{info.origin_partition}]@{info.origin_offset}"),
-            Text(str(info.attempt) if info.caller else "-"),
-        )
+        cells = _cells(dead, marks.get(dead.id), wide)
+        table.add_row(*(cells.get(name, Text("")) for name in names))
     return table
 
 
-def _as_json(dead: DeadLetterRecord) -> dict[str, Any]:
+def _cells(dead: DeadLetterRecord, mark: Mark | None, wide: bool) -> dict[str, Text]:
+    info = dead.info
+    when = _time(dead.record.timestamp_ms) if wide else _short_time(dead.record.timestamp_ms)
+    cells = {"id": Text(str(dead.id)), "time": Text(when)}
+    replayed = f"replayed {_short_time(mark.replayed_ms)}" if mark else ""
+    cells["replayed"] = Text(replayed.removeprefix("replayed "))
+    if info is None:
+        cells["failure" if not wide else "error"] = Text(output.safe(dead.problem))
+        return cells
+    cells["caller"] = Text(info.caller) if info.caller else Text("(none)", style="dim")
+    cells["stage"] = Text(info.stage)
+    cells["error type"] = Text(output.safe(info.error_type))
+    cells["failure"] = Text(f"{info.stage}: {output.safe(info.error_type)}")
+    if replayed:
+        cells["failure"].append(f" ({replayed})", style="dim")
+    cells["error"] = Text(output.safe(_shorten(info.error, _ERROR_WIDTH)))
+    cells["origin"] = Text(f"{info.origin_topic}[{info.origin_partition}]@{info.origin_offset}")
+    cells["attempts"] = Text(str(info.attempt) if info.caller else "-")
+    return cells
+
+
+def _as_json(dead: DeadLetterRecord, mark: Mark | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"id": str(dead.id), "timestamp_ms": dead.record.timestamp_ms}
+    out["replayed_ms"] = mark.replayed_ms if mark else None
     if dead.info is None:
         return {**out, "problem": dead.problem}
     info = dead.info
@@ -194,40 +253,68 @@ def _show(config: Config, settings: dict[str, Any], args: argparse.Namespace) ->
     rid: RecordId = args.id
     with TopicReader(settings) as reader:
         record = reader.fetch(config.dlq_topic, rid.partition, rid.offset)
-    console = Console()
+    mark = read_marks(settings, replayed_topic(config)).get(rid)
+    command = [
+        "shunter", "replay", "-c", args.config, "--topic", config.dlq_topic,
+        "--partition", str(rid.partition), "--offset", str(rid.offset),
+    ]  # fmt: skip
+    if args.json:
+        sys.stdout.write(orjson.dumps(_record_json(record, rid, mark, command)).decode() + "\n")
+        return 0
+    console = output.console(args)
     console.print(
         Text(f"{config.dlq_topic} {rid}, written {_time(record.timestamp_ms)}", style="bold")
     )
     table = Table(show_header=False, box=None)
     table.add_column(style="cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("key", Text(_bytes(record.key)))
+    table.add_row("key", Text(output.safe_bytes(record.key)))
     trace = ""
     for name, value in record.headers:
         if name == h.TRACEBACK:
             trace = value.decode("utf-8", "replace")
             continue
-        table.add_row(Text(name), Text(_header(name, value)))
+        table.add_row(Text(output.safe(name)), Text(_header(name, value)))
+    if mark is not None:
+        table.add_row("replayed", Text(f"{_time(mark.replayed_ms)} to {', '.join(mark.callers)}"))
     console.print(table)
     console.print(Text("\ntraceback", style="bold"))
     console.print(
-        Text(trace.rstrip() or "(none: this failure had no Python exception)"), soft_wrap=True
+        Text(
+            output.safe(trace.rstrip(), keep_lines=True)
+            or "(none: this failure had no Python exception)"
+        ),
+        soft_wrap=True,
     )
     size = len(record.value) if record.value is not None else 0
     console.print(Text(f"\npayload ({size} bytes)", style="bold"))
     console.print(Text(_payload(record.value)), soft_wrap=True)
+    console.print(Text("\nrun it in the foreground:", style="dim"))
     console.print(
-        Text(
-            f"\nrun it in the foreground: shunter replay -c {args.config} --topic "
-            f"{config.dlq_topic} --partition {rid.partition} --offset {rid.offset}",
-            style="dim",
-        )
+        Text(output.command_lines(command, min(console.width, 80)), style="dim"), soft_wrap=True
     )
     return 0
 
 
+def _record_json(
+    record: Any, rid: RecordId, mark: Mark | None, command: list[str]
+) -> dict[str, Any]:
+    def text(value: bytes | None) -> str | None:
+        return None if value is None else value.decode("utf-8", "backslashreplace")
+
+    return {
+        "id": str(rid),
+        "timestamp_ms": record.timestamp_ms,
+        "key": text(record.key),
+        "headers": [[name, text(value)] for name, value in record.headers],
+        "value": text(record.value),
+        "replayed_ms": mark.replayed_ms if mark else None,
+        "replay_command": command,
+    }
+
+
 def _header(name: str, value: bytes) -> str:
-    text = _bytes(value)
+    text = output.safe_bytes(value)
     if not text:
         return "(empty)"
     if name in (h.FIRST_FAILURE, h.NOT_BEFORE, h.ORIGIN_TIMESTAMP) and text.isdigit():
@@ -242,10 +329,10 @@ def _payload(value: bytes | None) -> str:
     try:
         text = orjson.dumps(orjson.loads(value), option=orjson.OPT_INDENT_2).decode()
     except orjson.JSONDecodeError:
-        text = repr(value[:_MAX_PAYLOAD])
+        text = "(not JSON) " + output.safe_bytes(value[:_MAX_PAYLOAD])
     if len(text) > _MAX_PAYLOAD:
         text = text[:_MAX_PAYLOAD] + f"\n... ({len(text) - _MAX_PAYLOAD} more characters)"
-    return text
+    return output.safe(text, keep_lines=True)
 
 
 # -- replay -----------------------------------------------------------------------------
@@ -253,42 +340,72 @@ def _payload(value: bytes | None) -> str:
 
 def _replay(config: Config, settings: dict[str, Any], args: argparse.Namespace) -> int:
     err = Console(stderr=True)
-    unknown = sorted(set(args.to) - {s.caller for s in config.subscribers})
+    callers = {s.caller for s in config.subscribers}
+    unknown = sorted(set(args.to) - callers)
     if unknown:
-        err.print(Text(f"shunter dlq: --to names unknown callers: {', '.join(unknown)}"))
+        hints = "".join(did_you_mean(u, callers) for u in unknown)
+        err.print(Text(f"shunter dlq: --to names unknown callers: {', '.join(unknown)}{hints}"))
         return 2
     with TopicReader(settings) as reader:
         found, _ = select(reader, config.dlq_topic, _where(args), args.limit or None)
+    marks_topic = replayed_topic(config)
+    marks = read_marks(settings, marks_topic) if found else {}
     planner = Planner(config)
     plans = [p for p in (_narrow(planner.plan(d), set(args.to)) for d in found) if p is not None]
-    console = Console()
+    skipped = 0
+    if not args.again:
+        fresh = [unreplayed(p, marks.get(p.dead.id)) for p in plans]
+        skipped = sum(
+            len(p.routes) - (len(f.routes) if f else 0) for p, f in zip(plans, fresh, strict=True)
+        )
+        plans = [p for p in fresh if p is not None]
+    console = output.console(args, stderr=args.json)  # --json: only JSON on stdout
+    if skipped:
+        console.print(
+            Text(
+                f"skipped {skipped} deliveries replayed already (marked on {marks_topic}); "
+                "--again replays them again",
+                style="yellow",
+            )
+        )
     if not plans:
-        console.print(Text(f"no matching records on {config.dlq_topic}"))
+        nothing = "nothing left to replay" if skipped else "no matching records"
+        console.print(Text(f"{nothing} on {config.dlq_topic}"))
         return 0
     ready = [p for p in plans if not p.refused]
     refused = [p for p in plans if p.refused]
-    _print_plan(console, config, ready, refused)
+    if args.json:
+        for plan in plans:
+            sys.stdout.write(orjson.dumps(_plan_json(plan)).decode() + "\n")
+    else:
+        _print_plan(console, config, ready, refused)
     writes = sum(len(p.routes) for p in ready)
     if args.dry_run or not writes:
         return 1 if refused else 0
     if not args.yes and not _confirm(err, f"Write {writes} records to {config.fast_topic}?"):
         return 2
+    ensure_marks_topic(settings, marks_topic)
     columns = (
         TextColumn("replaying"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=args.json) as progress:
         task = progress.add_task("replay", total=writes)
         result = replay(
-            settings, config.fast_topic, ready, args.rate, lambda: progress.advance(task)
+            settings,
+            config.fast_topic,
+            ready,
+            args.rate,
+            lambda: progress.advance(task),
+            marks=Marking(config.dlq_topic, marks_topic, marks),
         )
     for dead_id, error in result.failed:
-        console.print(Text(f"  write failed for {dead_id}: {error}", style="red"))
+        console.print(Text(f"  write failed for {dead_id}: {output.safe(error)}", style="red"))
     summary = (
         f"replayed {result.written} of {writes} deliveries from {len(ready)} dead-letter "
-        f"records to {config.fast_topic}"
+        f"records to {config.fast_topic}; {result.marked} marked replayed"
     )
     if refused:
         summary += f"; {len(refused)} refused"
@@ -296,15 +413,20 @@ def _replay(config: Config, settings: dict[str, Any], args: argparse.Namespace) 
         summary += f"; {len(result.failed)} writes failed"
     if result.interrupted:
         summary += "; interrupted"
+    if args.json:
+        outcome = {"written": result.written, "marked": result.marked, "refused": len(refused)}
+        outcome |= {"failed": len(result.failed), "interrupted": result.interrupted}
+        sys.stdout.write(orjson.dumps({"result": outcome}).decode() + "\n")
     console.print(Text(summary, style="bold" if not (refused or result.failed) else "yellow"))
-    console.print(
-        Text(
-            "The dead-letter records stay on the dead-letter topic: replaying the same "
-            "selection again delivers them again.",
-            style="dim",
-        )
-    )
     return 1 if refused or result.failed or result.interrupted else 0
+
+
+def _plan_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "id": str(plan.dead.id),
+        "callers": [r.caller for r in plan.routes],
+        "refused": plan.refused or None,
+    }
 
 
 def _narrow(plan: Plan, to: set[str]) -> Plan | None:
@@ -323,7 +445,7 @@ def _print_plan(console: Console, config: Config, ready: list[Plan], refused: li
     if per_caller:
         table = Table(title=f"replay to {config.fast_topic}")
         for name in ("caller", "category", "records"):
-            table.add_column(name)
+            table.add_column(name, overflow="fold")
         for (caller, category), n in sorted(per_caller.items()):
             table.add_row(Text(caller), Text(category), Text(str(n)))
         console.print(table)
@@ -337,7 +459,7 @@ def _print_plan(console: Console, config: Config, ready: list[Plan], refused: li
                 )
             )
     for plan in refused:
-        console.print(Text(f"refused {plan.dead.id}: {plan.refused}", style="yellow"))
+        console.print(Text(f"refused {plan.dead.id}: {output.safe(plan.refused)}", style="yellow"))
 
 
 def _confirm(err: Console, question: str) -> bool:
@@ -394,17 +516,12 @@ def _time(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _short_time(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%m-%d %H:%M:%S")
+
+
 def _shorten(text: str, width: int) -> str:
     line = text.strip().splitlines()[0] if text.strip() else ""
     if len(line) > width or line != text.strip():
         return line[: width - 1] + "…"
     return line
-
-
-def _bytes(value: bytes | None) -> str:
-    if value is None:
-        return "(none)"
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return repr(value)

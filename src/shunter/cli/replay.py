@@ -29,7 +29,7 @@ from yarl import URL
 
 from ..app import Dispatcher
 from ..classify import Router
-from ..config import Config, SubscriberConfig, load_config
+from ..config import Config, SubscriberConfig, did_you_mean, load_config
 from ..decode import decode_now
 from ..deliver.failure import failure
 from ..errors import DecodeUnavailable, RejectedMessage
@@ -41,6 +41,7 @@ from ..settle import headers as h
 from ..settle.dlqread import KafkaRecord, ReadError, TopicReader, client_settings
 from ..settle.route import route
 from ..testing.messages import make_message
+from .output import safe
 
 # Exit codes: 0 the handler succeeded; 1 it raised; 2 nothing was run (usage, config,
 # record not found); 3 the message is rejected at decode or validate.
@@ -78,12 +79,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         delivery = _delivery(config, args)
     except (ReadError, DecodeUnavailable) as exc:
-        Console(stderr=True).print(Text(f"shunter replay: {exc}", style="red"))
+        Console(stderr=True).print(Text(f"shunter replay: {safe(str(exc))}", style="red"))
         return NOT_RUN
     except RejectedMessage as exc:
         console.print(
             Text(
-                f"rejected at {exc.stage}: {exc.reason}\nThe dispatcher dead-letters this "
+                f"rejected at {exc.stage}: {safe(exc.reason)}\nThe dispatcher dead-letters this "
                 "message before any handler sees it.",
                 style="red",
             )
@@ -157,8 +158,10 @@ def _build(
     try:
         sub = config.subscriber(caller)
     except KeyError:
-        known = ", ".join(s.caller for s in config.subscribers) or "none"
-        raise ReadError(f"unknown caller {caller!r} (callers: {known})") from None
+        callers = [s.caller for s in config.subscribers]
+        known = ", ".join(callers) or "none"
+        hint = did_you_mean(caller, callers)
+        raise ReadError(f"unknown caller {caller!r} (callers: {known}){hint}") from None
     message.caller, message.category = caller, sub.category
     note = ""
     if all(r.caller != caller for r in routes):
@@ -190,7 +193,7 @@ def _run_handler(console: Console, config: Config, delivery: Delivery, post_mort
             _call(handler, msg)
     except (Exception, SystemExit, KeyboardInterrupt) as exc:
         elapsed = time.perf_counter() - started
-        console.print(Text(_traceback(exc), style="red"))
+        console.print(Text(safe(_traceback(exc), keep_lines=True), style="red"))  # message bytes
         _explain(console, config, msg, exc, elapsed, sub.timeout)
         if post_mortem:
             pdb.post_mortem(exc.__traceback__)

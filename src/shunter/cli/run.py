@@ -14,10 +14,13 @@ import os
 import signal
 import tempfile
 
+from confluent_kafka import KafkaException
+
 from ..app import Dispatcher
 from ..config import load_config
 from ..crashguard import crashfile
 from ..crashguard.supervisor import supervise
+from ..errors import ConfigError
 from ..loader import make_importable
 from ..observe.logs import setup_logging
 
@@ -41,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
     make_importable(args.config)
     secrets: set[str] = set()
     config = load_config(args.config, secrets=secrets)  # refuse a bad file before forking
+    if not config.subscribers:  # nothing would receive anything (as `shunter check` says)
+        raise ConfigError(
+            [
+                "subscribers: no subscriber is configured, so nothing would "
+                "receive any message (add at least one under subscribers:)"
+            ]
+        )
     setup_logging(config.log.format, config.log.level, secrets)
     crash_dir = config.crash_guard.crash_dir or os.path.join(
         tempfile.gettempdir(), f"shunter-{config.kafka.group_id}"
@@ -54,7 +64,17 @@ def run(args: argparse.Namespace) -> int:
     crashfile.enable(crash_dir)  # a fatal signal writes every thread's stack there
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every stack
     app = Dispatcher(config)
-    app.run()
+    try:
+        app.run()
+    except KafkaException as exc:  # no broker answered: one clear line, no traceback
+        logging.getLogger("shunter").error(
+            "cannot reach Kafka at %s (%s): check that a broker is running there and that "
+            "kafka.bootstrap_servers names it",
+            config.kafka.bootstrap_servers or "the embedded broker",
+            exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else exc,
+        )
+        crashfile.disable()
+        return 1
     crashfile.disable()
     if app.service is not None and app.service.stuck_threads:
         # concurrent.futures joins its threads at exit: a stuck one would hold us forever

@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from ..observe.logs import kafka_logger
 from ..settle import headers as h
 from .stream import Event
 
@@ -20,7 +21,7 @@ class StreamProducer:
     thread of its own. Counts are read by other threads: plain ints are enough there."""
 
     def __init__(self, bootstrap: str, events: Sequence[Event], rate: int) -> None:
-        self._settings = {"bootstrap.servers": bootstrap, "linger.ms": 5}
+        self._settings = {"bootstrap.servers": bootstrap, "linger.ms": 5, "logger": kafka_logger()}
         self._events = events
         self._rate = rate
         self._stop = threading.Event()
@@ -86,6 +87,11 @@ def read_dead_letters(
     return [record.info for record in read_dead_letter_records(bootstrap, topic, expect, timeout)]
 
 
+def admin_settings(bootstrap: str) -> dict[str, Any]:
+    """Settings for the demo's own admin calls: its broker, librdkafka's lines rate-limited."""
+    return {"bootstrap.servers": bootstrap, "logger": kafka_logger()}
+
+
 def read_dead_letter_records(
     bootstrap: str, topic: str, expect: int, timeout: float = 15.0
 ) -> list[DeadLetterRecord]:
@@ -98,6 +104,7 @@ def read_dead_letter_records(
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
+            "logger": kafka_logger(),
             "group.id": "shunter-demo-dlq-reader",
             "enable.auto.commit": False,
             "enable.partition.eof": True,

@@ -26,9 +26,10 @@ from rich.status import Status
 from ..broker.admin import ensure_topics
 from ..broker.embedded import CONSUMER_SETTINGS
 from . import crashreport, stream
-from .clients import StreamProducer, read_dead_letter_records
+from .clients import StreamProducer, admin_settings, read_dead_letter_records
 from .crash_handlers import LEDGER_ENV
 from .crashreport import Ledger, Outcome, Seen
+from .progress import command_lines, hanging
 from .supervised import Supervised
 from .tour import StepResult, Tour
 
@@ -78,7 +79,7 @@ def config_data(bootstrap: str, crash_dir: Path) -> dict[str, object]:
 async def run(tour: Tour) -> StepResult:
     console, bootstrap = tour.console, tour.broker.bootstrap
     night = stream.night(EVENTS, tour.options.seed, int(time.time() * 1000), RATE)
-    await asyncio.to_thread(ensure_topics, {"bootstrap.servers": bootstrap}, {stream.NIGHT: 1})
+    await asyncio.to_thread(ensure_topics, admin_settings(bootstrap), {stream.NIGHT: 1})
     path = tour.workdir / FILE_NAME
     header = "# Written by `shunter demo` for its crash guard step.\n"
     data = config_data(bootstrap, tour.workdir / "crashes")
@@ -98,12 +99,16 @@ async def run(tour: Tour) -> StepResult:
     outcome = Outcome(night, seen, ledger.read(), dead, status, QUARANTINE_AFTER)
     ok = crashreport.show(console, outcome, ending == "done")
     console.print(
-        f"Its dead-letter topic: `shunter dlq list -c {path}` (while the demo's broker is "
-        "up: see --keep-broker). The service's log: "
-        f"{service.log_path}",
+        "Its dead-letter topic (while the demo's broker is up: see --keep-broker):",
+        highlight=False,
+    )
+    console.print(
+        "  " + command_lines(["shunter", "dlq", "list", "-c", str(path)], console.width - 2),
         highlight=False,
         soft_wrap=True,
     )
+    console.print("The service's log:", highlight=False)
+    console.print(f"  {service.log_path}", highlight=False, soft_wrap=True)
     console.print(
         f"{time.monotonic() - tour.started:.1f}s: the crash guard step took "
         f"{time.monotonic() - step_started:.1f}s",
@@ -118,11 +123,11 @@ def _introduce(console: Console, night: stream.Night, path: Path) -> None:
     console.print(
         f"The stream: {len(night.events)} guard purchases on {stream.NIGHT} (one partition), "
         f"{len(night.buys)} of them buys, delivered to anchor-task and guard-effect; event "
-        f"{night.culprit} is the buy without its effect object. The configuration: {path} "
-        f"(crash_guard.quarantine_after: {QUARANTINE_AFTER}).\n",
+        f"{night.culprit} is the buy without its effect object. The configuration "
+        f"(crash_guard.quarantine_after: {QUARANTINE_AFTER}):",
         highlight=False,
-        soft_wrap=True,
     )
+    console.print(f"  {path}\n", highlight=False, soft_wrap=True)  # a path is never folded
 
 
 async def _serve(
@@ -178,13 +183,7 @@ async def _follow(service: Supervised, seen: Seen, console: Console, started: fl
         shown = seen.take(line)
         if shown is not None:
             style, text = shown
-            console.print(
-                f"{time.monotonic() - started:5.1f}s {text}",
-                style=style,
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
-            )
+            console.print(hanging(f"{time.monotonic() - started:5.1f}s", text, style))
 
 
 def _progress(status: Status, seen: Seen, delivered: int, expected: int) -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .clients import DeadLetterRecord
+from .progress import hanging
 from .stream import NIGHT, Night
 from .supervised import LogLine
 
@@ -209,7 +210,7 @@ def _quarantined(console: Console, outcome: Outcome) -> bool:
         ("error", info.error),
         ("origin", f"{where}, key {(info.origin_key or b'').decode(errors='replace')}"),
     ):
-        console.print(f"    {name:<7}{value}", highlight=False, markup=False, soft_wrap=True)
+        console.print(hanging(f"    {name:<6}", value))
     return ok
 
 
@@ -222,11 +223,10 @@ def _dump(console: Console, outcome: Outcome) -> bool:
     named = first.handler_lines()
     console.print(
         f"{_mark(bool(named))} no traceback, but faulthandler wrote the dying thread's stack "
-        f"from C ({len(dumps)} dumps; the supervisor logged each). The first one, "
-        f"{first.path}:",
+        f"from C ({len(dumps)} dumps; the supervisor logged each). The first one:",
         highlight=False,
-        soft_wrap=True,
     )
+    console.print(f"  {first.path}", highlight=False, soft_wrap=True)
     for line in first.crashing_thread():
         text = Text(f"  {line}")
         if HANDLERS_FILE in line:

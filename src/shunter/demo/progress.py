@@ -13,7 +13,10 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from ..cli.output import command_lines
 from .logdigest import Notice
+
+__all__ = ["Display", "Snapshot", "command_lines", "hanging"]
 
 PLAIN_EVERY = 2.0  # seconds between progress lines when not on a terminal
 
@@ -70,17 +73,29 @@ class Display:
         now = time.monotonic()
         if final or now >= self._next_line:
             self._next_line = now + PLAIN_EVERY
-            self._console.print(_line(snap), highlight=False, soft_wrap=True)
+            self._console.print(_line(snap), highlight=False)
 
 
 def _line(snap: Snapshot) -> str:
+    """Three short lines (an 80-column terminal, or a log file, reads them whole)."""
     delivered, retried, dead = snap.totals()
     return (
-        f"{snap.elapsed:5.1f}s {snap.phase}: produced {snap.produced}/{snap.total}, "
-        f"consumed {sum(snap.consumed.values())}, rejected {snap.rejected}, "
-        f"delivered {delivered}, retried {retried}, dead-lettered {dead}, "
+        f"{snap.elapsed:5.1f}s {snap.phase}\n"
+        f"       produced {snap.produced}/{snap.total} · consumed "
+        f"{sum(snap.consumed.values())} · rejected {snap.rejected}\n"
+        f"       delivered {delivered} · retried {retried} · dead-lettered {dead} · "
         f"warnings {snap.notices}"
     )
+
+
+def hanging(head: str, text: str, style: str = "") -> Table:
+    """``head`` then ``text`` folded under itself: ``12.3s worker killed ...`` stays
+    readable at 80 columns, the time column clear of the wrapped text."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row(Text(head, style=style), Text(text, style=style))
+    return grid
 
 
 def _panel(snap: Snapshot) -> RenderableType:

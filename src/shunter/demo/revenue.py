@@ -4,13 +4,15 @@ carrying the bug of the night in shunter's story.
 Produce the stream → run the dispatcher from the YAML it would run from in production →
 show progress until every message is consumed and every delivery settled (retries and
 dead letters included) → stop cleanly → per-caller summary.
+
+It uses the public API (``shunter.Dispatcher``) and reads progress only through
+``observe.status``, the dispatcher's small documented status interface.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,11 +21,9 @@ from rich.console import Console
 
 from ..app import Dispatcher
 from ..broker.admin import ensure_topics
-from ..config import load_config
-from ..pipeline import Pipeline
-from ..service import Service
+from ..observe.status import Status, status
 from . import stream, summary, topology
-from .clients import StreamProducer, read_dead_letters
+from .clients import StreamProducer, admin_settings, read_dead_letters
 from .logdigest import LogDigest, captured
 from .progress import Display, Snapshot
 from .tour import StepResult, Tour
@@ -56,22 +56,22 @@ async def run(tour: Tour) -> StepResult:
     events, plan = stream.generate(
         options.events, options.seed, int(time.time() * 1000), options.rate or 5_000
     )
-    await asyncio.to_thread(ensure_topics, {"bootstrap.servers": bootstrap}, stream.TOPICS)
+    await asyncio.to_thread(ensure_topics, admin_settings(bootstrap), stream.TOPICS)
     path = topology.write(tour.workdir, bootstrap)
-    app = Dispatcher(load_config(path))
+    app = Dispatcher(path)
     app.handlers()  # imports every handler, as `shunter check` does
     _introduce(console, app, path, plan, options.rate)
     producer = StreamProducer(bootstrap, events, options.rate)
     with captured() as digest:
         served = await _serve(app, producer, digest, tour)
-    service: Service = app.service
+    final = status(app)
     dead = await asyncio.to_thread(
-        read_dead_letters, bootstrap, service.config.dlq_topic, service.stats.writes["dlq"]
+        read_dead_letters, bootstrap, app.config.dlq_topic, final.written.get("dlq", 0)
     )
     complete = served.ending == "settled"
     report = summary.Report(
         plan,
-        service.stats,
+        final,
         dead,
         digest,
         served.last,
@@ -100,10 +100,10 @@ def _introduce(console: Console, app: Dispatcher, path: Path, plan: stream.Plan,
     console.print(INTRO, highlight=False)
     console.print(topology.tree(app.config), highlight=False)
     console.print(
-        f"The configuration: {path} (try `shunter check -c` on it).\n",
+        "The configuration (try `shunter check -c` on it):",
         highlight=False,
-        soft_wrap=True,
     )
+    console.print(f"  {path}\n", highlight=False, soft_wrap=True)  # a path is never folded
     console.print(summary.describe_stream(plan, rate), highlight=False)
 
 
@@ -116,18 +116,19 @@ async def _serve(
     producing = asyncio.create_task(asyncio.to_thread(producer.run))
     deadline = time.monotonic() + tour.options.timeout
     ending: Ending = "timeout"
-    snap = _snapshot(None, producer, digest, tour.started)
+    snap = _snapshot(status(app), producer, digest, tour.started)
     try:
         with Display(tour.console) as display:
             while time.monotonic() < deadline:
                 if serving.done():  # Ctrl-C or SIGTERM: the dispatcher drained and stopped
                     ending = "interrupted"
                     break
-                snap = _snapshot(app.service, producer, digest, tour.started)
+                now = status(app)  # taken on the dispatcher's loop: one consistent moment
+                snap = _snapshot(now, producer, digest, tour.started)
                 display.show(snap)
-                if app.service is not None and _settled(app.service, producer):
+                if _settled(app, now, producer):
                     ending = "settled"
-                    snap = _snapshot(app.service, producer, digest, tour.started, "settled")
+                    snap = _snapshot(now, producer, digest, tour.started, "settled")
                     break
                 await asyncio.sleep(TICK)
             display.show(snap, final=True)
@@ -140,69 +141,52 @@ async def _serve(
     return Served(ending, snap)
 
 
-def _settled(service: Service, producer: StreamProducer) -> bool:
+def _settled(app: Dispatcher, now: Status, producer: StreamProducer) -> bool:
     """Every record produced and consumed, every retry record consumed, nothing held.
 
-    Counted on the loop in one go, so it is one consistent moment: a retry record is
-    counted as written when the broker acknowledged it, and its source delivery stays
-    held until then. (The embedded broker's answers to watermark queries lag behind the
-    last batch written, so they cannot tell when a topic is consumed to its end.)
+    ``now`` is one consistent moment: a retry record is counted as written when the
+    broker acknowledged it, and its source delivery stays pending until then. (The
+    embedded broker's answers to watermark queries lag behind the last batch written, so
+    they cannot tell when a topic is consumed to its end.)
     """
-    pipeline = service.pipeline
-    if pipeline is None or not producer.finished.is_set():
+    if not now.serving or not now.partitions or not producer.finished.is_set():
         return False
-    partitions = pipeline.tracker.partitions
-    if any(t.pending for t in partitions.values()):
+    if now.pending:
         return False
-    config, writes = service.config, service.stats.writes
-    consumed = Counter[str]()
-    for (topic, _), tracker in partitions.items():
-        consumed[topic] += max(tracker.high, 0)
+    config = app.config
     return (
-        sum(consumed[t] for t in config.topics) == producer.acked
-        and consumed[config.fast_topic] == writes["fast"]
-        and consumed[config.slow_topic] == writes["slow"]
+        sum(now.consumed(t) for t in config.topics) == producer.acked
+        and now.consumed(config.fast_topic) == now.written.get("fast", 0)
+        and now.consumed(config.slow_topic) == now.written.get("slow", 0)
     )
 
 
 def _snapshot(
-    service: Service | None,
+    now: Status,
     producer: StreamProducer,
     digest: LogDigest,
     started: float,
     phase: str | None = None,
 ) -> Snapshot:
-    consumed = dict.fromkeys(stream.TOPICS, 0)
-    pipeline = service.pipeline if service is not None else None
-    if pipeline is not None:
-        for (topic, _), tracker in pipeline.tracker.partitions.items():
-            if topic in consumed:
-                consumed[topic] += max(tracker.high, 0)
-    if phase is None:
-        phase = _phase(service, pipeline, producer)
-    stats = service.stats if service is not None else None
-    rejected = 0
-    if stats is not None:
-        rejected = sum(n for (_, outcome), n in stats.messages.items() if outcome != "accepted")
     return Snapshot(
         elapsed=time.monotonic() - started,
-        phase=phase,
+        phase=phase or _phase(now, producer),
         produced=producer.acked,
         total=producer.total,
-        consumed=consumed,
-        rejected=rejected,
-        by_caller=stats.by_caller() if stats is not None else {},
-        categories=stats.categories if stats is not None else {},
-        writes=dict(stats.writes) if stats is not None else {},
+        consumed={topic: now.consumed(topic) for topic in stream.TOPICS},
+        rejected=now.rejected,
+        by_caller=now.callers,
+        categories=now.categories,
+        writes=now.written,
         notices=digest.notices,
         latest=digest.latest,
     )
 
 
-def _phase(service: Service | None, pipeline: Pipeline | None, producer: StreamProducer) -> str:
-    if service is None or pipeline is None:
+def _phase(now: Status, producer: StreamProducer) -> str:
+    if not now.serving:
         return "starting the dispatcher"
-    if not pipeline.tracker.partitions:
+    if not now.partitions:
         return "joining the consumer group"
     if not producer.finished.is_set():
         return "streaming"

@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..observe.stats import Stats
+from ..observe.status import Status
 from ..settle.headers import FailureInfo
 from . import topology
 from .logdigest import LogDigest
-from .progress import Snapshot
+from .progress import Snapshot, command_lines
 from .stream import GIFT, GUARD, LOTTERY, Plan
 
 COLUMNS = ("caller", "category", "runs as", "delivered", "failed", "retried", "dead-lettered")
@@ -26,7 +26,7 @@ COLUMNS = ("caller", "category", "runs as", "delivered", "failed", "retried", "d
 @dataclass
 class Report:
     plan: Plan
-    stats: Stats
+    stats: Status  # the dispatcher's at the end
     dead: list[FailureInfo]  # the dead-letter topic's records, oldest failure first
     digest: LogDigest
     last: Snapshot
@@ -82,7 +82,7 @@ def _callers(console: Console, report: Report) -> bool:
     expected = topology.expected(report.plan)
     stats = report.stats
     mismatches = []
-    for caller, row in stats.by_caller().items():
+    for caller, row in stats.callers.items():
         got = topology.Expected(
             delivered=row.get("ok", 0),
             failed=row.get("fast", 0) + row.get("slow", 0) + row.get("dlq", 0),
@@ -184,10 +184,11 @@ def _replay(console: Console, report: Report) -> None:
         return
     first = buggy[0]
     console.print("\nReplay it in the foreground with its full traceback (add --pdb to debug):")
+    words = ["shunter", "replay", "-c", str(report.config_path), "--topic", first.origin_topic]
+    words += ["--partition", str(first.origin_partition), "--offset", str(first.origin_offset)]
+    words += ["--caller", first.caller]
     console.print(
-        f"  shunter replay -c {report.config_path} --topic {first.origin_topic} "
-        f"--partition {first.origin_partition} --offset {first.origin_offset} "
-        f"--caller {first.caller}",
+        "  " + command_lines(words, console.width - 2),
         style="bold",
         highlight=False,
         soft_wrap=True,

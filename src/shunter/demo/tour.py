@@ -2,6 +2,12 @@
 
 Each step is an async function ``step(tour) -> StepResult`` run on an event loop of its
 own: the live-revenue stream (``revenue``), then the crash guard's night (``crash``).
+
+Every file the demo writes (configurations, schemas, the night's log, crash dumps) goes
+under one directory it names on its first line: a new ``shunter-demo-*`` directory in
+the system's temporary directory, removed at the end unless ``--keep`` (or
+``--keep-broker``, whose printed commands need the files). A directory given with
+``--workdir`` is the user's and is never removed.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import gc
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -28,8 +35,9 @@ class Options:
     events: int = 30_000
     seed: int = 7
     rate: int = 5_000  # events per second; 0: as fast as the producer can
-    workdir: Path | None = None  # where the YAML goes; None: a new temporary directory
+    workdir: Path | None = None  # where the files go; None: a new temporary directory
     keep_broker: bool = False  # keep the broker up after the tour, until Ctrl-C
+    keep: bool = False  # keep the demo's own temporary directory
     timeout: float = 120.0  # per step: give up waiting for everything to settle
 
 
@@ -65,16 +73,23 @@ def run(options: Options, console: Console | None = None) -> int:
     console = console or Console()
     workdir = options.workdir or Path(tempfile.mkdtemp(prefix="shunter-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    owned = options.workdir is None and not (options.keep or options.keep_broker)
     started = time.monotonic()
-    with console.status("starting the embedded broker (Tansu, memory only)"):
-        broker = EmbeddedBroker().start()
+    try:
+        with console.status("starting the embedded broker (Tansu, memory only)"):
+            broker = EmbeddedBroker().start()
+    except BaseException:
+        _clean(console, workdir, owned, quiet=True)
+        raise
+    results: list[StepResult] = []
     try:
         console.print(
-            f"[bold]shunter demo[/bold]: embedded broker on {broker.bootstrap}; files in {workdir}",
+            f"[bold]shunter demo[/bold]: embedded broker on {broker.bootstrap}\nits files"
+            + (", removed at the end (--keep keeps them):" if owned else ":"),
             highlight=False,
         )
+        console.print(f"  {workdir}", highlight=False, soft_wrap=True)  # never folded
         tour = Tour(options, console, broker, workdir, started)
-        results: list[StepResult] = []
         for step in steps():
             results.append(asyncio.run(step(tour)))
             if results[-1] is StepResult.INTERRUPTED:
@@ -84,7 +99,20 @@ def run(options: Options, console: Console | None = None) -> int:
     finally:
         gc.collect()  # a Kafka client not yet collected keeps a connection the broker waits for
         broker.stop()
+        _clean(console, workdir, owned)
     return 0 if all(r is StepResult.AS_PLANNED for r in results) else 1
+
+
+def _clean(console: Console, workdir: Path, owned: bool, quiet: bool = False) -> None:
+    """Remove the demo's own directory; say where the files are when they stay."""
+    if owned:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if not quiet:
+            console.print(f"removed {workdir}", style="dim", highlight=False, soft_wrap=True)
+    elif not quiet:
+        console.print(
+            f"the demo's files stay in {workdir}", style="dim", highlight=False, soft_wrap=True
+        )
 
 
 def _wait_for_ctrl_c(console: Console, broker: EmbeddedBroker) -> None:

@@ -1,10 +1,14 @@
-"""Logging set-up: readable text or one JSON object per line, secrets redacted."""
+"""Logging set-up: readable text or one JSON object per line, secrets redacted; and
+librdkafka's own log lines, routed through ``shunter.kafka`` and rate-limited."""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 
 import orjson
 
@@ -56,3 +60,87 @@ def setup_logging(fmt: str = "text", level: str = "INFO", secrets: Iterable[str]
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+KAFKA_LOGGER = "shunter.kafka"
+CALM = 30.0  # seconds between two lines saying the same thing about Kafka
+
+# librdkafka's words for "no broker answers at this address".
+_UNREACHABLE = re.compile(
+    r"Connection refused|Connect to .* failed|Failed to resolve|Name or service not known|"
+    r"Connection timed out|Host is unreachable|Network is unreachable|brokers are down",
+    re.IGNORECASE,
+)
+_ADDRESS = re.compile(r"\]: (?:[a-z]+://)?([^\s/]+)/")  # "[thrd:...]: 127.0.0.1:1/bootstrap: ..."
+_REASON = re.compile(r"failed: (.*?)(?: \(after \d+ms.*)?$")
+_NUMBERS = re.compile(r"\d+")
+
+
+class KafkaLogLimiter(logging.Filter):
+    """One clear line instead of librdkafka's stream of connection failures, and no line
+    repeated more often than every ``interval`` seconds.
+
+    A connection failure becomes "cannot reach Kafka at ADDRESS (REASON): check ...",
+    once per address and interval, with the count of lines it stands for. Any other
+    librdkafka line passes once per interval for its text (numbers aside).
+    """
+
+    def __init__(self, interval: float = CALM, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()  # librdkafka logs from its clients' poll threads
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        unreachable = _UNREACHABLE.search(text) is not None
+        if unreachable:
+            found = _ADDRESS.search(text)
+            address = found.group(1) if found else "the configured bootstrap servers"
+            key = ("unreachable", address)
+        else:
+            key = ("line", _NUMBERS.sub("#", text))
+        with self._lock:
+            now = self._clock()
+            last = self._last.get(key)
+            if last is not None and now - last < self._interval:
+                self._held[key] = self._held.get(key, 0) + 1
+                return False
+            self._last[key] = now
+            held = self._held.pop(key, 0)
+        if unreachable:
+            reason = _REASON.search(text)
+            record.msg = (
+                "cannot reach Kafka at %s (%s): check that a broker is running there and "
+                "that kafka.bootstrap_servers (or --bootstrap) names it; still trying%s"
+            )
+            record.args = (
+                address,
+                reason.group(1) if reason else text.rsplit(": ", 1)[-1],
+                _held(held, self._interval),
+            )
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        elif held:
+            record.msg, record.args = "%s%s", (text, _held(held, self._interval))
+        return True
+
+
+def _held(count: int, interval: float) -> str:
+    if not count:
+        return ""
+    return f" ({count} more such lines in the last {interval:.0f}s not shown)"
+
+
+_limiter_lock = threading.Lock()
+
+
+def kafka_logger() -> logging.Logger:
+    """The logger every Kafka client of shunter gives librdkafka (its ``logger``
+    setting), rate-limited by one ``KafkaLogLimiter``."""
+    logger = logging.getLogger(KAFKA_LOGGER)
+    with _limiter_lock:
+        if not any(isinstance(f, KafkaLogLimiter) for f in logger.filters):
+            logger.addFilter(KafkaLogLimiter())
+    return logger

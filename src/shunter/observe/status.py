@@ -1,14 +1,21 @@
 """What an instance says about itself: frozen rows, read by the admin API and the tools.
 
-The pipeline produces these (``Pipeline.status()``); readers never reach into trackers,
-runtimes or the consumer. Every field is a plain value, safe to serialise as it is.
+The pipeline produces the rows (``Pipeline.status()``); ``status(app)`` gathers them with
+the counters into one ``Status`` for a tool beside a dispatcher (the demo). Readers never
+reach into trackers, runtimes or the consumer, so they keep working when those move.
+Every field is a plain value, safe to serialise as it is.
+
+    from shunter.observe.status import status
+    now = status(app)          # app: a shunter.Dispatcher being served
+    now.partitions             # PartitionStatus rows, one per assigned partition
+    now.callers["fan-medal"]   # {"ok": 120, "fast": 2, ...}
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,6 +34,7 @@ class PartitionStatus:
     partition: int
     kind: str  # "source" | "retry"
     position: int  # the offset a new owner would start from (-1: nothing consumed yet)
+    consumed: int  # one past the highest offset consumed so far; 0 before any
     committed: int  # the last offset handed to the committer (-1: none)
     end: int | None  # the high watermark last seen (None: not known yet)
     lag: int | None  # end - position (None while either is unknown)
@@ -55,6 +63,53 @@ class CallerStatus:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Status:
+    """What a dispatcher has done so far."""
+
+    serving: bool  # the consumer is started
+    partitions: tuple[PartitionStatus, ...] = ()
+    callers: dict[str, dict[str, int]] = field(default_factory=dict)  # caller → outcome → n
+    categories: dict[str, str] = field(default_factory=dict)  # caller → category
+    messages: dict[tuple[str, str], int] = field(default_factory=dict)  # (topic, outcome) → n
+    written: dict[str, int] = field(default_factory=dict)  # tier → acknowledged records
+
+    def consumed(self, topic: str) -> int:
+        """Records consumed from ``topic`` so far, over its assigned partitions."""
+        return sum(p.consumed for p in self.partitions if p.topic == topic)
+
+    @property
+    def pending(self) -> int:
+        return sum(p.in_flight for p in self.partitions)
+
+    @property
+    def rejected(self) -> int:
+        return sum(n for (_, outcome), n in self.messages.items() if outcome != "accepted")
+
+
+def status(app: Any) -> Status:
+    """The status of ``app`` (a ``shunter.Dispatcher``) now; ``serving`` is False before
+    its service has started. Call it on the dispatcher's loop for one consistent moment."""
+    service = getattr(app, "service", None)
+    if service is None:
+        return Status(serving=False)
+    stats = service.stats
+    pipeline = getattr(service, "pipeline", None)
+    rows = (
+        ()
+        if pipeline is None
+        else tuple(sorted(pipeline.status()[0], key=lambda p: (p.topic, p.partition)))
+    )
+    return Status(
+        serving=service.ready.is_set(),
+        partitions=rows,
+        callers=stats.by_caller(),
+        categories=dict(stats.categories),
+        messages=dict(stats.messages),
+        written=dict(stats.writes),
+    )
+
+
 # -- building the rows, and the stall alarm ------------------------------------------------
 
 
@@ -79,6 +134,7 @@ def snapshot(pipeline: Pipeline, now: float) -> tuple[list[PartitionStatus], lis
                 partition=tp[1],
                 kind="retry" if tp[0] in pipeline.retry_topics else "source",
                 position=position,
+                consumed=max(tracker.high, 0),
                 committed=tracker.committed,
                 end=end,
                 lag=max(0, end - position) if end is not None and position >= 0 else None,

@@ -162,7 +162,10 @@ def client_settings(config: Config, bootstrap: str | None) -> dict[str, Any]:
             "starts an embedded broker on a free port and logs its address): pass "
             "--bootstrap HOST:PORT"
         )
-    return {**config.kafka.client, "bootstrap.servers": servers}
+    from ..observe.logs import kafka_logger
+
+    # librdkafka's own lines through shunter's logger: one calm line when Kafka is down
+    return {**config.kafka.client, "bootstrap.servers": servers, "logger": kafka_logger()}
 
 
 class TopicReader:
@@ -195,7 +198,11 @@ class TopicReader:
         try:
             meta = self._consumer.list_topics(topic, timeout=10).topics.get(topic)
         except Exception as exc:  # KafkaException: no broker answered
-            raise ReadError(f"cannot reach Kafka at {self._servers}: {exc}") from None
+            why = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else exc
+            raise ReadError(
+                f"cannot reach Kafka at {self._servers} ({why}); check that a broker is "
+                "running there and that kafka.bootstrap_servers (or --bootstrap) names it"
+            ) from None
         if meta is None or meta.error is not None or not meta.partitions:
             raise ReadError(f"topic {topic!r} does not exist on {self._servers}")
         return sorted(meta.partitions)

@@ -21,6 +21,14 @@ Who receives a replayed record:
 A record that could only come back is refused, with the reason: unreadable headers, an
 origin topic or caller no longer configured, a payload the topic's decoder still rejects,
 a message no category takes any more.
+
+What was replayed is marked twice: each replayed record carries ``shunter-replay-of:
+<dead-letter topic>:<partition>:<offset>``, and once every record of a dead-letter record
+is acknowledged, a marker keyed ``<partition>:<offset>`` is written to the compacted topic
+``<dead-letter topic>.replayed`` (``replayed_topic``). ``dlq replay`` skips the records
+marked there unless told ``--again``. A replay interrupted between the acknowledgement and
+the marker leaves that one record unmarked: replaying again delivers it again
+(at-least-once, never lost).
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from ..broker.admin import ensure_topics
+from ..broker.compacted import read_table
 from ..classify import Router
 from ..classify.router import FilterError, Route
 from ..commit.tracker import PartitionTracker
@@ -40,7 +51,57 @@ from ..decode import build_decoders
 from ..errors import RejectedMessage
 from ..message import Record
 from . import headers as h
-from .dlqread import DeadLetterRecord
+from .dlqread import DeadLetterRecord, RecordId
+
+REPLAY_OF = h.PREFIX + "replay-of"  # on a replayed record: <dlq topic>:<partition>:<offset>
+
+
+def replayed_topic(config: Config) -> str:
+    """The compacted topic of replay markers, one per replayed dead-letter record."""
+    return f"{config.dlq_topic}.replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A dead-letter record already replayed: when, and to whom."""
+
+    replayed_ms: int
+    callers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Marking:
+    """Where replays are marked, and the marks already there (their callers are kept)."""
+
+    dlq_topic: str
+    topic: str
+    previous: dict[RecordId, Mark] = field(default_factory=dict)
+
+
+def unreplayed(plan: Plan, mark: Mark | None) -> Plan | None:
+    """The plan without the routes to callers ``mark`` says it was replayed to already;
+    None when nothing is left. A refused plan stays as it is."""
+    if mark is None or plan.refused:
+        return plan
+    routes = tuple(r for r in plan.routes if r.caller not in mark.callers)
+    return replace(plan, routes=routes) if routes else None
+
+
+def read_marks(settings: dict[str, Any], topic: str) -> dict[RecordId, Mark]:
+    """Every replay marker of ``topic`` (none when the topic does not exist yet)."""
+    marks = {}
+    for key, value in read_table(settings, topic).items():
+        try:
+            rid = RecordId.parse(key.decode())
+            data = orjson.loads(value)
+            marks[rid] = Mark(int(data["replayed_ms"]), tuple(data.get("callers", ())))
+        except (ValueError, KeyError, TypeError):
+            continue  # not a marker of ours: it marks nothing
+    return marks
+
+
+def ensure_marks_topic(settings: dict[str, Any], topic: str) -> None:
+    ensure_topics(settings, {topic: 1}, configs={topic: {"cleanup.policy": "compact"}})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +191,9 @@ def _origin_record(dead: DeadLetterRecord, info: h.FailureInfo) -> Record:
     )
 
 
-def replay_headers(info: h.FailureInfo, route: Route, now_ms: int) -> list[tuple[str, bytes]]:
+def replay_headers(
+    info: h.FailureInfo, route: Route, now_ms: int, origin: str = ""
+) -> list[tuple[str, bytes]]:
     """The headers of a fast-tier record delivering the message to ``route.caller`` afresh.
 
     The last failure's stage, error and traceback stay as they were: they say why the
@@ -145,12 +208,16 @@ def replay_headers(info: h.FailureInfo, route: Route, now_ms: int) -> list[tuple
         tier="fast",
         signal="",
     )
-    return h.encode(fresh)
+    headers = h.encode(fresh)
+    if origin:
+        headers.append((REPLAY_OF, origin.encode()))
+    return headers
 
 
 @dataclass
 class ReplayResult:
     written: int = 0
+    marked: int = 0  # dead-letter records whose replay marker was written
     failed: list[tuple[str, str]] = field(default_factory=list)  # (dead-letter ID, error)
     interrupted: bool = False
 
@@ -161,10 +228,15 @@ def replay(
     plans: Iterable[Plan],
     rate: float,
     acked: Callable[[], None] = lambda: None,
+    marks: Marking | None = None,
 ) -> ReplayResult:
     """Write one record per route of every plan to ``topic`` (the fast tier), at most
     ``rate`` per second, and wait until the broker acknowledged each; ``acked`` is called
-    on each acknowledgement. Idempotent producer, ``acks=all``."""
+    on each acknowledgement. Idempotent producer, ``acks=all``.
+
+    With ``marks``, each record carries the ``shunter-replay-of`` header, and a plan whose
+    records were all acknowledged gets its marker (the callers it was ever replayed to)
+    written to the marker topic."""
     producer = Producer(
         {
             **settings,
@@ -176,12 +248,35 @@ def replay(
     )
     result = ReplayResult()
 
-    def delivered(dead_id: str) -> Callable[[KafkaError | None, Any], None]:
+    def marker(plan: Plan) -> None:
+        if marks is None:
+            return
+        before = marks.previous.get(plan.dead.id)
+        callers = dict.fromkeys(
+            [*(before.callers if before else ()), *(r.caller for r in plan.routes)]
+        )
+        value = {"replayed_ms": int(time.time() * 1000), "callers": list(callers), "to": topic}
+
+        def report(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                result.failed.append((str(plan.dead.id), f"marker not written: {err}"))
+            else:
+                result.marked += 1
+
+        producer.produce(
+            marks.topic, orjson.dumps(value), str(plan.dead.id).encode(), on_delivery=report
+        )
+
+    def delivered(plan: Plan, left: list[int]) -> Callable[[KafkaError | None, Any], None]:
         def report(err: KafkaError | None, _msg: Any) -> None:
             if err is None:
                 result.written += 1
+                left[0] -= 1
+                if left[0] == 0:  # every route of this record acknowledged: mark it
+                    marker(plan)
             else:
-                result.failed.append((dead_id, str(err)))
+                left[0] = -1  # never marked: a replay again writes it again
+                result.failed.append((str(plan.dead.id), str(err)))
             acked()
 
         return report
@@ -191,22 +286,26 @@ def replay(
     try:
         for plan in plans:
             assert plan.dead.info is not None
+            left = [len(plan.routes)]
+            origin = f"{marks.dlq_topic}:{plan.dead.id}" if marks else ""
             for route in plan.routes:
                 while (ahead := started + sent / rate - time.monotonic()) > 0:
                     producer.poll(min(ahead, 0.05))
-                headers = replay_headers(plan.dead.info, route, int(time.time() * 1000))
+                now = int(time.time() * 1000)
+                headers = replay_headers(plan.dead.info, route, now, origin)
                 try:
-                    _produce(producer, topic, plan.dead, headers, delivered(str(plan.dead.id)))
+                    _produce(producer, topic, plan.dead, headers, delivered(plan, left))
                 except KafkaException as exc:  # e.g. larger than the producer allows
+                    left[0] = -1
                     result.failed.append((str(plan.dead.id), str(exc)))
                     acked()
                 sent += 1
                 producer.poll(0)
     except KeyboardInterrupt:  # stop writing, but wait for what was written
         result.interrupted = True
-    left = producer.flush(60)
-    if left:
-        result.failed.append(("?", f"{left} records not acknowledged within 60s"))
+    left_over = producer.flush(60)
+    if left_over:
+        result.failed.append(("?", f"{left_over} records not acknowledged within 60s"))
     return result
 
 
