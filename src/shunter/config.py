@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -195,8 +197,28 @@ class CrashGuardConfig(_Strict):
 
 
 class AdminConfig(_Strict):
+    """The admin HTTP API (``observe/admin.py``)."""
+
     listen: str | None = "127.0.0.1:8080"
     token_env: str = "SHUNTER_ADMIN_TOKEN"
+    # Host header values served besides the listen address, localhost, 127.0.0.1 and
+    # [::1]: the names operators and Prometheus use to reach this instance. Anything else
+    # is refused (421), so a page on another site cannot read the API by DNS rebinding.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # A connection must have sent its request line and headers within this time.
+    header_timeout: Duration = Field(default=10.0, gt=0)
+    # Reading a request body (dead-letter replay) must finish within this time ...
+    body_timeout: Duration = Field(default=10.0, gt=0)
+    # ... and the body may be at most this many bytes (413 beyond).
+    max_body: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host or any(c in host for c in "/ \t\r\n@?#"):
+                raise ValueError(f"expected a host name or address, got {host!r}")
+        return [host.lower() for host in value]
 
 
 class LogConfig(_Strict):
@@ -214,6 +236,13 @@ class Config(_Strict):
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     base_dir: str = "."  # where relative paths (schemas) are resolved; set by the loader
+    # The values ``${VAR}`` put into this configuration (set by parse_config): every
+    # reader that shows configuration or failures passes its text through ``redact``.
+    _secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        return self._secrets
 
     @property
     def fast_topic(self) -> str:
@@ -357,11 +386,13 @@ def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None
     _cross_check(config, problems)
     if problems:
         raise ConfigError(redact(problems, found))
+    config._secrets = frozenset(found)
     return config
 
 
-def redact(lines: list[str], secrets: set[str]) -> list[str]:
-    """The lines with every secret value replaced by ``***``."""
+def redact(lines: list[str], secrets: Iterable[str]) -> list[str]:
+    """The lines with every secret value replaced by ``***``: the one redaction used by
+    ``shunter check``, the logs and the admin API."""
     ordered = sorted((s for s in secrets if s), key=len, reverse=True)
     out = []
     for line in lines:

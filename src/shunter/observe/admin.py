@@ -1,31 +1,56 @@
-"""The admin HTTP API: health, readiness, metrics, topology, stats, pause/resume.
+"""The admin HTTP API: health, readiness, metrics, topology, stats, pause/resume,
+dead letters, and the live dashboard at ``/``.
 
 Binds to 127.0.0.1 by default. Reads are open; calls that change anything need
 ``Authorization: Bearer <token>`` with the token from the environment variable named
-by ``admin.token_env`` (no token configured: mutating calls are refused).
+by ``admin.token_env`` (no token configured: mutating calls are refused). Every answer is
+redacted, Host headers are checked, and requests are bounded in time and size
+(``observe/httpguard.py``; ``admin.header_timeout``, ``body_timeout``, ``max_body``).
+
+| route | what |
+| --- | --- |
+| GET / | the live dashboard (``observe/dashboard/``) |
+| GET /health, /ready | liveness; readiness (503 when not ready) |
+| GET /metrics | Prometheus (``observe/stats.py``, ``observe/lag.py``) |
+| GET /topology | topic → category → caller rows, as ``shunter check`` prints them |
+| GET /stats | callers, partitions, messages and failure fingerprints of this instance |
+| GET /deadletters, /deadletters/{id} | the dead-letter topic, filtered; one record |
+| POST /deadletters/replay | replay dead letters to one caller (token) |
+| POST /callers/{caller}/pause, /resume | pause or resume a caller (token) |
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
+import time
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 
+from .deadletters import BadRequest, DeadLetters, read_body, run_blocking
+from .httpguard import HostCheck, bearer_ok, guard, json_answer
+from .lag import backlog_parts, lag_gauges
 from .stats import StatsCollector
+from .statusread import read_status
 
 if TYPE_CHECKING:
     from ..service import Service
 
 log = logging.getLogger("shunter.admin")
 
+DASHBOARD_FILES = {
+    "index.html": "text/html",
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+
 
 def topology(service: Service) -> list[dict[str, Any]]:
-    """topic → category → caller rows, as ``shunter check`` prints them."""
+    """topic → category → caller rows, as ``shunter check`` prints them (unredacted: the
+    API redacts every answer)."""
     cfg = service.config
     rows = []
     for name, category in cfg.categories.items():
@@ -41,6 +66,7 @@ def topology(service: Service) -> list[dict[str, Any]]:
                         "where": category.where,
                         "caller": sub.caller,
                         "target": target,
+                        "kind": "http" if sub.http else sub.isolation,
                         "isolation": sub.isolation,
                         "ordering": sub.ordering,
                     }
@@ -48,55 +74,62 @@ def topology(service: Service) -> list[dict[str, Any]]:
     return rows
 
 
-def _gauges(service: Service) -> Any:
-    def collect() -> Any:
-        pipeline = service.pipeline
-        pending = GaugeMetricFamily(
-            "shunter_caller_pending", "Deliveries queued or running per caller.", labels=["caller"]
-        )
-        paused = GaugeMetricFamily(
-            "shunter_caller_paused", "1 when the caller is paused.", labels=["caller"]
-        )
-        lag = GaugeMetricFamily(
-            "shunter_consumer_lag",
-            "Messages between the committable offset and the partition end.",
-            labels=["topic", "partition"],
-        )
-        held = GaugeMetricFamily(
-            "shunter_partition_in_flight",
-            "Offsets held (not yet settled) per partition.",
-            labels=["topic", "partition"],
-        )
-        if pipeline is not None:
-            for caller, runtime in pipeline.runtimes.items():
-                pending.add_metric([caller], runtime.queued + runtime.active)
-                paused.add_metric([caller], 1.0 if runtime.paused else 0.0)
-            for (topic, part), tracker in list(pipeline.tracker.partitions.items()):
-                held.add_metric([topic, str(part)], tracker.in_flight)
-                marks = pipeline.source.watermarks((topic, part)) if pipeline.source else None
-                position = tracker.committable()
-                if marks is not None and position >= 0:
-                    lag.add_metric([topic, str(part)], max(0, marks[1] - position))
-        yield pending
-        yield paused
-        yield lag
-        yield held
+def stats_view(service: Service) -> dict[str, Any]:
+    """What ``/stats`` and the dashboard show: per caller its outcomes (ok, fast, slow,
+    dlq, parked), state and backlog, and the lag of its category's source partitions; the
+    partitions; consumed messages by topic and outcome; the failure fingerprints."""
+    partitions, callers = read_status(service)
+    stats = service.stats
+    outcomes = stats.by_caller()
+    topics_of = {name: set(c.topics) for name, c in service.config.categories.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for row in callers:
+        topics = topics_of.get(row.category, set())
+        mine = [p for p in partitions if p.kind == "source" and p.topic in topics]
+        backlog = backlog_parts(row)
+        out[row.caller] = {
+            **{k: 0 for k in ("ok", "fast", "slow", "dlq", "parked")},
+            **outcomes.get(row.caller, {}),
+            **row.as_dict(),
+            "backlog": sum(backlog.values()),
+            "backlog_by_state": backlog,
+            "lag": sum(p.lag or 0 for p in mine),
+            "lag_seconds": max((p.lag_seconds for p in mine), default=0.0),
+        }
+    for caller, counts in outcomes.items():  # a caller without a status row yet
+        out.setdefault(caller, {"caller": caller, **counts})
+    messages: dict[str, dict[str, int]] = {}
+    for (topic, outcome), n in stats.messages.items():
+        messages.setdefault(topic, {})[outcome] = n
+    return {
+        "group": service.config.kafka.group_id,
+        "time": time.time(),
+        "callers": out,
+        "partitions": [p.as_dict() for p in partitions],
+        "messages": messages,
+        "writes": dict(stats.writes),
+        "fingerprints": [g.as_dict() for g in stats.fingerprints.rows()],
+    }
 
-    return collect
+
+def _dashboard_file(name: str) -> bytes:
+    return resources.files("shunter.observe").joinpath("dashboard", name).read_bytes()
 
 
 async def start_admin(service: Service) -> web.AppRunner:
     listen = service.config.admin.listen
     assert listen is not None
     host, _, port = listen.rpartition(":")
+    admin = service.config.admin
+    secrets = service.config.secrets
     registry = CollectorRegistry()
     registry.register(StatsCollector(service.stats))
-    service.stats.gauges.append(_gauges(service))
-    token = os.environ.get(service.config.admin.token_env, "")
+    service.stats.gauges.append(lag_gauges(service))
+    token = os.environ.get(admin.token_env, "")
+    dead_letters = DeadLetters(service)
 
     def authorized(request: web.Request) -> bool:
-        given = request.headers.get("Authorization", "")
-        return bool(token) and hmac.compare_digest(given, f"Bearer {token}")
+        return bearer_ok(request.headers.get("Authorization"), token)
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -111,10 +144,40 @@ async def start_admin(service: Service) -> web.AppRunner:
         )
 
     async def topo(_: web.Request) -> web.Response:
-        return web.json_response(topology(service))
+        return json_answer(topology(service), secrets)
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response(service.stats.by_caller())
+        return json_answer(stats_view(service), secrets)
+
+    async def dashboard(request: web.Request) -> web.Response:
+        name = request.match_info.get("name", "index.html")
+        if name not in DASHBOARD_FILES:
+            raise web.HTTPNotFound()
+        return web.Response(body=_dashboard_file(name), content_type=DASHBOARD_FILES[name])
+
+    async def dlq_list(request: web.Request) -> web.Response:
+        status, answer = await run_blocking(dead_letters.listing, dict(request.query))
+        return json_answer(answer, secrets, status)
+
+    async def dlq_show(request: web.Request) -> web.Response:
+        status, answer = await run_blocking(dead_letters.show, request.match_info["id"])
+        return json_answer(answer, secrets, status)
+
+    async def dlq_replay(request: web.Request) -> web.Response:
+        if not authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        try:
+            body = await read_body(request, admin.body_timeout)
+        except BadRequest as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        status, answer = await run_blocking(dead_letters.replay, body)
+        if status == 200:
+            log.warning(
+                "replayed %d dead letters to caller %s through the admin API",
+                answer["written"],
+                answer["to"],
+            )
+        return json_answer(answer, secrets, status)
 
     async def pause_resume(request: web.Request) -> web.Response:
         if not authorized(request):
@@ -135,9 +198,17 @@ async def start_admin(service: Service) -> web.AppRunner:
         log.warning("caller %s %sd through the admin API", caller, request.match_info["action"])
         return web.json_response({"caller": caller, "paused": runtime.paused})
 
-    app = web.Application()
+    app = web.Application(
+        middlewares=[guard(HostCheck(host or "127.0.0.1", admin.allowed_hosts))],
+        client_max_size=admin.max_body,
+    )
     app.add_routes(
         [
+            web.get("/", dashboard),
+            web.get("/dashboard/{name}", dashboard),
+            web.get("/deadletters", dlq_list),
+            web.post("/deadletters/replay", dlq_replay),
+            web.get("/deadletters/{id}", dlq_show),
             web.get("/health", health),
             web.get("/ready", ready),
             web.get("/metrics", metrics),
@@ -146,7 +217,10 @@ async def start_admin(service: Service) -> web.AppRunner:
             web.post(r"/callers/{caller}/{action:pause|resume}", pause_resume),
         ]
     )
-    runner = web.AppRunner(app, access_log=None)
+    # aiohttp has no header timeout of its own, but its keep-alive timer starts when the
+    # connection opens and closes it while no complete request has been read: the header
+    # timeout (and the idle time allowed between keep-alive requests).
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=admin.header_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host or "127.0.0.1", int(port))
     await site.start()

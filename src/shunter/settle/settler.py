@@ -83,6 +83,7 @@ class Settler:
         dest = route(self._retry, msg.attempt, outcome)
         self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
         self._log_failure(msg, outcome, dest)
+        self._stats.fingerprints.observe(msg.caller, outcome, record)  # observe/fingerprints.py
         if self._flood is not None:
             self._flood.observe(msg.caller, dest.tier == "dlq")
         self._write(record, self._info(msg, outcome, dest), dest.tier)
