@@ -66,11 +66,15 @@ function when(ms) {
     : d.toLocaleString();
 }
 
+let noticeTimer = 0;
+
 function notice(text, bad = false) {
   const box = $("#notice");
   box.hidden = !text;
   box.textContent = text || "";
   box.classList.toggle("bad", bad);
+  clearTimeout(noticeTimer);
+  if (text && !bad) noticeTimer = setTimeout(() => notice(""), 8000);
 }
 
 async function api(path, options = {}) {
@@ -127,7 +131,7 @@ function drawGraph(stats) {
   const topics = [...new Set(rows.map((r) => r.topic))];
   const categories = [...new Set(rows.map((r) => r.category))];
   const callers = [...new Set(rows.map((r) => r.caller))];
-  const nodeH = 46, gap = 10;
+  const nodeH = 54, gap = 10;
   const height = Math.max(topics.length, categories.length, callers.length) * (nodeH + gap) + gap;
   graph.style.height = Math.max(height, 80) + "px";
   const width = graph.clientWidth || 1000;
@@ -159,7 +163,7 @@ function drawGraph(stats) {
     const g = svg("g", { class: `node ${kind} ${extra}`, "data-name": name, transform: `translate(${x},${y})` });
     g.append(svg("rect", { width: nodeW, height: nodeH, rx: 5 }));
     g.append(svg("text", { x: 8, y: 17, class: "title" }, name));
-    lines.forEach(([text, cls], i) => g.append(svg("text", { x: 8, y: 31 + i * 12, class: `sub ${cls || ""}` }, text)));
+    lines.forEach(([text, cls], i) => g.append(svg("text", { x: 8, y: 33 + i * 14, class: `sub ${cls || ""}` }, text)));
     graph.append(g);
   };
   for (const t of topics) {
@@ -185,39 +189,56 @@ function drawGraph(stats) {
 
 // -- tables -------------------------------------------------------------------------------
 
+// Rows are updated in place (not rebuilt) so that a click on a button is never lost to a
+// redraw between mouse down and mouse up.
+const CALLER_CELLS = ["caller", "category", "ok-rate", "err-rate", "ok", "retries", "dlq", "lag",
+  "backlog", "oldest", "state"];
+
+function callerRow(caller) {
+  let tr = document.querySelector(`#callers tbody tr[data-caller="${CSS.escape(caller)}"]`);
+  if (tr) return tr;
+  tr = el("tr", { "data-caller": caller });
+  for (const name of CALLER_CELLS) {
+    const numeric = !["caller", "category", "state"].includes(name);
+    tr.append(el("td", { class: `${numeric ? "num " : ""}${name}` }));
+  }
+  const button = el("button", { class: "toggle", "data-caller": caller });
+  button.addEventListener("click", () => pauseResume(caller, button.dataset.action));
+  tr.append(el("td", {}, button));
+  $("#callers tbody").append(tr);
+  return tr;
+}
+
+function setCell(tr, name, text, cls = "") {
+  const td = tr.querySelector("td." + name);
+  if (td.textContent !== text) td.textContent = text;
+  const numeric = !["caller", "category", "state"].includes(name);
+  td.className = `${numeric ? "num " : ""}${name} ${cls}`.trim();
+}
+
 function drawCallers(stats) {
-  const body = $("#callers tbody");
   const rows = Object.values(stats.callers || {}).sort((a, b) => a.caller.localeCompare(b.caller));
-  body.replaceChildren(
-    ...rows.map((r) => {
-      const rate = state.rates[r.caller] || { ok: 0, errors: 0 };
-      const retries = (r.fast || 0) + (r.slow || 0);
-      const button = el("button", {
-        class: "toggle",
-        "data-caller": r.caller,
-        "data-action": r.paused ? "resume" : "pause",
-        disabled: !state.token,
-        title: state.token ? "" : "enter the admin token first",
-      }, r.paused ? "Resume" : "Pause");
-      button.addEventListener("click", () => pauseResume(r.caller, button.dataset.action));
-      return el(
-        "tr",
-        { "data-caller": r.caller, class: r.paused ? "paused" : "" },
-        el("td", { class: "caller" }, r.caller),
-        el("td", {}, r.category || ""),
-        el("td", { class: "num ok-rate" }, fmt(rate.ok)),
-        el("td", { class: "num err-rate " + (rate.errors > 0 ? "bad" : "") }, fmt(rate.errors)),
-        el("td", { class: "num ok" }, String(r.ok || 0)),
-        el("td", { class: "num retries" }, String(retries)),
-        el("td", { class: "num dlq " + (r.dlq ? "bad" : "") }, String(r.dlq || 0)),
-        el("td", { class: "num lag" }, String(r.lag || 0)),
-        el("td", { class: "num backlog" }, String(r.backlog || 0)),
-        el("td", { class: "num oldest" }, age(r.oldest_pending_seconds)),
-        el("td", { class: "state " + (r.paused ? "state-paused" : "good") }, r.paused ? "paused" : "running"),
-        el("td", {}, button),
-      );
-    }),
-  );
+  for (const r of rows) {
+    const tr = callerRow(r.caller);
+    const rate = state.rates[r.caller] || { ok: 0, errors: 0 };
+    tr.classList.toggle("paused", !!r.paused);
+    setCell(tr, "caller", r.caller);
+    setCell(tr, "category", r.category || "");
+    setCell(tr, "ok-rate", fmt(rate.ok));
+    setCell(tr, "err-rate", fmt(rate.errors), rate.errors > 0 ? "bad" : "");
+    setCell(tr, "ok", String(r.ok || 0));
+    setCell(tr, "retries", String((r.fast || 0) + (r.slow || 0)));
+    setCell(tr, "dlq", String(r.dlq || 0), r.dlq ? "bad" : "");
+    setCell(tr, "lag", String(r.lag || 0));
+    setCell(tr, "backlog", String(r.backlog || 0));
+    setCell(tr, "oldest", age(r.oldest_pending_seconds));
+    setCell(tr, "state", r.paused ? "paused" : "running", r.paused ? "state-paused" : "good");
+    const button = tr.querySelector("button.toggle");
+    button.dataset.action = r.paused ? "resume" : "pause";
+    button.textContent = r.paused ? "Resume" : "Pause";
+    button.disabled = !state.token;
+    button.title = state.token ? "" : "enter the admin token first";
+  }
 }
 
 function drawFingerprints(stats) {
@@ -300,7 +321,10 @@ async function loadDeadLetters() {
     return;
   }
   $("#dlq-count").textContent = `${answer.records.length} of ${answer.total} on ${answer.topic}, newest last`;
+  const ids = answer.records.map((d) => d.id).join(",");
   const body = $("#dlq-list tbody");
+  if (body.dataset.ids === ids) return;
+  body.dataset.ids = ids;
   body.replaceChildren(
     ...answer.records.map((d) => {
       const tr = el(
