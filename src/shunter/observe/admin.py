@@ -24,12 +24,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
+from ..crashguard.guard import LAST_EXIT_ENV
 from .deadletters import BadRequest, DeadLetters, read_body, run_blocking
 from .httpguard import HostCheck, bearer_ok, guard, json_answer
 from .lag import backlog_parts, lag_gauges
@@ -112,6 +115,28 @@ def stats_view(service: Service) -> dict[str, Any]:
     }
 
 
+def instance_gauges(started: float, last_exit: str) -> Callable[[], Iterator[GaugeMetricFamily]]:
+    """When this worker started (``changes(shunter_worker_start_time_seconds[15m])``
+    counts restarts), and how its predecessor under the same supervisor ended."""
+
+    def collect() -> Iterator[GaugeMetricFamily]:
+        start = GaugeMetricFamily(
+            "shunter_worker_start_time_seconds", "When this worker process started (Unix time)."
+        )
+        start.add_metric([], started)
+        yield start
+        exit_info = GaugeMetricFamily(
+            "shunter_worker_last_exit",
+            "1, labelled with how the previous worker under the same supervisor ended "
+            "('' for a first start).",
+            labels=["last_exit"],
+        )
+        exit_info.add_metric([last_exit], 1.0)
+        yield exit_info
+
+    return collect
+
+
 def _dashboard_file(name: str) -> bytes:
     return resources.files("shunter.observe").joinpath("dashboard", name).read_bytes()
 
@@ -125,6 +150,7 @@ async def start_admin(service: Service) -> web.AppRunner:
     registry = CollectorRegistry()
     registry.register(StatsCollector(service.stats))
     service.stats.gauges.append(lag_gauges(service))
+    service.stats.gauges.append(instance_gauges(time.time(), os.environ.get(LAST_EXIT_ENV, "")))
     token = os.environ.get(admin.token_env, "")
     dead_letters = DeadLetters(service)
 
