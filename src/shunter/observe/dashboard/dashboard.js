@@ -55,7 +55,7 @@ function age(seconds) {
 
 function clock(ms) {
   if (!ms) return "–";
-  return new Date(ms).toLocaleTimeString();
+  return new Date(ms).toLocaleTimeString([], { hour12: false });
 }
 
 function when(ms) {
@@ -168,7 +168,10 @@ function drawGraph(stats) {
   };
   for (const t of topics) {
     const l = lags[t];
-    node("topic", t, [[l ? `lag ${fmt(l.lag)} · ${age(l.seconds)} · ${l.partitions} partitions` : "no partition assigned here"]]);
+    node("topic", t, [
+      [l ? `lag ${fmt(l.lag)} msgs · oldest ${age(l.seconds)}` : "no partition assigned here"],
+      [l ? `${l.partitions} partitions on this instance` : ""],
+    ]);
   }
   for (const c of categories) {
     const subs = rows.filter((r) => r.category === c);
@@ -241,11 +244,27 @@ function drawCallers(stats) {
   }
 }
 
+function fingerprintCell(f) {
+  // "KeyError at dir/file.py:12 in func": the type on top, the failing line under it
+  const [type, line] = f.fingerprint.split(/ at (.+)/s);
+  const td = el("td", { class: "wrap fingerprint", title: f.example.error || "" }, el("span", { class: "fp-type" }, type));
+  if (line) {
+    // break a long path after its slashes, never inside a name
+    const span = el("span", { class: "fp-line" });
+    line.split("/").forEach((part, i) => {
+      if (i) span.append("/", document.createElement("wbr"));
+      span.append(part);
+    });
+    td.append(" at ", span);
+  }
+  return td;
+}
+
 function drawFingerprints(stats) {
   const rows = stats.fingerprints || [];
   const body = $("#fingerprints tbody");
   if (!rows.length) {
-    body.replaceChildren(el("tr", {}, el("td", { colSpan: 6, class: "dim" }, "no failures yet")));
+    body.replaceChildren(el("tr", {}, el("td", { colSpan: 5, class: "dim" }, "no failures yet")));
     return;
   }
   body.replaceChildren(
@@ -254,10 +273,9 @@ function drawFingerprints(stats) {
         "tr",
         { "data-caller": f.caller },
         el("td", {}, f.caller || "(none)"),
-        el("td", { class: "wrap fingerprint", title: f.example.error || "" }, f.fingerprint),
+        fingerprintCell(f),
         el("td", { class: "num count" }, String(f.count)),
-        el("td", {}, clock(f.first_seen * 1000)),
-        el("td", {}, clock(f.last_seen * 1000)),
+        el("td", { class: "seen" }, `${clock(f.first_seen * 1000)}–${clock(f.last_seen * 1000)}`),
         el("td", {}, f.example.topic ? `${f.example.topic}[${f.example.partition}]@${f.example.offset}` : ""),
       ),
     ),
@@ -320,13 +338,14 @@ async function loadDeadLetters() {
     $("#dlq-count").textContent = `(${err.message})`;
     return;
   }
-  $("#dlq-count").textContent = `${answer.records.length} of ${answer.total} on ${answer.topic}, newest last`;
-  const ids = answer.records.map((d) => d.id).join(",");
+  $("#dlq-count").textContent = `newest ${answer.records.length} of ${answer.total} on ${answer.topic}`;
+  const records = answer.records.slice().reverse(); // newest first
+  const ids = records.map((d) => d.id).join(",");
   const body = $("#dlq-list tbody");
   if (body.dataset.ids === ids) return;
   body.dataset.ids = ids;
   body.replaceChildren(
-    ...answer.records.map((d) => {
+    ...records.map((d) => {
       const tr = el(
         "tr",
         { "data-id": d.id, class: d.id === state.selected ? "selected" : "" },
