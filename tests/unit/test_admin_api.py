@@ -291,3 +291,64 @@ def test_dashboard_is_served_from_the_package_without_external_urls(
                 assert resp.status == 404
 
     run_admin(monkeypatch, scenario)
+
+
+def test_the_first_request_deadline_does_not_rely_on_aiohttps_keepalive() -> None:
+    """AdminSite alone (aiohttp's own timer set to an hour) cuts off a first request that
+    never completes, and leaves a connection that sent one alone."""
+    from aiohttp import web
+
+    from shunter.observe.httpguard import AdminSite
+
+    async def main() -> None:
+        served: set[Any] = set()
+
+        @web.middleware
+        async def mark(request: web.Request, handler: Any) -> web.StreamResponse:
+            served.add(request.transport)
+            return await handler(request)
+
+        async def slow(_: web.Request) -> web.Response:
+            await asyncio.sleep(1.5)  # longer than the deadline: a served request is kept
+            return web.Response(text="done")
+
+        app = web.Application(middlewares=[mark])
+        app.add_routes([web.get("/slow", slow)])
+        runner = web.AppRunner(app, keepalive_timeout=3600)
+        await runner.setup()
+        port = free_port()
+        await AdminSite(runner, "127.0.0.1", port, 0.5, served).start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = time.monotonic()
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # no blank line: incomplete
+            assert await asyncio.wait_for(reader.read(), 5.0) == b""
+            assert time.monotonic() - started < 1.5
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 5.0)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done")
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_a_second_request_on_a_kept_alive_connection_has_the_same_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def scenario(service: FakeService, base: str) -> None:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = await asyncio.wait_for(reader.readuntil(b'"ok"}'), 5.0)
+        assert first.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        writer.close()
+        assert time.monotonic() - started < 2.5
+
+    run_admin(monkeypatch, scenario, header_timeout="1s")

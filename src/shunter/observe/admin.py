@@ -34,7 +34,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ..crashguard.guard import LAST_EXIT_ENV
 from .deadletters import BadRequest, DeadLetters, read_body, run_blocking
-from .httpguard import HostCheck, bearer_ok, guard, json_answer
+from .httpguard import AdminSite, HostCheck, bearer_ok, guard, json_answer
 from .lag import backlog_parts, lag_gauges
 from .stats import StatsCollector
 from .statusread import read_status
@@ -224,8 +224,9 @@ async def start_admin(service: Service) -> web.AppRunner:
         log.warning("caller %s %sd through the admin API", caller, request.match_info["action"])
         return web.json_response({"caller": caller, "paused": runtime.paused})
 
+    served: set[Any] = set()  # connections that sent a complete request
     app = web.Application(
-        middlewares=[guard(HostCheck(host or "127.0.0.1", admin.allowed_hosts))],
+        middlewares=[guard(HostCheck(host or "127.0.0.1", admin.allowed_hosts), served)],
         client_max_size=admin.max_body,
     )
     app.add_routes(
@@ -243,12 +244,11 @@ async def start_admin(service: Service) -> web.AppRunner:
             web.post(r"/callers/{caller}/{action:pause|resume}", pause_resume),
         ]
     )
-    # aiohttp has no header timeout of its own, but its keep-alive timer starts when the
-    # connection opens and closes it while no complete request has been read: the header
-    # timeout (and the idle time allowed between keep-alive requests).
+    # aiohttp has no header timeout: the site closes a connection whose first request is
+    # not complete in time, aiohttp's keep-alive timer one whose next request is not.
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=admin.header_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+    site = AdminSite(runner, host or "127.0.0.1", int(port), admin.header_timeout, served)
     await site.start()
     log.info("admin API on http://%s", listen)
     return runner

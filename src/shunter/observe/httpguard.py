@@ -8,6 +8,10 @@ errors without tracebacks, and headers that keep the dashboard page to itself.
   address: an address cannot be rebound); anything else gets 421.
 - **Token.** ``Authorization: Bearer <token>`` compared in constant time as bytes; any
   header that is not exactly that (missing, another scheme, non-ASCII, empty token) is 401.
+- **Time.** A connection must complete its first request within ``admin.header_timeout``
+  (``FirstRequestDeadline``); after a response, aiohttp's keep-alive timer (set to the same
+  value) closes a connection that does not complete its next request in time. Both are
+  deadlines, not idle timers: a client dripping one byte at a time is cut off too.
 - **Redaction.** Every JSON answer passes through ``config.redact`` (the one redaction,
   also used by ``shunter check`` and the logs) with the values ``${VAR}`` put into the
   configuration.
@@ -15,6 +19,7 @@ errors without tracebacks, and headers that keep the dashboard page to itself.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -106,11 +111,13 @@ def json_answer(data: Any, secrets: Iterable[str], status: int = 200) -> web.Res
     return web.json_response(redacted(data, secrets), status=status)
 
 
-def guard(hosts: HostCheck) -> Middleware:
-    """The admin API's middleware: Host check, no tracebacks out, security headers."""
+def guard(hosts: HostCheck, served: set[Any]) -> Middleware:
+    """The admin API's middleware: Host check, no tracebacks out, security headers; marks
+    the connection as having sent a complete request (``served``)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        served.add(request.transport)
         if not hosts.allows(request.headers.get("Host")):
             response: web.StreamResponse = web.json_response(
                 {"error": "this Host is not served here (admin.allowed_hosts)"}, status=421
@@ -128,3 +135,72 @@ def guard(hosts: HostCheck) -> Middleware:
         return response
 
     return middleware
+
+
+class FirstRequestDeadline(asyncio.Protocol):
+    """aiohttp's connection protocol, closed when its first complete request has not
+    arrived ``seconds`` after the connection opened (aiohttp before 3.14 waits forever
+    for a first request; after one, its keep-alive timer takes over)."""
+
+    def __init__(self, inner: asyncio.Protocol, seconds: float, served: set[Any]) -> None:
+        self._inner = inner
+        self._seconds = seconds
+        self._served = served
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, self._expire)
+        self._inner.connection_made(transport)
+
+    def _expire(self) -> None:
+        transport = self._transport
+        if transport is not None and transport not in self._served and not transport.is_closing():
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._served.discard(self._transport)
+        self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+
+class AdminSite(web.BaseSite):
+    """A TCP site whose connections must complete their first request in time."""
+
+    __slots__ = ("_host", "_port", "_seconds", "_served")
+
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, seconds: float, served: set[Any]
+    ) -> None:
+        super().__init__(runner)
+        self._host, self._port, self._seconds, self._served = host, port, seconds, served
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: FirstRequestDeadline(server(), self._seconds, self._served),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=True,
+        )
