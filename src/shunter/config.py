@@ -202,8 +202,9 @@ class AdminConfig(_Strict):
     listen: str | None = "127.0.0.1:8080"
     token_env: str = "SHUNTER_ADMIN_TOKEN"
     # Host header values served besides the listen address, localhost, 127.0.0.1 and
-    # [::1]: the names operators and Prometheus use to reach this instance. Anything else
-    # is refused (421), so a page on another site cannot read the API by DNS rebinding.
+    # [::1] (and any IP address when listening on 0.0.0.0 or ::): the names operators and
+    # Prometheus use to reach this instance. Anything else is refused (421), so a page on
+    # another site cannot read the API by DNS rebinding.
     allowed_hosts: list[str] = Field(default_factory=list)
     # A connection must have sent its request line and headers within this time.
     header_timeout: Duration = Field(default=10.0, gt=0)

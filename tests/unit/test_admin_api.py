@@ -352,3 +352,33 @@ def test_a_second_request_on_a_kept_alive_connection_has_the_same_bound(
         assert time.monotonic() - started < 2.5
 
     run_admin(monkeypatch, scenario, header_timeout="1s")
+
+
+def test_allowed_hosts_are_validated_with_their_key_path() -> None:
+    from shunter.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        parse_config({"admin": {"allowed_hosts": ["ok.example", "http://bad/"]}})
+    assert "admin.allowed_hosts" in str(refused.value)
+    config = parse_config({"admin": {"allowed_hosts": ["Admin.Internal"], "header_timeout": "2s"}})
+    assert config.admin.allowed_hosts == ["admin.internal"]
+    assert config.admin.header_timeout == 2.0
+
+
+def test_logs_and_config_answers_share_one_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from shunter.observe.logs import Redact
+
+    monkeypatch.setenv("HOOK_TOKEN", SECRET)
+    config = parse_config(
+        {"topics": {"t": {}}, "categories": {"c": {"topics": ["t"]}},
+         "subscribers": [{"caller": "hook", "category": "c",
+                          "http": {"url": "https://h.example.com/?token=${HOOK_TOKEN}"}}]}
+    )  # fmt: skip
+    assert config.secrets == frozenset({SECRET})
+    record = logging.LogRecord(
+        "x", logging.ERROR, __file__, 1, "POST %s failed", ("?token=" + SECRET,), None
+    )
+    Redact(config.secrets).filter(record)
+    assert record.getMessage() == "POST ?token=*** failed"

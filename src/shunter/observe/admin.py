@@ -21,6 +21,7 @@ redacted, Host headers are checked, and requests are bounded in time and size
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -33,7 +34,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from ..crashguard.guard import LAST_EXIT_ENV
-from .deadletters import BadRequest, DeadLetters, read_body, run_blocking
+from .deadletters import DLQ_READERS, BadRequest, DeadLetters, read_body, run_blocking
 from .httpguard import AdminSite, HostCheck, bearer_ok, guard, json_answer
 from .lag import backlog_parts, lag_gauges
 from .stats import StatsCollector
@@ -153,6 +154,7 @@ async def start_admin(service: Service) -> web.AppRunner:
     service.stats.gauges.append(instance_gauges(time.time(), os.environ.get(LAST_EXIT_ENV, "")))
     token = os.environ.get(admin.token_env, "")
     dead_letters = DeadLetters(service)
+    readers = asyncio.Semaphore(DLQ_READERS)
 
     def authorized(request: web.Request) -> bool:
         return bearer_ok(request.headers.get("Authorization"), token)
@@ -182,11 +184,15 @@ async def start_admin(service: Service) -> web.AppRunner:
         return web.Response(body=_dashboard_file(name), content_type=DASHBOARD_FILES[name])
 
     async def dlq_list(request: web.Request) -> web.Response:
-        status, answer = await run_blocking(dead_letters.listing, dict(request.query))
+        status, answer = await run_blocking(
+            dead_letters.listing, dict(request.query), limit=readers
+        )
         return json_answer(answer, secrets, status)
 
     async def dlq_show(request: web.Request) -> web.Response:
-        status, answer = await run_blocking(dead_letters.show, request.match_info["id"])
+        status, answer = await run_blocking(
+            dead_letters.show, request.match_info["id"], limit=readers
+        )
         return json_answer(answer, secrets, status)
 
     async def dlq_replay(request: web.Request) -> web.Response:

@@ -219,10 +219,19 @@ class DeadLetters:
         }
 
 
-async def run_blocking(work: Any, *args: Any) -> tuple[int, dict[str, Any]]:
-    """Run a reader or replay on a thread; the status and JSON of its answer."""
+DLQ_READERS = 2  # topic scans at once per instance: several open dashboards must not pile up
+
+
+async def run_blocking(
+    work: Any, *args: Any, limit: asyncio.Semaphore | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Run a reader or replay on a thread (at most ``limit`` at once); the status and
+    JSON of its answer."""
     try:
-        return 200, await asyncio.to_thread(work, *args)
+        if limit is None:
+            return 200, await asyncio.to_thread(work, *args)
+        async with limit:
+            return 200, await asyncio.to_thread(work, *args)
     except BadRequest as exc:
         return 400, {"error": str(exc)}
     except ReadError as exc:

@@ -148,26 +148,27 @@ class Fingerprints:
         self._groups: dict[Key, Fingerprint] = {}
         self._per_caller: dict[str, int] = {}
 
-    def observe(self, caller: str, outcome: Outcome, record: Record) -> None:
-        """One failed delivery (the settler's call); deferrals that use up no attempt are
-        not failures and are ignored."""
+    def observe(self, caller: str, outcome: Outcome, record: Record) -> bool:
+        """One failed delivery (the settler's call); True when its fingerprint is new, so
+        that a caller logging every failure can log repeats more quietly. Deferrals that
+        use up no attempt are not failures and are ignored."""
         from ..outcome import DeadLettered, Failed
 
         if isinstance(outcome, Failed):
             if not outcome.counts:
-                return
+                return False
             error = outcome.error
         elif isinstance(outcome, DeadLettered):
             error = outcome.reason
         else:
-            return
+            return False
         example = {
             "topic": record.topic,
             "partition": record.partition,
             "offset": record.offset,
             "error": error[:500],
         }
-        self.add(caller, outcome.error_type, outcome.traceback, example)
+        return self.add(caller, outcome.error_type, outcome.traceback, example).count == 1
 
     def add(
         self,
