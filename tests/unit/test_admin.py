@@ -382,3 +382,17 @@ def test_logs_and_config_answers_share_one_redaction(monkeypatch: pytest.MonkeyP
     )
     Redact(config.secrets).filter(record)
     assert record.getMessage() == "POST ?token=*** failed"
+
+
+def test_host_check_rules() -> None:
+    from shunter.observe.httpguard import HostCheck
+
+    local = HostCheck("127.0.0.1", ["Admin.Internal"])
+    assert local.allows("admin.internal:8080") and local.allows("ADMIN.INTERNAL.")
+    assert not local.allows("192.168.1.5:8080")  # another address of the machine: not served
+    assert not local.allows(None) and not local.allows("")
+    wildcard = HostCheck("0.0.0.0", [])
+    assert wildcard.allows("192.168.1.5:8080") and wildcard.allows("[fe80::1]:8080")
+    assert not wildcard.allows("rebind.example:8080")  # a name must be configured
+    named = HostCheck("dispatcher-1.internal", [])
+    assert named.allows("dispatcher-1.internal:8080") and named.allows("localhost")
