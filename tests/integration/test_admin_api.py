@@ -147,7 +147,9 @@ def test_stats_and_metrics_show_lag_backlog_and_fingerprints(
             text = api.text("/metrics")
             for partition in range(3):  # every assigned partition, the idle one too
                 labels = f'group="{group}",kind="source",partition="{partition}",topic="{gift}"'
-                assert f"shunter_partition_in_flight{{{labels}}}" in text
+                assert (
+                    f'shunter_partition_in_flight{{partition="{partition}",topic="{gift}"}}' in text
+                )
                 assert f"kafka_consumergroup_group_lag_seconds{{{labels}}}" in text
                 if broker.kind == "kafka" and partition < 2:
                     assert f"kafka_consumergroup_group_lag{{{labels}}}" in text

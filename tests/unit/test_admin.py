@@ -161,8 +161,9 @@ def test_metrics_cover_every_partition_and_caller(monkeypatch: pytest.MonkeyPatc
         assert f"kafka_consumergroup_group_lag{{{labels.format(p=0)}}} 15.0" in lines
         assert f"kafka_consumergroup_group_lag{{{labels.format(p=1)}}} 0.0" in lines  # idle
         assert f"kafka_consumergroup_group_lag_seconds{{{labels.format(p=0)}}} 4.5" in lines
-        assert f"shunter_partition_stalled{{{labels.format(p=2)}}} 1.0" in lines
-        assert f"shunter_partition_in_flight{{{labels.format(p=0)}}} 3.0" in lines
+        assert 'shunter_partition_stalled{partition="2",topic="gift"} 1.0' in lines
+        assert 'shunter_partition_stuck_seconds{partition="2",topic="gift"} 200.0' in lines
+        assert 'shunter_partition_in_flight{partition="0",topic="gift"} 3.0' in lines
         # a partition whose end is not known yet has no lag series rather than a wrong one
         assert 'kafka_consumergroup_group_lag{group="g",kind="retry"' not in text
         caller = 'caller="medal",category="revenue"'

@@ -3,7 +3,8 @@
 Partition metrics carry the names of kafka-lag-exporter (``kafka_consumergroup_group_*``,
 labels ``group``, ``topic``, ``partition``), so the dashboards and alerts operators already
 run for it work on shunter as they are; ``kind`` (source | retry) is added so that an alert
-can leave the retry tiers out. Only this instance's assigned partitions are reported: a
+can leave the retry tiers out. shunter's own partition gauges are labelled ``topic`` and
+``partition`` only. Only this instance's assigned partitions are reported: a
 group's figure is the sum (or max) over its instances. Where kafka-lag-exporter also
 scrapes the same group, filter by ``job``.
 
@@ -33,7 +34,8 @@ from prometheus_client.core import GaugeMetricFamily
 from .status import CallerStatus, PartitionStatus
 from .statusread import read_status
 
-_PART = ["group", "topic", "partition", "kind"]
+_PART = ["group", "topic", "partition", "kind"]  # kafka-lag-exporter's, and the tier
+_OWN = ["topic", "partition"]  # shunter's own partition gauges (one group per instance)
 _CALLER = ["caller", "category"]
 
 
@@ -68,20 +70,21 @@ def partition_families(group: str, rows: list[PartitionStatus]) -> Iterator[Gaug
         "kafka_partition_latest_offset", "The partition's end offset last seen.", labels=_PART
     )
     in_flight = GaugeMetricFamily(
-        "shunter_partition_in_flight", "Offsets consumed and not yet settled.", labels=_PART
+        "shunter_partition_in_flight", "Offsets consumed and not yet settled.", labels=_OWN
     )
     stuck = GaugeMetricFamily(
         "shunter_partition_stuck_seconds",
         "How long the position has not moved while offsets were unsettled.",
-        labels=_PART,
+        labels=_OWN,
     )
     stalled = GaugeMetricFamily(
         "shunter_partition_stalled",
         "1 while the partition has been stuck longer than kafka.stall_after.",
-        labels=_PART,
+        labels=_OWN,
     )
     for row in rows:
         labels = [group, row.topic, str(row.partition), row.kind]
+        own = labels[1:3]
         if row.lag is not None:
             lag.add_metric(labels, row.lag)
         if row.position >= 0:
@@ -89,9 +92,9 @@ def partition_families(group: str, rows: list[PartitionStatus]) -> Iterator[Gaug
         if row.end is not None:
             latest.add_metric(labels, row.end)
         seconds.add_metric(labels, row.lag_seconds)
-        in_flight.add_metric(labels, row.in_flight)
-        stuck.add_metric(labels, row.stuck_seconds)
-        stalled.add_metric(labels, 1.0 if row.stalled else 0.0)
+        in_flight.add_metric(own, row.in_flight)
+        stuck.add_metric(own, row.stuck_seconds)
+        stalled.add_metric(own, 1.0 if row.stalled else 0.0)
     yield from (lag, seconds, offset, latest, in_flight, stuck, stalled)
 
 
