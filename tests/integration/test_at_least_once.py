@@ -56,26 +56,15 @@ def test_every_message_reaches_every_subscriber_despite_sigkills(
     module = f"receipts_{unique}"
     write_ledger_handlers(tmp_path, module)
     data = config(
-        broker,
-        group,
+        broker, group,
         topics={topic: {}},
-        categories={
-            "revenue": {"topics": [topic]},
-            "big": {"topics": [topic], "where": "value.price >= 50"},
-        },
+        categories={"revenue": {"topics": [topic]},
+                    "big": {"topics": [topic], "where": "value.price >= 50"}},
         subscribers=[
-            {
-                "caller": "medal",
-                "category": "revenue",
-                "handler": f"{module}:medal",
-                "concurrency": 16,
-            },
-            {
-                "caller": "rank",
-                "category": "revenue",
-                "handler": f"{module}:rank",
-                "concurrency": 4,
-            },
+            {"caller": "medal", "category": "revenue", "handler": f"{module}:medal",
+             "concurrency": 16},
+            {"caller": "rank", "category": "revenue", "handler": f"{module}:rank",
+             "concurrency": 4},
             {"caller": "vip", "category": "big", "handler": f"{module}:vip"},
         ],
         # crash suspects are re-run, never quarantined here: every pair must be delivered
@@ -85,13 +74,9 @@ def test_every_message_reaches_every_subscriber_despite_sigkills(
     (tmp_path / "shunter.yaml").write_text(yaml.safe_dump(data))
     ledger = tmp_path / "ledger.txt"
     service = ShunterProcess(
-        tmp_path / "shunter.yaml",
-        tmp_path / "service.log",
-        {
-            "PYTHONPATH": str(tmp_path),
-            "SHUNTER_TEST_LEDGER": str(ledger),
-            "SHUNTER_TEST_PAUSE": "0.001",
-        },
+        tmp_path / "shunter.yaml", tmp_path / "service.log",
+        {"PYTHONPATH": str(tmp_path), "SHUNTER_TEST_LEDGER": str(ledger),
+         "SHUNTER_TEST_PAUSE": "0.001"},
     )
 
     stream = LiveStream(broker, topic)
@@ -120,11 +105,9 @@ def test_every_message_reaches_every_subscriber_despite_sigkills(
     missing = expected - set(receipts)
     unexpected = set(receipts) - expected
     duplicates = sum(n - 1 for n in receipts.values())
-    print(
-        f"\nat-least-once: {stream.produced} messages, {len(expected)} (message, subscriber) "
-        f"pairs, {sum(receipts.values())} receipts, {duplicates} duplicates, "
-        f"{len(missing)} missing; " + "; ".join(run.kills)
-    )
+    print(f"\nat-least-once: {stream.produced} messages, {len(expected)} (message, subscriber) "
+          f"pairs, {sum(receipts.values())} receipts, {duplicates} duplicates, "
+          f"{len(missing)} missing; " + "; ".join(run.kills))
     assert not missing, f"{len(missing)} pairs never delivered, e.g. {sorted(missing)[:5]}"
     assert not unexpected, f"deliveries no category asked for: {sorted(unexpected)[:5]}"
     assert run.caught_up, f"commits never reached the end {run.ends}:\n{service.log_tail()}"
@@ -141,9 +124,8 @@ class Run:
     status: int | None = None
 
 
-def kill_and_restart(
-    service: ShunterProcess, stream: LiveStream, ledger: Path, rng: random.Random
-) -> Run:
+def kill_and_restart(service: ShunterProcess, stream: LiveStream, ledger: Path,
+                     rng: random.Random) -> Run:
     """Start the service, and KILLS times: wait for it to deliver, let it run 1-4 s,
     SIGKILL it and start it again. Returns with the last instance running."""
     run = Run()
@@ -158,10 +140,8 @@ def kill_and_restart(
         time.sleep(rng.uniform(1.0, 4.0))
         at = receipts(ledger)
         service.kill()
-        run.kills.append(
-            f"kill {round_ + 1} at {time.monotonic() - began:.1f}s "
-            f"({stream.produced} produced, {at} receipts)"
-        )
+        run.kills.append(f"kill {round_ + 1} at {time.monotonic() - began:.1f}s "
+                         f"({stream.produced} produced, {at} receipts)")
     raise AssertionError("unreachable")
 
 
@@ -169,9 +149,8 @@ class LiveStream:
     """A producer thread writing RATE messages a second until stopped."""
 
     def __init__(self, broker: Broker, topic: str) -> None:
-        self._producer = Producer(
-            {"bootstrap.servers": broker.bootstrap, "linger.ms": 5, "enable.idempotence": True}
-        )
+        self._producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 5,
+                                   "enable.idempotence": True})
         self._topic = topic
         self._rng = random.Random(SEED + 1)
         self._stopping = threading.Event()

@@ -40,7 +40,6 @@ def committed(broker: Broker, group: str, topic: str, partitions: int) -> list[i
 
 # -- ordering -------------------------------------------------------------------------------
 
-
 def test_each_key_keeps_its_order_under_concurrency(broker: Broker, unique: str) -> None:
     """Given 24 keys with 40 numbered messages each, interleaved over 4 partitions,
     when two subscribers with concurrency 16 and 3 handle them with random awaits, and a
@@ -51,15 +50,8 @@ def test_each_key_keeps_its_order_under_concurrency(broker: Broker, unique: str)
     broker.create({topic: 4})
     keys, per_key = 24, 40
     values = [{"key": f"k{i % keys}", "seq": i // keys} for i in range(keys * per_key)]
-    app = shunter.Dispatcher(
-        config(
-            broker,
-            f"g-{unique}",
-            topics={topic: {}},
-            categories={"all": {"topics": [topic]}},
-            subscribers=[],
-        )
-    )
+    app = shunter.Dispatcher(config(broker, f"g-{unique}", topics={topic: {}},
+                                    categories={"all": {"topics": [topic]}}, subscribers=[]))
     seen: dict[tuple[str, str], list[int]] = defaultdict(list)
     offsets: dict[int, list[int]] = defaultdict(list)
     partition_of: dict[str, set[int]] = defaultdict(set)
@@ -70,7 +62,6 @@ def test_each_key_keeps_its_order_under_concurrency(broker: Broker, unique: str)
             await asyncio.sleep(rng.random() * 0.003)
             seen[(caller, msg.value["key"])].append(msg.value["seq"])
             partition_of[msg.value["key"]].add(msg.partition)
-
         return handler
 
     async def by_partition(msg: shunter.Message) -> None:
@@ -84,10 +75,8 @@ def test_each_key_keeps_its_order_under_concurrency(broker: Broker, unique: str)
     total = len(values)
 
     def done() -> bool:
-        return (
-            sum(len(v) for v in seen.values()) >= 2 * total
-            and sum(len(v) for v in offsets.values()) >= total
-        )
+        return (sum(len(v) for v in seen.values()) >= 2 * total
+                and sum(len(v) for v in offsets.values()) >= total)
 
     with DispatcherThread(app) as running:
         running.wait_for(done, timeout=90)
@@ -103,7 +92,6 @@ def test_each_key_keeps_its_order_under_concurrency(broker: Broker, unique: str)
 
 # -- isolation ------------------------------------------------------------------------------
 
-
 def test_a_raising_handler_is_isolated_and_its_failures_go_to_the_fast_retry_tier(
     broker: Broker, unique: str
 ) -> None:
@@ -116,15 +104,9 @@ def test_a_raising_handler_is_isolated_and_its_failures_go_to_the_fast_retry_tie
     succeed there, and the source offsets are committed to the end."""
     topic, group = f"gifts-{unique}", f"g-{unique}"
     broker.create({topic: 3})
-    app = shunter.Dispatcher(
-        config(
-            broker,
-            group,
-            topics={topic: {}},
-            categories={"revenue": {"topics": [topic]}},
-            subscribers=[],
-        )
-    )
+    app = shunter.Dispatcher(config(broker, group, topics={topic: {}},
+                                    categories={"revenue": {"topics": [topic]}},
+                                    subscribers=[]))
     got: Counter[tuple[str, int, int]] = Counter()  # (caller, n, attempt)
     lock = threading.Lock()
 
@@ -133,7 +115,6 @@ def test_a_raising_handler_is_isolated_and_its_failures_go_to_the_fast_retry_tie
             await asyncio.sleep(0.0005)
             with lock:
                 got[(caller, msg.value["n"], msg.attempt)] += 1
-
         return handler
 
     async def medal(msg: shunter.Message) -> None:
@@ -157,15 +138,13 @@ def test_a_raising_handler_is_isolated_and_its_failures_go_to_the_fast_retry_tie
         return len({n for (c, n, _) in got if c == caller})
 
     with DispatcherThread(app) as running:
-        running.wait_for(
-            lambda: all(caller_done(c) == n_messages for c in ("rank", "task", "medal")), timeout=90
-        )
+        running.wait_for(lambda: all(caller_done(c) == n_messages
+                                     for c in ("rank", "task", "medal")), timeout=90)
         ends = end_offsets(broker, topic, 3)
         running.wait_for(lambda: committed(broker, group, topic, 3) == ends, timeout=30)
     for caller in ("rank", "task"):
-        assert {(n, a) for (c, n, a), k in got.items() if c == caller and k == 1} == {
-            (n, 1) for n in range(n_messages)
-        }, f"{caller} did not get every message exactly once"
+        assert {(n, a) for (c, n, a), k in got.items() if c == caller and k == 1} == \
+            {(n, 1) for n in range(n_messages)}, f"{caller} did not get every message exactly once"
     assert {n for (c, n, a) in got if c == "medal" and a == 1} == set(range(n_messages)) - failing
     assert {n for (c, n, a) in got if c == "medal" and a == 2} == failing
 
@@ -178,10 +157,8 @@ def test_a_raising_handler_is_isolated_and_its_failures_go_to_the_fast_retry_tie
         assert head[h.CALLER] == "medal" and head[h.CATEGORY] == "revenue"
         assert head[h.ATTEMPT] == "2" and head[h.STAGE] == "deliver" and head[h.TIER] == "fast"
         assert head[h.ORIGIN_TOPIC] == topic
-        assert (int(head[h.ORIGIN_PARTITION]), int(head[h.ORIGIN_OFFSET])) == (
-            sources[n].partition(),
-            sources[n].offset(),
-        )
+        assert (int(head[h.ORIGIN_PARTITION]), int(head[h.ORIGIN_OFFSET])) == \
+            (sources[n].partition(), sources[n].offset())
         if n % 2:
             assert head[h.ERROR_TYPE] == "KeyError" and "anchor_level" in head[h.ERROR]
             assert 'raise KeyError("anchor_level")' in head[h.TRACEBACK]
@@ -202,15 +179,9 @@ def test_a_timed_out_async_handler_is_cancelled_and_the_stream_continues(
     second subscriber is untouched."""
     topic, group = f"slow-{unique}", f"g-{unique}"
     broker.create({topic: 2})
-    app = shunter.Dispatcher(
-        config(
-            broker,
-            group,
-            topics={topic: {}},
-            categories={"revenue": {"topics": [topic]}},
-            subscribers=[],
-        )
-    )
+    app = shunter.Dispatcher(config(broker, group, topics={topic: {}},
+                                    categories={"revenue": {"topics": [topic]}},
+                                    subscribers=[]))
     hang_on, n_messages = 17, 120
     delivered: Counter[tuple[str, int, int]] = Counter()
     cancelled: list[int] = []  # others delivered when the hanging handler was cancelled
@@ -237,9 +208,8 @@ def test_a_timed_out_async_handler_is_cancelled_and_the_stream_continues(
         running.wait_for(lambda: sum(delivered.values()) >= 2 * n_messages, timeout=30)
     assert cancelled == [n_messages - 1], "the stream waited for the hanging handler"
     assert {n for (c, n, a) in delivered if c == "lottery"} == set(range(n_messages))
-    assert {(n, a) for (c, n, a) in delivered if c == "steady"} == {
-        (n, 1) for n in range(n_messages)
-    }
+    assert {(n, a) for (c, n, a) in delivered if c == "steady"} == \
+        {(n, 1) for n in range(n_messages)}
     assert all(k == 1 for k in delivered.values())
     retries = broker.read_all(f"{group}.retry.fast")
     assert len(retries) == 1
@@ -252,14 +222,14 @@ def test_a_timed_out_async_handler_is_cancelled_and_the_stream_continues(
 
 # -- the border: decode and validate --------------------------------------------------------
 
-MODEL = """
+MODEL = '''
 from pydantic import BaseModel, Field
 
 
 class Guard(BaseModel):
     n: int
     level: int = Field(ge=1, le=3)
-"""
+'''
 
 SCHEMA = {
     "type": "object",
@@ -284,19 +254,13 @@ def test_invalid_messages_never_reach_handlers_and_are_dead_lettered_with_their_
     module = f"guards_{unique}"
     (tmp_path / f"{module}.py").write_text(MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
-    app = shunter.Dispatcher(
-        config(
-            broker,
-            group,
-            topics={
-                plain: {},
-                checked: {"schema": str(tmp_path / "gift.schema.json")},
-                modelled: {"model": f"{module}:Guard"},
-            },
-            categories={"everything": {"topics": [plain, checked, modelled]}},
-            subscribers=[],
-        )
-    )
+    app = shunter.Dispatcher(config(
+        broker, group,
+        topics={plain: {}, checked: {"schema": str(tmp_path / "gift.schema.json")},
+                modelled: {"model": f"{module}:Guard"}},
+        categories={"everything": {"topics": [plain, checked, modelled]}},
+        subscribers=[],
+    ))
     received: list[tuple[str, int]] = []
     values: list[Any] = []
 
@@ -318,11 +282,9 @@ def test_invalid_messages_never_reach_handlers_and_are_dead_lettered_with_their_
         b'{"level": 2}': (modelled, "validate", "ValidationError"),
         b"[1, 2, 3]": (modelled, "validate", "ValidationError"),
     }
-    good = {
-        plain: [{"n": n} for n in range(10, 30)],
-        checked: [{"n": n, "price": n * 1.5} for n in range(30, 50)],
-        modelled: [{"n": n, "level": 1 + n % 3} for n in range(50, 70)],
-    }
+    good = {plain: [{"n": n} for n in range(10, 30)],
+            checked: [{"n": n, "price": n * 1.5} for n in range(30, 50)],
+            modelled: [{"n": n, "level": 1 + n % 3} for n in range(50, 70)]}
     for topic in (plain, checked, modelled):  # valid and malformed interleaved
         payloads = [orjson.dumps(v) for v in good[topic]]
         for raw, (where, _, _) in bad.items():
@@ -333,10 +295,8 @@ def test_invalid_messages_never_reach_handlers_and_are_dead_lettered_with_their_
     partitions = {plain: 2, checked: 2, modelled: 1}
 
     def all_committed() -> bool:
-        return all(
-            committed(broker, group, t, p) == end_offsets(broker, t, p)
-            for t, p in partitions.items()
-        )
+        return all(committed(broker, group, t, p) == end_offsets(broker, t, p)
+                   for t, p in partitions.items())
 
     with DispatcherThread(app) as running:
         running.wait_for(lambda: len(received) >= len(expected), timeout=60)
@@ -354,13 +314,11 @@ def test_invalid_messages_never_reach_handlers_and_are_dead_lettered_with_their_
         assert head[h.ERROR_TYPE] == "RejectedMessage"
         assert head[h.TIER] == "dlq"
         source = [m for m in broker.read_all(topic) if m.value() == raw]
-        assert [(m.partition(), m.offset()) for m in source] == [
-            (int(head[h.ORIGIN_PARTITION]), int(head[h.ORIGIN_OFFSET]))
-        ]
+        assert [(m.partition(), m.offset()) for m in source] == \
+            [(int(head[h.ORIGIN_PARTITION]), int(head[h.ORIGIN_OFFSET]))]
 
 
 # -- stopping -------------------------------------------------------------------------------
-
 
 def test_a_graceful_stop_mid_stream_commits_exactly_what_was_delivered(
     broker: Broker, unique: str
@@ -374,14 +332,9 @@ def test_a_graceful_stop_mid_stream_commits_exactly_what_was_delivered(
     message is delivered once and the offsets end at the end of each partition."""
     topic, group = f"stop-{unique}", f"g-{unique}"
     broker.create({topic: 3})
-    settings = config(
-        broker,
-        group,
-        topics={topic: {}},
-        categories={"all": {"topics": [topic]}},
-        subscribers=[],
-        kafka={"commit_interval": "1h", "batch_size": 50, "max_in_flight": 100},
-    )
+    settings = config(broker, group, topics={topic: {}}, categories={"all": {"topics": [topic]}},
+                      subscribers=[], kafka={"commit_interval": "1h", "batch_size": 50,
+                                             "max_in_flight": 100})
     started: Counter[tuple[str, int, int]] = Counter()
     finished: Counter[tuple[str, int, int]] = Counter()
 
@@ -390,7 +343,6 @@ def test_a_graceful_stop_mid_stream_commits_exactly_what_was_delivered(
             started[(caller, msg.partition, msg.offset)] += 1
             await asyncio.sleep(0.004)
             finished[(caller, msg.partition, msg.offset)] += 1
-
         return handler
 
     def dispatcher() -> shunter.Dispatcher:
@@ -430,26 +382,20 @@ def test_sigterm_drains_commits_what_was_delivered_and_exits_0(
     broker.create({topic: 3})
     module = f"ledger_{unique}"
     write_ledger_handlers(tmp_path, module)
-    data = config(
-        broker,
-        group,
-        topics={topic: {}},
-        categories={"all": {"topics": [topic]}},
-        subscribers=[
-            {"caller": "books", "category": "all", "handler": f"{module}:books", "concurrency": 2},
-            {"caller": "stats", "category": "all", "handler": f"{module}:stats", "concurrency": 2},
-        ],
-    )
+    data = config(broker, group, topics={topic: {}}, categories={"all": {"topics": [topic]}},
+                  subscribers=[
+                      {"caller": "books", "category": "all", "handler": f"{module}:books",
+                       "concurrency": 2},
+                      {"caller": "stats", "category": "all", "handler": f"{module}:stats",
+                       "concurrency": 2},
+                  ])
     data["kafka"].update(commit_interval="200ms", batch_size=50, max_in_flight=100)
     (tmp_path / "shunter.yaml").write_text(yaml.safe_dump(data))
     ledger = tmp_path / "ledger.txt"
     total = 2000
     broker.produce(topic, [{"n": n} for n in range(total)], key=lambda i, v: f"u{i % 50}")
-    env = {
-        "PYTHONPATH": str(tmp_path),
-        "SHUNTER_TEST_LEDGER": str(ledger),
-        "SHUNTER_TEST_PAUSE": "0.004",
-    }
+    env = {"PYTHONPATH": str(tmp_path), "SHUNTER_TEST_LEDGER": str(ledger),
+           "SHUNTER_TEST_PAUSE": "0.004"}
     with ShunterProcess(tmp_path / "shunter.yaml", tmp_path / "service.log", env) as service:
         deadline = time.monotonic() + 60
         while sum(read_ledger(ledger).values()) < 300:

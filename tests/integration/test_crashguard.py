@@ -52,12 +52,8 @@ def fragile(msg):
 def write_service(tmp: Path, broker: Broker, group: str, topic: str) -> Path:
     (tmp / "crashy.py").write_text(textwrap.dedent(HANDLERS))
     config = {
-        "kafka": {
-            "bootstrap_servers": broker.bootstrap,
-            "group_id": group,
-            "consumer": broker.client,
-            "commit_interval": "100ms",
-        },
+        "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group,
+                  "consumer": broker.client, "commit_interval": "100ms"},
         "topics": {topic: {}},
         "categories": {"revenue": {"topics": [topic]}},
         "subscribers": [
@@ -78,9 +74,7 @@ def start(config: Path, tmp: Path, kill: str, *extra: str) -> subprocess.Popen[b
     with open(tmp / "service.log", "ab") as log:  # the child keeps its own copy
         return subprocess.Popen(
             [sys.executable, "-m", "shunter.cli.main", "run", "-c", str(config), *extra],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            env=env, stdout=log, stderr=subprocess.STDOUT,
         )
 
 
@@ -116,11 +110,9 @@ def test_a_message_that_kills_the_process_is_quarantined(
     proc = start(config, tmp_path, kill)
     try:
         # everything but the killer, for both callers
-        want = {
-            (c, m.partition(), m.offset())
-            for m in broker.read_all(topic, expect=MESSAGES)
-            for c in ("steady", "fragile")
-        } - {("fragile", k_part, k_off), ("steady", k_part, k_off)}
+        want = {(c, m.partition(), m.offset()) for m in broker.read_all(topic, expect=MESSAGES)
+                for c in ("steady", "fragile")} - {("fragile", k_part, k_off),
+                                                   ("steady", k_part, k_off)}
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and not want <= ledger(tmp_path):
             assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]

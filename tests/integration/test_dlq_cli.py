@@ -88,26 +88,14 @@ def test_failed_caller_is_listed_reproduced_and_replayed_to_itself_only(
     (tmp_path / f"{module}.py").write_text(textwrap.dedent(HANDLERS))
     sys.path.insert(0, str(tmp_path))
     broker.create({gift: 2})
-    cfg = write_config(
-        tmp_path,
-        config(
-            broker,
-            f"g-{unique}",
-            topics={gift: {}},
-            categories={"revenue": {"topics": [gift]}},
-            subscribers=[
-                {"caller": "medal", "category": "revenue", "handler": f"{module}:on_medal"},
-                {"caller": "rank", "category": "revenue", "handler": f"{module}:on_rank"},
-            ],
-        ),
-    )
+    cfg = write_config(tmp_path, config(
+        broker, f"g-{unique}", topics={gift: {}}, categories={"revenue": {"topics": [gift]}},
+        subscribers=[{"caller": "medal", "category": "revenue", "handler": f"{module}:on_medal"},
+                     {"caller": "rank", "category": "revenue", "handler": f"{module}:on_rank"}]))
     app = shunter.Dispatcher(cfg)
     dlq, handlers = app.config.dlq_topic, importlib.import_module(module)
-    broker.produce(
-        gift,
-        [{"n": 1, "user": {"id": 7}}, {"n": 2}, {"n": 3, "user": {"id": 8}}],
-        key=lambda i, v: f"u{i}",
-    )
+    broker.produce(gift, [{"n": 1, "user": {"id": 7}}, {"n": 2}, {"n": 3, "user": {"id": 8}}],
+                   key=lambda i, v: f"u{i}")
 
     with DispatcherThread(app) as running:
         # given: medal fails on gift 2 through every tier, rank takes all three
@@ -134,47 +122,23 @@ def test_failed_caller_is_listed_reproduced_and_replayed_to_itself_only(
 
         # when the failure is reproduced in the foreground, then the traceback names the line
         partition, offset = RecordId.parse(row["id"]).partition, RecordId.parse(row["id"]).offset
-        code, out = cli(
-            capsys,
-            "replay",
-            "-c",
-            cfg,
-            "--topic",
-            dlq,
-            "--partition",
-            str(partition),
-            "--offset",
-            str(offset),
-        )
+        code, out = cli(capsys, "replay", "-c", cfg, "--topic", dlq, "--partition",
+                        str(partition), "--offset", str(offset))
         assert code == 1
         assert f"{module}.py" in out and 'user_id = msg.value["user"]["id"]' in out
         assert "KeyError: 'user'" in out and "dead-letter topic" in out
         post_mortems: list[Any] = []
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr("pdb.post_mortem", post_mortems.append)
-            code, out = cli(
-                capsys,
-                "replay",
-                "-c",
-                cfg,
-                "--topic",
-                gift,
-                "--caller",
-                "medal",
-                "--partition",
-                str(origin[0]),
-                "--offset",
-                str(origin[1]),
-                "--pdb",
-            )
+            code, out = cli(capsys, "replay", "-c", cfg, "--topic", gift, "--caller", "medal",
+                            "--partition", str(origin[0]), "--offset", str(origin[1]), "--pdb")
         assert code == 1 and "KeyError: 'user'" in out and "fast retry tier as attempt 2" in out
         assert len(post_mortems) == 1 and post_mortems[0].tb_frame is not None
 
         # when the handler is fixed and medal's dead letters are replayed
         handlers.FIXED = True
-        code, out = cli(
-            capsys, "dlq", "replay", "-c", cfg, "--caller", "medal", "--yes", "--rate", "20/s"
-        )
+        code, out = cli(capsys, "dlq", "replay", "-c", cfg, "--caller", "medal", "--yes",
+                        "--rate", "20/s")
         assert code == 0, out
         assert "replayed 1 of 1" in out
 
@@ -191,28 +155,14 @@ def test_failed_caller_is_listed_reproduced_and_replayed_to_itself_only(
 SCHEMA = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}
 
 
-def dead_letter(
-    topic: str, caller: str, stage: str, error_type: str, offset: int
-) -> list[tuple[str, bytes]]:
-    return h.encode(
-        h.FailureInfo(
-            caller=caller,
-            category="revenue" if caller else "",
-            attempt=4 if caller else 1,
-            stage=stage,
-            error_type=error_type,
-            error=f"{error_type} at {offset}",
-            traceback="Traceback (most recent call last):\n  ...\n",
-            first_failure_ms=1000,
-            not_before_ms=2000,
-            origin_topic=topic,
-            origin_partition=0,
-            origin_offset=offset,
-            origin_timestamp_ms=500,
-            tier="dlq",
-            origin_key=b"k",
-        )
-    )
+def dead_letter(topic: str, caller: str, stage: str, error_type: str,
+                offset: int) -> list[tuple[str, bytes]]:
+    return h.encode(h.FailureInfo(
+        caller=caller, category="revenue" if caller else "", attempt=4 if caller else 1,
+        stage=stage, error_type=error_type, error=f"{error_type} at {offset}",
+        traceback="Traceback (most recent call last):\n  ...\n", first_failure_ms=1000,
+        not_before_ms=2000, origin_topic=topic, origin_partition=0,
+        origin_offset=offset, origin_timestamp_ms=500, tier="dlq", origin_key=b"k"))
 
 
 def test_dlq_filters_refusals_and_fan_out(
@@ -221,18 +171,11 @@ def test_dlq_filters_refusals_and_fan_out(
     gift, group = f"gift-{unique}", f"g-{unique}"
     (tmp_path / "gift.json").write_text(orjson.dumps(SCHEMA).decode())
     data = config(
-        broker,
-        group,
-        topics={gift: {"schema": "gift.json"}},
-        categories={
-            "revenue": {"topics": [gift]},
-            "big": {"topics": [gift], "where": "value.price >= 100"},
-        },
-        subscribers=[
-            {"caller": c, "category": k, "handler": "nowhere:handler"}
-            for c, k in [("medal", "revenue"), ("rank", "revenue"), ("vip", "big")]
-        ],
-    )
+        broker, group, topics={gift: {"schema": "gift.json"}},
+        categories={"revenue": {"topics": [gift]}, "big": {"topics": [gift],
+                                                          "where": "value.price >= 100"}},
+        subscribers=[{"caller": c, "category": k, "handler": "nowhere:handler"}
+                     for c, k in [("medal", "revenue"), ("rank", "revenue"), ("vip", "big")]])
     cfg = write_config(tmp_path, data)
     dlq, fast = f"{group}.dlq", f"{group}.retry.fast"
     broker.create({dlq: 1, fast: 2})
@@ -248,14 +191,8 @@ def test_dlq_filters_refusals_and_fan_out(
     for caller, stage, error_type, offset, payload, ago in records:
         value = payload if isinstance(payload, bytes) else orjson.dumps(payload)
         headers = dead_letter(gift, caller, stage, error_type, offset)
-        producer.produce(
-            dlq,
-            value,
-            b"k",
-            headers=headers,
-            partition=0,
-            timestamp=int((time.time() - ago) * 1000),
-        )
+        producer.produce(dlq, value, b"k", headers=headers, partition=0,
+                         timestamp=int((time.time() - ago) * 1000))
     assert producer.flush(10) == 0
 
     def listed(*argv: str) -> list[int]:
@@ -290,19 +227,10 @@ def test_dlq_filters_refusals_and_fan_out(
     assert code == 1 and "replayed 7 of 7" in out and "2 refused" in out
 
     written = broker.read_all(fast, expect=8)
-    got = sorted(
-        (h.decode(m.headers()).origin_offset, h.decode(m.headers()).caller) for m in written
-    )
-    assert got == [
-        (5, "medal"),
-        (7, "medal"),
-        (7, "rank"),
-        (7, "vip"),
-        (7, "vip"),
-        (8, "medal"),
-        (8, "rank"),
-        (10, "rank"),
-    ]
+    got = sorted((h.decode(m.headers()).origin_offset, h.decode(m.headers()).caller)
+                 for m in written)
+    assert got == [(5, "medal"), (7, "medal"), (7, "rank"), (7, "vip"), (7, "vip"),
+                   (8, "medal"), (8, "rank"), (10, "rank")]
     for m in written:
         info = h.decode(m.headers())
         assert (info.attempt, info.first_failure_ms, info.tier) == (1, 0, "fast")
@@ -313,24 +241,11 @@ def test_dlq_filters_refusals_and_fan_out(
         assert info.category == ("big" if info.caller == "vip" else "revenue")
 
     # the foreground replay: a record of no caller needs --caller; a bad payload says why
-    code, out = cli(
-        capsys, "replay", "-c", cfg, "--topic", dlq, "--partition", "0", "--offset", "2"
-    )
+    code, out = cli(capsys, "replay", "-c", cfg, "--topic", dlq, "--partition", "0",
+                    "--offset", "2")
     assert code == 2 and "pass --caller" in out and "medal, rank, vip" in out
-    code, out = cli(
-        capsys,
-        "replay",
-        "-c",
-        cfg,
-        "--topic",
-        dlq,
-        "--partition",
-        "0",
-        "--offset",
-        "4",
-        "--caller",
-        "medal",
-    )
+    code, out = cli(capsys, "replay", "-c", cfg, "--topic", dlq, "--partition", "0",
+                    "--offset", "4", "--caller", "medal")
     assert code == 3 and "rejected at decode: invalid JSON" in out
 
     # without kafka.bootstrap_servers (embedded broker), --bootstrap is required
@@ -369,36 +284,13 @@ def test_foreground_replay_to_an_http_subscriber_makes_one_post(
     threading.Thread(target=server.serve_forever, daemon=True).start()
     Hook.statuses, Hook.bodies = [200, 422], []
     url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    cfg = write_config(
-        tmp_path,
-        config(
-            broker,
-            f"g-{unique}",
-            topics={gift: {}},
-            categories={"revenue": {"topics": [gift]}},
-            subscribers=[
-                {
-                    "caller": "hook",
-                    "category": "revenue",
-                    "http": {"url": url, "allow_private": ["127.0.0.1"]},
-                }
-            ],
-        ),
-    )
+    cfg = write_config(tmp_path, config(
+        broker, f"g-{unique}", topics={gift: {}}, categories={"revenue": {"topics": [gift]}},
+        subscribers=[{"caller": "hook", "category": "revenue",
+                      "http": {"url": url, "allow_private": ["127.0.0.1"]}}]))
     try:
-        argv = (
-            "replay",
-            "-c",
-            cfg,
-            "--topic",
-            gift,
-            "--partition",
-            "0",
-            "--offset",
-            "0",
-            "--caller",
-            "hook",
-        )
+        argv = ("replay", "-c", cfg, "--topic", gift, "--partition", "0", "--offset", "0",
+                "--caller", "hook")
         code, out = cli(capsys, *argv)
         assert code == 0 and f"POST {url}" in out and "OK: hook" in out
         code, out = cli(capsys, *argv)

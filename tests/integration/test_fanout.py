@@ -19,19 +19,16 @@ pytestmark = pytest.mark.kafka
 def test_fanout_to_every_subscriber_of_each_category(broker: Broker, unique: str) -> None:
     gift, lottery, guard = f"gift-{unique}", f"lottery-{unique}", f"guard-{unique}"
     broker.create({gift: 3, lottery: 2, guard: 2})
-    app = shunter.Dispatcher(
-        config(
-            broker,
-            f"g-{unique}",
-            topics={gift: {}, lottery: {}, guard: {}},
-            categories={
-                "revenue": {"topics": [gift, lottery]},
-                "guard": {"topics": [guard], "where": "value.type == 'buy'"},
-                "big": {"topics": [gift, guard], "where": "value.price >= 100"},
-            },
-            subscribers=[],
-        )
-    )
+    app = shunter.Dispatcher(config(
+        broker, f"g-{unique}",
+        topics={gift: {}, lottery: {}, guard: {}},
+        categories={
+            "revenue": {"topics": [gift, lottery]},
+            "guard": {"topics": [guard], "where": "value.type == 'buy'"},
+            "big": {"topics": [gift, guard], "where": "value.price >= 100"},
+        },
+        subscribers=[],
+    ))
     seen: Counter[tuple[str, str, int]] = Counter()
     lock = threading.Lock()
 
@@ -39,22 +36,16 @@ def test_fanout_to_every_subscriber_of_each_category(broker: Broker, unique: str
         async def handler(msg: shunter.Message) -> None:
             with lock:
                 seen[(caller, msg.topic, msg.value["n"])] += 1
-
         return handler
 
-    for caller, category in [
-        ("medal", "revenue"),
-        ("rank", "revenue"),
-        ("task", "guard"),
-        ("vip", "big"),
-    ]:
+    for caller, category in [("medal", "revenue"), ("rank", "revenue"), ("task", "guard"),
+                             ("vip", "big")]:
         app.subscriber(category, caller=caller)(recorder(caller))
 
     broker.produce(gift, [{"n": i, "price": i} for i in range(200)], key=lambda i, v: f"u{i % 7}")
     broker.produce(lottery, [{"n": i} for i in range(100)])
-    broker.produce(
-        guard, [{"n": i, "type": "buy" if i % 2 else "renew", "price": 150} for i in range(50)]
-    )
+    broker.produce(guard, [{"n": i, "type": "buy" if i % 2 else "renew", "price": 150}
+                           for i in range(50)])
     expected = (200 + 100) * 2 + 25 + (100 + 50)
     with DispatcherThread(app) as running:
         running.wait_for(lambda: sum(seen.values()) >= expected)

@@ -65,14 +65,8 @@ def ledger(path: Path) -> Counter[int]:
     ],
 )
 def test_a_dying_worker_fails_only_its_delivery_which_goes_through_the_tiers(
-    broker: Broker,
-    unique: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    how: str,
-    error_type: str,
-    error: str,
-    signal: str | None,
+    broker: Broker, unique: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    how: str, error_type: str, error: str, signal: str | None,
 ) -> None:
     """Given a process-isolated subscriber whose handler dies on one message of 300 (on
     every attempt), beside an in-process subscriber,
@@ -87,28 +81,16 @@ def test_a_dying_worker_fails_only_its_delivery_which_goes_through_the_tiers(
     receipts = tmp_path / "ledger"
     monkeypatch.setenv(LEDGER_ENV, str(receipts))
     monkeypatch.setenv(CRASH_ENV, how)
-    app = shunter.Dispatcher(
-        config(
-            broker,
-            group,
-            topics={topic: {}},
-            categories={"revenue": {"topics": [topic]}},
-            subscribers=[],
-        )
-    )
+    app = shunter.Dispatcher(config(broker, group, topics={topic: {}},
+                                    categories={"revenue": {"topics": [topic]}},
+                                    subscribers=[]))
     steady: Counter[int] = Counter()
 
     async def count(msg: shunter.Message) -> None:
         steady[msg.value["n"]] += 1
 
-    app.subscriber(
-        "revenue",
-        caller="isolated",
-        isolation="process",
-        workers=2,
-        memory_limit_mb=64,
-        timeout="20s",
-    )(dies_on_one_message)
+    app.subscriber("revenue", caller="isolated", isolation="process", workers=2,
+                   memory_limit_mb=64, timeout="20s")(dies_on_one_message)
     app.subscriber("revenue", caller="steady")(count)
     broker.produce(topic, [{"n": n} for n in range(N_MESSAGES)], key=lambda i, v: f"u{i % 11}")
     others = set(range(N_MESSAGES)) - {DEADLY}
@@ -117,15 +99,11 @@ def test_a_dying_worker_fails_only_its_delivery_which_goes_through_the_tiers(
         return len(broker.read_all(f"{group}.dlq", timeout=2)) >= 1
 
     with DispatcherThread(app) as running:
-        running.wait_for(
-            lambda: set(ledger(receipts)) == others and len(steady) == N_MESSAGES, timeout=60
-        )
+        running.wait_for(lambda: set(ledger(receipts)) == others and len(steady) == N_MESSAGES,
+                         timeout=60)
         running.wait_for(dead_lettered, timeout=30, interval=0.5)
-        running.wait_for(
-            lambda: _committed(broker, group, topic) == end_offsets(broker, topic, 3),
-            timeout=30,
-            interval=0.5,
-        )
+        running.wait_for(lambda: _committed(broker, group, topic) == end_offsets(broker, topic, 3),
+                         timeout=30, interval=0.5)
         assert running.error is None
     assert all(k == 1 for k in ledger(receipts).values()), "a delivery ran twice"
     assert all(steady[n] == 1 for n in range(N_MESSAGES))
@@ -160,11 +138,8 @@ def _committed(broker: Broker, group: str, topic: str) -> list[int]:
 
 # -- hung code ------------------------------------------------------------------------------
 
-
 def test_hung_handlers_time_out_and_the_stream_continues(
-    broker: Broker,
-    unique: str,
-    caplog: pytest.LogCaptureFixture,
+    broker: Broker, unique: str, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Given a thread-isolated sync handler that blocks its thread on message 40 and an
     async handler that hangs on message 60 (first attempts only), both with a 1 s timeout,
@@ -175,15 +150,9 @@ def test_hung_handlers_time_out_and_the_stream_continues(
     caller and the coordinates, and the slot comes back when the thread returns."""
     topic, group = f"hung-{unique}", f"g-{unique}"
     broker.create({topic: 2})
-    app = shunter.Dispatcher(
-        config(
-            broker,
-            group,
-            topics={topic: {}},
-            categories={"revenue": {"topics": [topic]}},
-            subscribers=[],
-        )
-    )
+    app = shunter.Dispatcher(config(broker, group, topics={topic: {}},
+                                    categories={"revenue": {"topics": [topic]}},
+                                    subscribers=[]))
     n_messages, stuck_on, hangs_on = 150, 40, 60
     release = threading.Event()
     got: Counter[tuple[str, int, int]] = Counter()
@@ -208,9 +177,8 @@ def test_hung_handlers_time_out_and_the_stream_continues(
         with lock:
             got[("hanging", n, msg.attempt)] += 1
 
-    app.subscriber("revenue", caller="stuck", isolation="thread", concurrency=4, timeout="1s")(
-        blocks_its_thread
-    )
+    app.subscriber("revenue", caller="stuck", isolation="thread", concurrency=4,
+                   timeout="1s")(blocks_its_thread)
     app.subscriber("revenue", caller="hanging", concurrency=4, timeout="1s")(hangs)
     broker.produce(topic, [{"n": n} for n in range(n_messages)], key=lambda i, v: f"u{i}")
 
@@ -220,32 +188,26 @@ def test_hung_handlers_time_out_and_the_stream_continues(
     caplog.set_level(logging.WARNING, logger="shunter.deliver")
     try:
         with DispatcherThread(app) as running:
-            running.wait_for(
-                lambda: received("stuck") == received("hanging") == set(range(n_messages)),
-                timeout=60,
-            )
+            running.wait_for(lambda: received("stuck") == received("hanging")
+                             == set(range(n_messages)), timeout=60)
             stuck = app.service.pipeline.runtimes["stuck"]
             assert ("stuck", stuck_on, 1) not in got and ("stuck", stuck_on, 2) in got
             assert stuck.lost_slots == 1, "the blocked thread is not counted as lost"
             release.set()
-            running.wait_for(
-                lambda: stuck.lost_slots == 0 and ("stuck", stuck_on, 1) in got, timeout=10
-            )
+            running.wait_for(lambda: stuck.lost_slots == 0 and ("stuck", stuck_on, 1) in got,
+                             timeout=10)
     finally:
         release.set()
     assert cancelled == [hangs_on]
     assert all(k == 1 for k in got.values())
-    retries = {
-        orjson.loads(r.value())["n"]: headers_of(r) for r in broker.read_all(f"{group}.retry.fast")
-    }
+    retries = {orjson.loads(r.value())["n"]: headers_of(r)
+               for r in broker.read_all(f"{group}.retry.fast")}
     assert set(retries) == {stuck_on, hangs_on}
     assert {retries[stuck_on][h.CALLER], retries[hangs_on][h.CALLER]} == {"stuck", "hanging"}
     for head in retries.values():
         assert head[h.ERROR_TYPE] == "shunter.errors.DeliveryTimeout"
     source = next(m for m in broker.read_all(topic) if orjson.loads(m.value())["n"] == stuck_on)
     lost = [r.getMessage() for r in caplog.records if "slots lost" in r.getMessage()]
-    assert lost == [
-        f"caller stuck: handler still running on {topic}[{source.partition()}]"
-        f"@{source.offset()} (attempt 1) past its 1s timeout; its thread keeps the "
-        "slot until it returns (1 of 4 slots lost)"
-    ]
+    assert lost == [f"caller stuck: handler still running on {topic}[{source.partition()}]"
+                    f"@{source.offset()} (attempt 1) past its 1s timeout; its thread keeps the "
+                    "slot until it returns (1 of 4 slots lost)"]

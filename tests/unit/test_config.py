@@ -28,18 +28,10 @@ def valid() -> dict[str, Any]:
             "guard": {"topics": ["guard_purchase"], "where": "value.type == 'buy'"},
         },
         "subscribers": [
-            {
-                "caller": "fan-medal",
-                "category": "revenue",
-                "handler": "myapp.medal:on_revenue",
-                "timeout": "5s",
-                "concurrency": 8,
-            },
-            {
-                "caller": "anchor-task",
-                "category": "guard",
-                "http": {"url": "https://task.internal/hooks/guard", "timeout": "2s"},
-            },
+            {"caller": "fan-medal", "category": "revenue", "handler": "myapp.medal:on_revenue",
+             "timeout": "5s", "concurrency": 8},
+            {"caller": "anchor-task", "category": "guard",
+             "http": {"url": "https://task.internal/hooks/guard", "timeout": "2s"}},
         ],
         "admin": {"listen": None},
     }
@@ -65,90 +57,42 @@ def test_a_valid_configuration_is_accepted_with_durations_in_seconds() -> None:
 @pytest.mark.parametrize(
     ("change", "path", "expected"),
     [
-        pytest.param(
-            lambda d: d["kafka"].update(bootstrap="x:1"),
-            "kafka.bootstrap",
-            "unknown key",
-            id="unknown-key",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][0].update(concurency=3),
-            "subscribers[0].concurency",
-            "unknown key",
-            id="unknown-key-in-list",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][0].update(concurrency="many"),
-            "subscribers[0].concurrency",
-            "valid integer",
-            id="wrong-type",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][0].update(ordering="random"),
-            "subscribers[0].ordering",
-            "'key', 'partition' or 'none'",
-            id="wrong-choice",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][0].update(timeout="5 parsecs"),
-            "subscribers[0].timeout",
-            "expected a duration",
-            id="bad-duration",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][1]["http"].update(timeout="-2s"),
-            "subscribers[1].http.timeout",
-            "expected a duration",
-            id="bad-nested-duration",
-        ),
-        pytest.param(
-            lambda d: d["categories"]["revenue"]["topics"].append("gfit"),
-            "categories.revenue.topics[2]",
-            "unknown topic 'gfit' (expected one of: gift, guard_purchase, lottery)",
-            id="unknown-topic-in-category",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][0].update(category="revenu"),
-            "subscribers[0].category",
-            "unknown category 'revenu' (expected one of: guard, revenue)",
-            id="unknown-category-in-subscriber",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"].append(dict(d["subscribers"][0])),
-            "subscribers[2].caller",
-            "duplicate caller 'fan-medal'",
-            id="duplicate-caller",
-        ),
-        pytest.param(
-            lambda d: d["categories"]["guard"].update(where="value.type == "),
-            "categories.guard.where",
-            "not a valid CEL expression",
-            id="invalid-cel",
-        ),
-        pytest.param(
-            lambda d: d["topics"]["gift"].update(schema="schemas/gift.json"),
-            "topics.gift.schema",
-            "file not found: schemas/gift.json",
-            id="missing-schema-file",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][0].update(handler="myapp.medal.on_revenue"),
-            "subscribers[0].handler",
-            "'package.module:function'",
-            id="bad-import-path",
-        ),
-        pytest.param(
-            lambda d: d["kafka"]["client"].update({"sasl.password": "${SHUNTER_TEST_NOPE}"}),
-            "kafka.client.sasl.password",
-            "environment variable SHUNTER_TEST_NOPE is not set",
-            id="missing-env-var",
-        ),
-        pytest.param(
-            lambda d: d["topics"].update({"revenue.dlq": {}}),
-            "topics.revenue.dlq",
-            "one of shunter's own topics",
-            id="internal-topic-name",
-        ),
+        pytest.param(lambda d: d["kafka"].update(bootstrap="x:1"),
+                     "kafka.bootstrap", "unknown key", id="unknown-key"),
+        pytest.param(lambda d: d["subscribers"][0].update(concurency=3),
+                     "subscribers[0].concurency", "unknown key", id="unknown-key-in-list"),
+        pytest.param(lambda d: d["subscribers"][0].update(concurrency="many"),
+                     "subscribers[0].concurrency", "valid integer", id="wrong-type"),
+        pytest.param(lambda d: d["subscribers"][0].update(ordering="random"),
+                     "subscribers[0].ordering", "'key', 'partition' or 'none'", id="wrong-choice"),
+        pytest.param(lambda d: d["subscribers"][0].update(timeout="5 parsecs"),
+                     "subscribers[0].timeout", "expected a duration", id="bad-duration"),
+        pytest.param(lambda d: d["subscribers"][1]["http"].update(timeout="-2s"),
+                     "subscribers[1].http.timeout", "expected a duration",
+                     id="bad-nested-duration"),
+        pytest.param(lambda d: d["categories"]["revenue"]["topics"].append("gfit"),
+                     "categories.revenue.topics[2]", "unknown topic 'gfit' (expected one of: gift, "
+                     "guard_purchase, lottery)", id="unknown-topic-in-category"),
+        pytest.param(lambda d: d["subscribers"][0].update(category="revenu"),
+                     "subscribers[0].category", "unknown category 'revenu' (expected one of: "
+                     "guard, revenue)", id="unknown-category-in-subscriber"),
+        pytest.param(lambda d: d["subscribers"].append(dict(d["subscribers"][0])),
+                     "subscribers[2].caller", "duplicate caller 'fan-medal'",
+                     id="duplicate-caller"),
+        pytest.param(lambda d: d["categories"]["guard"].update(where="value.type == "),
+                     "categories.guard.where", "not a valid CEL expression", id="invalid-cel"),
+        pytest.param(lambda d: d["topics"]["gift"].update(schema="schemas/gift.json"),
+                     "topics.gift.schema", "file not found: schemas/gift.json",
+                     id="missing-schema-file"),
+        pytest.param(lambda d: d["subscribers"][0].update(handler="myapp.medal.on_revenue"),
+                     "subscribers[0].handler", "'package.module:function'", id="bad-import-path"),
+        pytest.param(lambda d: d["kafka"]["client"].update(
+                         {"sasl.password": "${SHUNTER_TEST_NOPE}"}),
+                     "kafka.client.sasl.password",
+                     "environment variable SHUNTER_TEST_NOPE is not set",
+                     id="missing-env-var"),
+        pytest.param(lambda d: d["topics"].update({"revenue.dlq": {}}),
+                     "topics.revenue.dlq", "one of shunter's own topics", id="internal-topic-name"),
     ],
 )
 def test_a_bad_key_is_refused_with_its_path_and_what_was_expected(
@@ -177,11 +121,8 @@ def test_every_problem_is_listed_not_only_the_first() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(data)
     paths = [p.split(":")[0] for p in caught.value.problems]
-    assert paths == [
-        "categories.revenue.topics[2]",
-        "subscribers[0].category",
-        "subscribers[2].caller",
-    ]
+    assert paths == ["categories.revenue.topics[2]", "subscribers[0].category",
+                     "subscribers[2].caller"]
 
 
 def test_environment_variables_are_substituted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -199,26 +140,15 @@ def test_environment_variables_are_substituted(monkeypatch: pytest.MonkeyPatch) 
 
 
 SECRET_PLACES = [
-    pytest.param(
-        lambda d: d["kafka"].update(batch_size="${SHUNTER_TEST_SECRET}"),
-        "kafka.batch_size",
-        id="wrong-type",
-    ),
-    pytest.param(
-        lambda d: d["subscribers"][0].update(timeout="${SHUNTER_TEST_SECRET}"),
-        "subscribers[0].timeout",
-        id="duration",
-    ),
-    pytest.param(
-        lambda d: d.update(log={"level": "${SHUNTER_TEST_SECRET}"}), "log.level", id="choice"
-    ),
-    pytest.param(
-        lambda d: d["categories"]["guard"].update(
-            where="value.token == '${SHUNTER_TEST_SECRET}' &&"
-        ),
-        "categories.guard.where",
-        id="cel",
-    ),
+    pytest.param(lambda d: d["kafka"].update(batch_size="${SHUNTER_TEST_SECRET}"),
+                 "kafka.batch_size", id="wrong-type"),
+    pytest.param(lambda d: d["subscribers"][0].update(timeout="${SHUNTER_TEST_SECRET}"),
+                 "subscribers[0].timeout", id="duration"),
+    pytest.param(lambda d: d.update(log={"level": "${SHUNTER_TEST_SECRET}"}),
+                 "log.level", id="choice"),
+    pytest.param(lambda d: d["categories"]["guard"].update(
+                     where="value.token == '${SHUNTER_TEST_SECRET}' &&"),
+                 "categories.guard.where", id="cel"),
 ]
 
 
@@ -240,7 +170,6 @@ def test_a_secret_never_appears_in_a_refusal(
 
 # -- shunter check --------------------------------------------------------------------------
 
-
 @pytest.fixture
 def handler_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"checkhandlers_{tmp_path.name.replace('-', '_')}"
@@ -255,12 +184,9 @@ def write(tmp_path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def test_check_prints_the_topology(
-    tmp_path: Path,
-    handler_module: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_check_prints_the_topology(tmp_path: Path, handler_module: str,
+                                   capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Given a valid configuration file whose handlers import,
     when `shunter check -c FILE` runs, then it exits 0 and prints each topic with its
     category, filter, caller and handler or URL."""
@@ -283,26 +209,15 @@ def test_check_prints_the_topology(
     assert "configuration OK" in out
 
 
-@pytest.mark.parametrize(
-    ("change", "fragment"),
-    [
-        pytest.param(
-            lambda d: d["subscribers"][0].update(category="nope"),
-            "subscribers[0].category: unknown category 'nope'",
-            id="bad-key",
-        ),
-        pytest.param(
-            lambda d: d["subscribers"][0].update(handler="no_such_module_xyz:f"),
-            "subscribers[0].handler: cannot import module 'no_such_module_xyz'",
-            id="handler-does-not-import",
-        ),
-    ],
-)
+@pytest.mark.parametrize(("change", "fragment"), [
+    pytest.param(lambda d: d["subscribers"][0].update(category="nope"),
+                 "subscribers[0].category: unknown category 'nope'", id="bad-key"),
+    pytest.param(lambda d: d["subscribers"][0].update(handler="no_such_module_xyz:f"),
+                 "subscribers[0].handler: cannot import module 'no_such_module_xyz'",
+                 id="handler-does-not-import"),
+])
 def test_check_exits_2_on_a_bad_configuration(
-    change: Any,
-    fragment: str,
-    tmp_path: Path,
-    handler_module: str,
+    change: Any, fragment: str, tmp_path: Path, handler_module: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Given a configuration file with a mistake (a bad key, or a handler that does not
@@ -316,12 +231,9 @@ def test_check_exits_2_on_a_bad_configuration(
     assert "configuration OK" not in captured.out
 
 
-def test_check_never_prints_a_secret(
-    tmp_path: Path,
-    handler_module: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_check_never_prints_a_secret(tmp_path: Path, handler_module: str,
+                                     capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Given a configuration file whose refused key holds a secret from the environment,
     when `shunter check -c FILE` runs, then it exits 2 and the secret is not printed."""
     monkeypatch.setenv("SHUNTER_TEST_SECRET", SECRET)

@@ -21,9 +21,8 @@ class Producer:
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, Callable[[Any], None]]] = []
 
-    def send(
-        self, topic: str, key: bytes, value: bytes, headers: Any, done: Callable[[Any], None]
-    ) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Any,
+             done: Callable[[Any], None]) -> None:
         self.sent.append((value, done))
 
     def answer(self, i: int, err: KafkaError | None = None) -> None:
@@ -72,7 +71,7 @@ def test_a_failed_write_is_retried_with_the_newest_record() -> None:
         retried = Entry.decode(producer.sent[2][0]).hi
         before = list(answered)
         producer.answer(2)
-        return before + answered[len(before) :], retried, guard.covered(TP) == 199
+        return before + answered[len(before):], retried, guard.covered(TP) == 199
 
     answered, retried, covered = asyncio.run(scenario())
     assert retried == 199

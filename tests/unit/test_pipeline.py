@@ -99,9 +99,8 @@ class FakeProducer:
         self.unacked: list[Callable[[], None]] = []
         self.records: list[list[Any]] = []  # [tp, Entry, acknowledged]
 
-    def send(
-        self, topic: str, key: bytes, value: bytes, headers: Any, done: Callable[[Any], None]
-    ) -> None:
+    def send(self, topic: str, key: bytes, value: bytes, headers: Any,
+             done: Callable[[Any], None]) -> None:
         t, _, p = key.decode().rpartition(":")
         entry = [(t, int(p)), Entry.decode(value), False]
         self.records.append(entry)
@@ -122,15 +121,8 @@ class TierProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, list[tuple[str, bytes]]]] = []
 
-    def send(
-        self,
-        topic: str,
-        key: Any,
-        value: Any,
-        headers: list[tuple[str, bytes]],
-        done: Callable[[Any], None],
-        partition: int | None = None,
-    ) -> None:
+    def send(self, topic: str, key: Any, value: Any, headers: list[tuple[str, bytes]],
+             done: Callable[[Any], None], partition: int | None = None) -> None:
         self.sent.append((topic, headers))
         asyncio.get_running_loop().call_soon(done, None)
 
@@ -174,11 +166,8 @@ class FakeJournal(CrashGuard):
             self.uncovered.append(f"{tp}@{offset}: no record acknowledged")
             return
         for entry, _ in mine[acked_at:]:
-            names = (
-                entry.offset == offset
-                if entry.mode == "single"
-                else entry.mode == "batch" and entry.lo <= offset <= entry.hi
-            )
+            names = (entry.offset == offset if entry.mode == "single"
+                     else entry.mode == "batch" and entry.lo <= offset <= entry.hi)
             if not names:
                 self.uncovered.append(f"{tp}@{offset}: last word could be {entry}")
 
@@ -190,15 +179,13 @@ class FakeJournal(CrashGuard):
 
 
 def build(journal: FakeJournal) -> tuple[Pipeline, list[tuple[int, int]], list[BaseException]]:
-    config = parse_config(
-        {
-            "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g"},
-            "topics": {TOPIC: {}},
-            "categories": {"revenue": {"topics": [TOPIC]}},
-            "subscribers": [{"caller": "medal", "category": "revenue", "handler": "m:f"}],
-            "admin": {"listen": None},
-        }
-    )
+    config = parse_config({
+        "kafka": {"bootstrap_servers": "127.0.0.1:1", "group_id": "g"},
+        "topics": {TOPIC: {}},
+        "categories": {"revenue": {"topics": [TOPIC]}},
+        "subscribers": [{"caller": "medal", "category": "revenue", "handler": "m:f"}],
+        "admin": {"listen": None},
+    })
     stats = Stats({"medal": "revenue"})
     settler = Settler(config, TierProducer(), stats)  # type: ignore[arg-type]
     delivered: list[tuple[int, int]] = []
@@ -209,14 +196,12 @@ def build(journal: FakeJournal) -> tuple[Pipeline, list[tuple[int, int]], list[B
         delivered.append((msg.partition, msg.offset))
 
     runtimes = {"medal": SubscriberRuntime("medal", medal, settler)}
-    pipeline = Pipeline(
-        config, build_decoders(config), Router(config), runtimes, settler, stats, journal
-    )  # type: ignore[arg-type]
+    pipeline = Pipeline(config, build_decoders(config), Router(config), runtimes, settler, stats,
+                        journal)  # type: ignore[arg-type]
     pipeline.source = FakeSource(pipeline)
     errors: list[BaseException] = []
     asyncio.get_running_loop().set_exception_handler(
-        lambda loop, context: errors.append(context.get("exception") or RuntimeError(context))
-    )
+        lambda loop, context: errors.append(context.get("exception") or RuntimeError(context)))
     return pipeline, delivered, errors
 
 
@@ -225,14 +210,14 @@ async def settle() -> None:
         await asyncio.sleep(0.01)
 
 
-def assert_nothing_skipped(
-    pipeline: Pipeline, delivered: list[tuple[int, int]], consumed: range, partition: int = 0
-) -> None:
+def assert_nothing_skipped(pipeline: Pipeline, delivered: list[tuple[int, int]],
+                           consumed: range, partition: int = 0) -> None:
     tp = (TOPIC, partition)
     tracker = pipeline.tracker.partitions[tp]
     missing = sorted(set(consumed) - {o for p, o in delivered if p == partition})
     assert not missing or tracker.committable() <= missing[0], (
-        f"{tp}: commit offered at {tracker.committable()} past undelivered offsets {missing[:10]}"
+        f"{tp}: commit offered at {tracker.committable()} past undelivered offsets "
+        f"{missing[:10]}"
     )
 
 
@@ -292,7 +277,8 @@ def test_batches_waiting_for_the_journal_when_their_partition_is_lost_are_not_re
     asyncio.run(scenario())
 
 
-def test_a_batch_that_waited_for_the_journal_across_a_park_does_not_break_the_partition() -> None:
+def test_a_batch_that_waited_for_the_journal_across_a_park_does_not_break_the_partition(
+) -> None:
     """Given partition 0 resuming with crash suspects 64..66 and partition 1 healthy,
     when one batch brings 64..70 of partition 0, the next (fetched before partition 0's
     pause took effect) brings 71..84 of partition 0 with 0..9 of partition 1 and waits
@@ -404,24 +390,11 @@ class RetryKMsg(KMsg):
     def __init__(self, offset: int, topic: str, not_before_ms: int) -> None:
         super().__init__(offset, 0)
         self._topic = topic
-        self._headers = h.encode(
-            h.FailureInfo(
-                caller="medal",
-                category="revenue",
-                attempt=2,
-                stage="deliver",
-                error_type="RuntimeError",
-                error="boom",
-                traceback="",
-                first_failure_ms=1,
-                not_before_ms=not_before_ms,
-                origin_topic=TOPIC,
-                origin_partition=0,
-                origin_offset=1000 + offset,
-                origin_timestamp_ms=1,
-                tier="slow",
-            )
-        )
+        self._headers = h.encode(h.FailureInfo(
+            caller="medal", category="revenue", attempt=2, stage="deliver",
+            error_type="RuntimeError", error="boom", traceback="", first_failure_ms=1,
+            not_before_ms=not_before_ms, origin_topic=TOPIC, origin_partition=0,
+            origin_offset=1000 + offset, origin_timestamp_ms=1, tier="slow"))
 
     def topic(self) -> str:
         return self._topic
@@ -465,9 +438,8 @@ def test_retry_suspects_not_yet_due_wait_unrun_and_lose_nothing() -> None:
         later = int(time.time() * 1000) + 3_600_000
         journal.recovered[tp] = PartitionState(runs=[[10, 12, 1]], suspects_hi=12)
         await pipeline.assigned([tp, TP], {tp: 10})
-        pipeline.handle_batch(
-            [RetryKMsg(o, slow, later) for o in range(10, 14)] + batch(range(0, 5))
-        )
+        pipeline.handle_batch([RetryKMsg(o, slow, later) for o in range(10, 14)]
+                              + batch(range(0, 5)))
         await settle()
         assert {o for p, o in delivered} == set(range(5)), "the source partition goes on"
         assert [m.offset() for m in pipeline._held[tp]] == [10, 11, 12, 13]
@@ -488,7 +460,8 @@ def test_a_quarantined_offset_keeps_its_count_until_the_partition_is_committed_p
         journal = FakeJournal()
         journal.quarantine_after = 2
         pipeline, delivered, errors = build(journal)
-        journal.recovered[TP] = PartitionState(runs=[[10, 12, 1]], single={10: 1}, suspects_hi=12)
+        journal.recovered[TP] = PartitionState(runs=[[10, 12, 1]], single={10: 1},
+                                               suspects_hi=12)
         await pipeline.assigned([TP], {TP: 10})
         pipeline.handle_batch(batch(range(10, 16)))
         await settle()

@@ -40,9 +40,8 @@ async def behaves_as_told_async(msg: shunter.Message) -> None:
 
 def run(handler: Any, values: list[str], timeout: float = 10.0) -> list[Outcome]:
     """Deliver one message per value through a 2-worker pool; outcomes in value order."""
-    sub = SubscriberConfig(
-        caller="medal", category="revenue", isolation="process", workers=2, timeout=timeout
-    )
+    sub = SubscriberConfig(caller="medal", category="revenue", isolation="process", workers=2,
+                           timeout=timeout)
     settled: dict[int, Outcome] = {}
 
     async def scenario() -> None:
@@ -54,9 +53,8 @@ def run(handler: Any, values: list[str], timeout: float = 10.0) -> list[Outcome]
             if len(settled) == len(values):
                 done.set()
 
-        rt = SubscriberRuntime(
-            "medal", invoke, settle, ordering="none", concurrency=2, timeout=timeout
-        )
+        rt = SubscriberRuntime("medal", invoke, settle, ordering="none", concurrency=2,
+                               timeout=timeout)
         for i, value in enumerate(values):
             rt.submit(make_message({"do": value}, offset=i, caller="medal"))
         rt.kick()

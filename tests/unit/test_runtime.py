@@ -46,9 +46,8 @@ class Settled:
         return found[0]
 
 
-def runtime(
-    handler: Callable[[shunter.Message], Any], settled: Settled, **options: Any
-) -> SubscriberRuntime:
+def runtime(handler: Callable[[shunter.Message], Any], settled: Settled, **options: Any
+            ) -> SubscriberRuntime:
     return SubscriberRuntime("caller", handler, settled, **options)
 
 
@@ -69,7 +68,6 @@ def keyed(keys: list[int]) -> list[shunter.Message]:
 
 
 # -- ordering and the concurrency limit -----------------------------------------------------
-
 
 @settings(max_examples=150, deadline=None)
 @given(
@@ -199,7 +197,6 @@ def test_partition_ordering_serialises_a_partition_and_none_does_not() -> None:
 
 # -- outcomes -------------------------------------------------------------------------------
 
-
 def test_sync_and_async_handlers_succeed() -> None:
     """Given a sync handler and an async one that awaits, then both deliveries settle as
     succeeded and each handler saw its message."""
@@ -259,13 +256,8 @@ def test_every_kind_of_exception_becomes_an_outcome_and_the_runtime_carries_on()
         kinds = ["raise-at-once", "raise-later", "retry", "dead", "exit", "ok"]
         submit_all(rt, [make_message(k, offset=i) for i, k in enumerate(kinds)])
         rt_sync = runtime(sync_handler, settled)
-        submit_all(
-            rt_sync,
-            [
-                make_message(k, offset=i)
-                for i, k in enumerate(["sync-raise", "sync-dead", "sync-ok"])
-            ],
-        )
+        submit_all(rt_sync, [make_message(k, offset=i)
+                             for i, k in enumerate(["sync-raise", "sync-dead", "sync-ok"])])
         await settled.wait(len(kinds) + 3)
         return settled
 
@@ -314,16 +306,13 @@ def test_a_handler_cancelled_from_inside_fails_instead_of_vanishing() -> None:
             await asyncio.sleep(0)
 
         rt = runtime(handler, settled, timeout=5)
-        submit_all(
-            rt,
-            [
-                make_message("awaits-cancelled", key=b"a", offset=0),
-                make_message("raises-at-once", key=b"b", offset=1),
-                make_message("after-a", key=b"a", offset=2),
-                make_message("after-b", key=b"b", offset=3),
-                make_message("other-key", key=b"c", offset=4),
-            ],
-        )
+        submit_all(rt, [
+            make_message("awaits-cancelled", key=b"a", offset=0),
+            make_message("raises-at-once", key=b"b", offset=1),
+            make_message("after-a", key=b"a", offset=2),
+            make_message("after-b", key=b"b", offset=3),
+            make_message("other-key", key=b"c", offset=4),
+        ])
         await settled.wait(5, timeout=3)
         return settled
 
@@ -358,7 +347,6 @@ def test_a_settle_callback_that_raises_does_not_stop_the_runtime() -> None:
 
 # -- timeouts and the task a handler runs in ------------------------------------------------
 
-
 def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout() -> None:
     """Given an async handler that would take 30 s and a timeout of 50 ms,
     when it is delivered, then the handler observes its cancellation, the delivery
@@ -378,11 +366,8 @@ def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout() -> None:
             await asyncio.sleep(0.001)
 
         rt = runtime(handler, settled, timeout=0.05, concurrency=2)
-        submit_all(
-            rt,
-            [make_message("hang", key=b"a", offset=0)]
-            + [make_message(i, key=f"k{i}".encode(), offset=i + 1) for i in range(20)],
-        )
+        submit_all(rt, [make_message("hang", key=b"a", offset=0)]
+                   + [make_message(i, key=f"k{i}".encode(), offset=i + 1) for i in range(20)])
         await settled.wait(21, timeout=5)
         return settled, observed
 
@@ -395,9 +380,8 @@ def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout() -> None:
     assert all(settled.of(i) is SUCCEEDED for i in range(20))
 
 
-def test_a_thread_past_its_timeout_keeps_its_slot_so_the_next_delivery_is_not_timed_out_unrun() -> (
-    None
-):
+def test_a_thread_past_its_timeout_keeps_its_slot_so_the_next_delivery_is_not_timed_out_unrun(
+) -> None:
     """Given a sync handler isolated on threads with concurrency 1, and a first delivery
     that blocks its thread past the 0.2 s timeout,
     when a second delivery follows, then the first settles as a timeout, and the second
@@ -417,9 +401,8 @@ def test_a_thread_past_its_timeout_keeps_its_slot_so_the_next_delivery_is_not_ti
         with lock:
             ran.append(msg.value)
 
-    sub = SubscriberConfig(
-        caller="caller", category="c", handler="m:f", isolation="thread", concurrency=1, timeout=0.2
-    )
+    sub = SubscriberConfig(caller="caller", category="c", handler="m:f", isolation="thread",
+                           concurrency=1, timeout=0.2)
     invoke, pool = threaded(blocking, sub, "subscribers[0]")
 
     async def scenario() -> Settled:
@@ -460,11 +443,8 @@ def test_a_handler_using_asyncio_timeout_in_its_first_step_runs_in_its_own_task(
             same_task.append(asyncio.current_task() is first and first is not None)
 
         rt = runtime(handler, settled, concurrency=4, timeout=5)
-        submit_all(
-            rt,
-            [make_message(i, key=f"k{i % 3}".encode(), offset=i) for i in range(12)]
-            + [make_message("too-slow", key=b"z", offset=12)],
-        )
+        submit_all(rt, [make_message(i, key=f"k{i % 3}".encode(), offset=i) for i in range(12)]
+                   + [make_message("too-slow", key=b"z", offset=12)])
         await settled.wait(13)
         return settled, same_task
 
@@ -476,7 +456,6 @@ def test_a_handler_using_asyncio_timeout_in_its_first_step_runs_in_its_own_task(
 
 
 # -- pause, resume, revocation, close -------------------------------------------------------
-
 
 def test_pause_returns_the_deliveries_not_started_and_starts_nothing_more() -> None:
     """Given a concurrency of 1 with one delivery running and others waiting, some of
@@ -619,7 +598,8 @@ def test_first_step_successes_are_settled_together_before_the_runner_yields() ->
             assert all(elapsed >= 0 for _, elapsed in done)
             batched.extend(msg.value for msg, _ in done)
 
-        rt = SubscriberRuntime("caller", handler, settled, ordering="none", settle_many=settle_many)
+        rt = SubscriberRuntime("caller", handler, settled, ordering="none",
+                               settle_many=settle_many)
         submit_all(rt, [make_message(i, offset=i) for i in range(10)])
         await settled.wait(2)
         return batched, settled, seen_on_resume
@@ -679,16 +659,13 @@ def test_successes_are_settled_before_a_failure_that_follows_them() -> None:
         def settle_many(done: list[tuple[shunter.Message, float]]) -> None:
             order.extend(("many", msg.value) for msg, _ in done)
 
-        rt = SubscriberRuntime("caller", handler, settle, ordering="none", settle_many=settle_many)
+        rt = SubscriberRuntime("caller", handler, settle, ordering="none",
+                               settle_many=settle_many)
         submit_all(rt, [make_message(i, offset=i) for i in range(5)])
         for _ in range(10):
             await asyncio.sleep(0)
         return order
 
     assert asyncio.run(scenario()) == [
-        ("many", 0),
-        ("many", 1),
-        ("many", 2),
-        ("one", 3),
-        ("many", 4),
+        ("many", 0), ("many", 1), ("many", 2), ("one", 3), ("many", 4)
     ]

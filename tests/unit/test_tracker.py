@@ -31,7 +31,6 @@ TP = ("orders", 0)
 
 # -- one partition, random completion order ------------------------------------------------
 
-
 @st.composite
 def consumption(draw: st.DrawFn) -> tuple[list[tuple[int, int]], list[int]]:
     """Offsets consumed in increasing order (with gaps, as after compaction or transaction
@@ -137,7 +136,6 @@ def test_nothing_is_due_before_anything_is_consumed_or_after_it_is_committed() -
 
 # -- draining -------------------------------------------------------------------------------
 
-
 def test_drained_waits_for_the_last_settlement_and_times_out_otherwise() -> None:
     """Given two offsets unsettled, when both settle during the wait, then drained is
     True; given one that never settles, then drained is False after its timeout."""
@@ -178,7 +176,6 @@ def test_two_waiters_on_one_partition_are_both_woken_when_it_drains() -> None:
 
 # -- several partitions, assignment and revocation -----------------------------------------
 
-
 class Assignments(RuleBasedStateMachine):
     """Partitions are assigned, consumed, settled in random order, committed, revoked and
     assigned again, while deliveries of revoked partitions still settle late."""
@@ -194,12 +191,8 @@ class Assignments(RuleBasedStateMachine):
         self.next_offset: dict[tuple[str, int], int] = {}  # survives revocation: the log does
         self.current: dict[tuple[str, int], PartitionTracker] = {}
 
-    @rule(
-        partition=st.integers(0, 2),
-        deliveries=st.integers(0, 3),
-        skip=st.integers(0, 2),
-        target=deliveries,
-    )
+    @rule(partition=st.integers(0, 2), deliveries=st.integers(0, 3), skip=st.integers(0, 2),
+          target=deliveries)
     def consume(self, partition: int, deliveries: int, skip: int) -> list[tuple[object, ...]]:
         tp = ("t", partition)
         offset = self.next_offset.get(tp, 0) + skip
@@ -259,9 +252,8 @@ class Assignments(RuleBasedStateMachine):
             unsettled = self.unsettled[tp]
             expected = min(unsettled) if unsettled else self.high[tp]
             assert ptrack.committable() == expected
-        assert self.tracker.in_flight() == sum(
-            len(u) for tp, u in self.unsettled.items() if tp in self.current
-        )
+        assert self.tracker.in_flight() == sum(len(u) for tp, u in self.unsettled.items()
+                                               if tp in self.current)
 
 
 Assignments.TestCase.settings = settings(max_examples=200, stateful_step_count=60, deadline=None)

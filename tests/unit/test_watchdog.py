@@ -91,9 +91,8 @@ def test_describe_current_finds_the_delivery_a_thread_is_inside() -> None:
     def handler(msg: shunter.Message) -> None:
         seen.append(describe_current(threading.get_ident()))
 
-    handler(
-        make_message({"n": 1}, topic="lottery", partition=0, offset=7, caller="rank", attempt=3)
-    )
+    handler(make_message({"n": 1}, topic="lottery", partition=0, offset=7, caller="rank",
+                         attempt=3))
     assert seen == ["caller rank on lottery[0]@7 (attempt 3)"]
     assert describe_current(threading.get_ident()) is None
 
