@@ -81,7 +81,8 @@ def topology(service: Service) -> list[dict[str, Any]]:
 def stats_view(service: Service) -> dict[str, Any]:
     """What ``/stats`` and the dashboard show: per caller its outcomes (ok, fast, slow,
     dlq, parked), state and backlog, and the lag of its category's source partitions; the
-    partitions; consumed messages by topic and outcome; the failure fingerprints."""
+    partitions (and the stalled ones again); consumed messages by topic and outcome; the
+    failure fingerprints."""
     partitions, callers = read_status(service)
     stats = service.stats
     outcomes = stats.by_caller()
@@ -115,6 +116,7 @@ def stats_view(service: Service) -> dict[str, Any]:
         "time": time.time(),
         "callers": out,
         "partitions": [p.as_dict() for p in partitions],
+        "stalled": [p.as_dict() for p in partitions if p.stalled],
         "messages": messages,
         "writes": dict(stats.writes),
         "fingerprints": [g.as_dict() for g in stats.fingerprints.rows()],
