@@ -301,7 +301,8 @@ function drawPartitions(stats) {
         el("td", { class: "num lag" }, p.lag === null ? "?" : String(p.lag)),
         el("td", { class: "num" }, age(p.lag_seconds)),
         el("td", { class: "num" }, String(p.in_flight)),
-        el("td", { class: p.stalled ? "bad" : p.held ? "warn" : "dim" }, p.stalled ? `STALLED ${age(p.stuck_seconds)}` : p.held || "moving"),
+        el("td", { class: "wrap " + (p.stalled ? "bad" : p.held ? "warn" : "dim"), title: p.held },
+          p.stalled ? `STALLED ${age(p.stuck_seconds)}: ${p.held}` : p.held || "moving"),
       ),
     ),
   );
