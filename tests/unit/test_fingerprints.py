@@ -127,3 +127,22 @@ def test_dead_letters_group_by_fingerprint_from_their_headers() -> None:
     ]
     assert (groups[0].first_seen, groups[0].last_seen) == (1.0, 2.0)
     assert groups[0].example["id"] == "0:0"
+
+
+def test_a_crash_pills_dying_stack_names_its_line() -> None:
+    """faulthandler's dump: the dying thread first, innermost frame first, no comma."""
+    dump = "\n".join(
+        [
+            "Fatal Python error: Segmentation fault",
+            "",
+            "Current thread 0x00007f0000000001 (most recent call first):",
+            f'  File "{STDLIB}/ctypes/__init__.py", line 500 in string_at',
+            '  File "/srv/app/myapp/pill.py", line 9 in on_gift',
+            f'  File "{SHUNTER}/deliver/invoke.py", line 30 in call',
+            "",
+            "Thread 0x00007f0000000002 (most recent call first):",
+            '  File "/srv/app/myapp/other.py", line 77 in idle',
+            "",
+        ]
+    )
+    assert failing_line(dump) == "myapp/pill.py:9 in on_gift"

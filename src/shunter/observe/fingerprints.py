@@ -37,7 +37,8 @@ log = logging.getLogger("shunter.fingerprints")
 MAX_PER_CALLER = 20
 OTHER = "other"
 
-_FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>.+?)\s*$')
+# a traceback's frame line, or faulthandler's (no comma before "in")
+_FRAME = re.compile(r'^\s*File "(?P<path>[^"]+)", line (?P<line>\d+),? in (?P<func>.+?)\s*$')
 _SHUNTER = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 _STDLIB = tuple(
     {
@@ -65,12 +66,18 @@ def _short(path: str) -> str:
 
 
 def _frames(traceback: str) -> list[Frame]:
+    """The frames of a Python traceback, innermost last. A faulthandler dump (a crash
+    pill's dying stack) lists the dying thread first, innermost first: its frames only,
+    turned around."""
+    dying = "most recent call first" in traceback
+    if dying:
+        traceback = traceback.split("most recent call first", 1)[1].split("\n\n", 1)[0]
     out = []
     for text in traceback.splitlines():
         match = _FRAME.match(text)
         if match:
             out.append(Frame(match["path"], int(match["line"]), match["func"]))
-    return out
+    return out[::-1] if dying else out
 
 
 def _is_shunter(path: str) -> bool:
