@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -354,6 +355,25 @@ class AdminConfig(_Strict):
     pause/resume, dead letters); ``null`` turns it off."""
     token_env: str = "SHUNTER_ADMIN_TOKEN"
     """The environment variable holding the bearer token that mutating calls need."""
+    allowed_hosts: list[str] = Field(default_factory=list, examples=[["shunter-1.internal"]])
+    """Host header values served besides the listen address, localhost, 127.0.0.1 and
+    [::1] (and any IP address when listening on 0.0.0.0 or ::): the names operators and
+    Prometheus use to reach this instance. Anything else is refused (421), so a page on
+    another site cannot read the API by DNS rebinding."""
+    header_timeout: Duration = Field(default=10.0, gt=0)
+    """A connection must have sent its request line and headers within this time."""
+    body_timeout: Duration = Field(default=10.0, gt=0)
+    """Reading a request body (dead-letter replay, skip) must finish within this time."""
+    max_body: int = Field(default=65_536, ge=1024, le=16 * 1024 * 1024)
+    """A request body may be at most this many bytes (413 beyond)."""
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            if not host or any(c in host for c in "/ \t\r\n@?#"):
+                raise ValueError(f"expected a host name or address, got {host!r}")
+        return [host.lower() for host in value]
 
 
 class LogConfig(_Strict):
@@ -406,6 +426,13 @@ class Config(_Strict):
     """OpenTelemetry tracing (the ``otel`` extra), off by default."""
     base_dir: str = "."
     """Where relative paths (schemas) are resolved; set by the loader, not in the file."""
+    # The values ``${VAR}`` put into this configuration (set by parse_config): every
+    # reader that shows configuration or failures passes its text through ``redact``.
+    _secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        return self._secrets
 
     @property
     def fast_topic(self) -> str:
@@ -622,6 +649,7 @@ def parse_config(data: Any, base_dir: str = ".", secrets: set[str] | None = None
     _cross_check(data, base_dir, problems)
     if problems or config is None:
         raise ConfigError(redact(_once(problems), found))
+    config._secrets = frozenset(found)
     return config
 
 
@@ -629,8 +657,9 @@ def _once(problems: list[str]) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-def redact(lines: list[str], secrets: set[str]) -> list[str]:
-    """The lines with every secret value replaced by ``***``."""
+def redact(lines: list[str], secrets: Iterable[str]) -> list[str]:
+    """The lines with every secret value replaced by ``***``: the one redaction used by
+    ``shunter check``, the logs and the admin API."""
     ordered = sorted((s for s in secrets if s), key=len, reverse=True)
     out = []
     for line in lines:

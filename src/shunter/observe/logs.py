@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 
 import orjson
 
+from ..config import redact
+
 _FIELDS = ("caller", "category", "topic", "partition", "offset", "attempt", "stage", "next")
 
 
@@ -44,9 +46,7 @@ class Redact(logging.Filter):
             return True
         text = record.getMessage()
         if any(s in text for s in self._secrets):
-            for secret in self._secrets:
-                text = text.replace(secret, "***")
-            record.msg, record.args = text, None
+            record.msg, record.args = redact([text], self._secrets)[0], None
         return True
 
 

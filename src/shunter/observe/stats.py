@@ -20,6 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from .fingerprints import MAX_PER_CALLER, Fingerprints
+
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -58,6 +60,7 @@ class Stats:
         self.write_failures: Counter[str] = Counter()  # tier -> refused writes (retried)
         self.latency: dict[str, Latency] = {c: Latency() for c in categories}
         self.gauges: list[Callable[[], Iterator[GaugeMetricFamily]]] = []
+        self.fingerprints = Fingerprints()  # fed by the settler for every failed delivery
 
     @property
     def deliveries(self) -> Counter[tuple[str, str, str]]:
@@ -152,6 +155,16 @@ class StatsCollector(Collector):
                 buckets.append((_bound(bound), cumulative))
             latency.add_metric([stats.categories.get(caller, ""), caller], buckets, lat.total)
         yield latency
+        failures = CounterMetricFamily(
+            "shunter_failure_fingerprint",
+            "Failed deliveries by caller and fingerprint (error type at the failing line of "
+            f"the caller's code); at most {MAX_PER_CALLER} fingerprints per caller, the rest "
+            "under 'other'.",
+            labels=["caller", "fingerprint"],
+        )
+        for group in stats.fingerprints.rows():
+            failures.add_metric([group.caller, group.label], group.count)
+        yield failures
         for gauges in stats.gauges:
             yield from gauges()
 

@@ -34,7 +34,6 @@ class PartitionStatus:
     partition: int
     kind: str  # "source" | "retry"
     position: int  # the offset a new owner would start from (-1: nothing consumed yet)
-    consumed: int  # one past the highest offset consumed so far; 0 before any
     committed: int  # the last offset handed to the committer (-1: none)
     end: int | None  # the high watermark last seen (None: not known yet)
     lag: int | None  # end - position (None while either is unknown)
@@ -43,6 +42,7 @@ class PartitionStatus:
     stuck_seconds: float  # how long the position has not moved while offsets were unsettled
     held: str  # "" or why the oldest unsettled offset waits (see Pipeline.status)
     stalled: bool  # stuck_seconds >= kafka.stall_after
+    consumed: int = 0  # one past the highest offset consumed so far; 0 before any
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -107,6 +107,7 @@ class Settler:
             outcome = DeadLettered(info.error, info.error_type, info.traceback, "internal")
         self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
         self._log_failure(msg, outcome, dest)
+        self._stats.fingerprints.observe(msg.caller, outcome, record)  # observe/fingerprints.py
         if self._flood is not None:
             self._flood.observe(msg.caller, dest.tier == "dlq")
         self._write(record, info, dest.tier)
