@@ -34,8 +34,11 @@ log = logging.getLogger("shunter.consume")
 
 TP = tuple[str, int]
 
-# How often librdkafka refreshes metadata, and so finds a source topic created after start.
+# How often librdkafka refreshes metadata, and so finds a source topic created after start;
+# while a source topic is missing, this thread also asks every MISSING_INTERVAL (a metadata
+# answer listing every topic lets librdkafka see the new one at once).
 DISCOVERY_INTERVAL = 3.0
+MISSING_INTERVAL = 1.0
 
 
 class Membership:
@@ -223,7 +226,7 @@ class KafkaSource:
                     next_marks = time.monotonic() + 5.0
                 if self._missing and time.monotonic() >= next_discovery:
                     self._discover()
-                    next_discovery = time.monotonic() + DISCOVERY_INTERVAL
+                    next_discovery = time.monotonic() + MISSING_INTERVAL
                 batch = consumer.consume(self._batch_size, 0.1)
                 if not batch:
                     continue

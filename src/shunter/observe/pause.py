@@ -43,6 +43,7 @@ from .control import ControlTopic
 log = logging.getLogger("shunter.pause")
 
 CURSOR = "parked/"  # the control namespace of the re-drive cursors
+_PENDING_FOR = 30.0  # seconds our own write may take to be read back
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,10 @@ class CallerPauses:
         self._reset_flood = reset_flood
         self._grace = grace  # how long a re-drive keeps reading after the resume
         self._states: dict[str, PauseState] = {}
-        self._pending: dict[str, str] = {}  # caller -> id of our write not yet read back
+        # caller -> (id, until when) of our write not yet read back; records of that caller
+        # read before it are older and not applied (for a while: a write that compaction
+        # removed before we read it must not silence the caller for ever)
+        self._pending: dict[str, tuple[str, float]] = {}
         self._cursors: dict[str, dict[int, int]] = {}
         self._backlog: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -191,7 +195,7 @@ class CallerPauses:
         self._states[caller] = state
         pending = self._pending.get(caller)
         if pending is not None:
-            if state.id != pending:
+            if state.id != pending[0] and time.monotonic() < pending[1]:
                 return  # older than our own write, which is applied already
             del self._pending[caller]
         self._apply(caller, state)
@@ -233,11 +237,11 @@ class CallerPauses:
         value = orjson.dumps(
             {"paused": paused, "reason": reason, "ts": int(time.time() * 1000), "id": rid}
         )
-        self._pending[caller] = rid
+        self._pending[caller] = (rid, time.monotonic() + _PENDING_FOR)
         try:
             await self._control.put(caller, value)
         except BaseException:
-            if self._pending.get(caller) == rid:
+            if self._pending.get(caller, ("",))[0] == rid:
                 del self._pending[caller]
             raise
 
