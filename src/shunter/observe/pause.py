@@ -13,6 +13,11 @@ resume, the instance that executes it re-drives the caller's parked records into
 tier (``settle/unpark.py``), reading from the caller's cursor (``parked/<caller>`` in the
 control topic: how far earlier resumes re-drove), and records the new cursor.
 
+Per-key order does not hold across a pause: once resumed, new messages run at once, and
+the parked ones come back through the fast tier beside them. A parked write still being
+retried more than ``grace`` (3 s) after the resume, or one made by an instance that read
+the resume later than that, waits for the caller's next resume.
+
 The instance that writes a record applies it at once; records of the same caller that
 it reads back before its own (older in the log) are not applied in between, so a quick
 pause-then-resume does not flap. ``backlog()``: deliveries this instance set aside per
@@ -152,7 +157,11 @@ class CallerPauses:
         Also for a caller that is not paused: its parked records past the cursor (left
         by an interrupted re-drive, say) are re-driven."""
         self._apply(caller, PauseState(False, reason))
-        await self._record(caller, False, reason)
+        try:
+            await self._record(caller, False, reason)
+        except BaseException:  # not resumed anywhere else: not here either
+            self._apply(caller, self._states.get(caller, PauseState(False)))
+            raise
         self._background(self._redrive(caller))
 
     def paused(self) -> dict[str, str]:
@@ -287,7 +296,17 @@ class CallerPauses:
             "cursor": {str(p): o for p, o in result.cursor.items()},
             "ts": int(time.time() * 1000),
         }
-        await self._control.put(CURSOR + caller, orjson.dumps(value))
+        try:
+            await self._control.put(CURSOR + caller, orjson.dumps(value))
+        except Exception as exc:
+            log.error(
+                "recording caller %s's re-drive cursor failed (%s); the next resume "
+                "re-drives these %d deliveries again",
+                caller,
+                exc,
+                result.written,
+            )
+            return
         log.warning(
             "caller %s: %d parked deliveries re-driven to %s%s",
             caller,
