@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -41,22 +42,14 @@ DISCOVERY_INTERVAL = 3.0
 MISSING_INTERVAL = 1.0
 
 
+@dataclass(frozen=True, slots=True)
 class Membership:
     """What this consumer holds in its group (a snapshot; see ``KafkaSource.membership``)."""
 
-    __slots__ = ("member", "missing_topics", "retry_partitions", "source_partitions")
-
-    def __init__(
-        self,
-        member: bool,
-        source_partitions: list[TP],
-        retry_partitions: list[TP],
-        missing_topics: list[str],
-    ) -> None:
-        self.member = member  # joined the group (an assignment was received, even empty)
-        self.source_partitions = source_partitions
-        self.retry_partitions = retry_partitions
-        self.missing_topics = missing_topics  # subscribed source topics not on the broker
+    member: bool  # joined the group (an assignment was received, even an empty one)
+    source_partitions: list[TP]
+    retry_partitions: list[TP]  # every other subscribed topic's partitions
+    missing_topics: list[str]  # source topics not seen on the broker yet
 
 
 class SourceHandler(Protocol):
