@@ -48,6 +48,7 @@ from .settle.producer import ReliableProducer
 
 log = logging.getLogger("shunter")
 KAFKA_LOG = kafka_logger()  # librdkafka's lines, rate-limited (observe/logs.py)
+PARKED_RETENTION = str(30 * 24 * 3600 * 1000)
 
 
 class Service:
@@ -93,7 +94,11 @@ class Service:
             t: cfg.retry.partitions
             for t in (cfg.fast_topic, cfg.slow_topic, cfg.dlq_topic, cfg.parked_topic)
         }
-        ensure_topics(settings, internal)
+        # A paused caller's backlog lives in the parked topic for as long as the pause
+        # lasts: kept 30 days, not the broker's default (7 on Apache Kafka).
+        ensure_topics(
+            settings, internal, configs={cfg.parked_topic: {"retention.ms": PARKED_RETENTION}}
+        )
         ensure_topics(
             settings,
             {cfg.control_topic: 1},

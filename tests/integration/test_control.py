@@ -5,6 +5,7 @@ created after start is delivered within 10 s; readiness needs a source partition
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import threading
@@ -19,7 +20,10 @@ from confluent_kafka import Producer
 
 import shunter
 from kafkatools import Broker, config
+from shunter.broker.admin import ensure_topics
 from shunter.broker.embedded import free_port
+from shunter.observe.control import ControlTopic
+from shunter.settle.producer import ReliableProducer
 from shunter.testing import DispatcherThread
 
 pytestmark = pytest.mark.kafka
@@ -327,3 +331,41 @@ def test_the_flood_guard_pauses_the_caller_on_every_instance(
         spread = max(paused_at.values()) - min(paused_at.values())
         print(f"flood guard pause reached the other instance {spread * 1000:.0f} ms later")
         assert spread < 2.0
+
+
+def test_the_control_topic_hands_each_namespace_its_records_live(
+    broker: Broker, unique: str
+) -> None:
+    """Given two followers of one control topic, one with a ``skip/`` subscriber, when the
+    other writes a skip record, a caller record and then a tombstone, then the subscriber
+    gets the skip record and the tombstone (not the caller's), the table read at start
+    included, each within 2 s of the write."""
+    topic = f"g-{unique}.control"
+    settings = {"bootstrap.servers": broker.bootstrap}
+    ensure_topics(settings, {topic: 1}, configs={topic: {"cleanup.policy": "compact"}})
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        producer = ReliableProducer(settings, loop)
+        writer = ControlTopic(settings, topic, producer, loop)
+        await writer.start()
+        await writer.put("skip/gift/0/1", b'{"n": 1}', seen=True)  # before the reader starts
+        reader = ControlTopic(settings, topic, producer, loop)
+        got: list[tuple[str, bytes | None, float]] = []
+        reader.subscribe("skip/", lambda k, v: got.append((k, v, time.monotonic())))
+        await reader.start()
+        assert [(k, v) for k, v, _ in got] == [("skip/gift/0/1", b'{"n": 1}')]
+        for key, value in [("medal", b"{}"), ("skip/gift/0/2", b"{}"), ("skip/gift/0/1", None)]:
+            written = time.monotonic()
+            await writer.put(key, value)
+            if key.startswith("skip/"):
+                while not got or got[-1][:2] != (key, value):
+                    assert time.monotonic() - written < 2.0, f"{key} not read within 2 s"
+                    await asyncio.sleep(0.01)
+        assert [k for k, _, _ in got] == ["skip/gift/0/1", "skip/gift/0/2", "skip/gift/0/1"]
+        assert "skip/gift/0/1" not in reader.table and reader.table["medal"] == b"{}"
+        await reader.stop()
+        await writer.stop()
+        await asyncio.to_thread(producer.close)
+
+    asyncio.run(scenario())

@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
@@ -34,26 +35,21 @@ log = logging.getLogger("shunter.consume")
 
 TP = tuple[str, int]
 
-# How often librdkafka refreshes metadata, and so finds a source topic created after start.
+# How often librdkafka refreshes metadata, and so finds a source topic created after start;
+# while a source topic is missing, this thread also asks every MISSING_INTERVAL (a metadata
+# answer listing every topic lets librdkafka see the new one at once).
 DISCOVERY_INTERVAL = 3.0
+MISSING_INTERVAL = 1.0
 
 
+@dataclass(frozen=True, slots=True)
 class Membership:
     """What this consumer holds in its group (a snapshot; see ``KafkaSource.membership``)."""
 
-    __slots__ = ("member", "missing_topics", "retry_partitions", "source_partitions")
-
-    def __init__(
-        self,
-        member: bool,
-        source_partitions: list[TP],
-        retry_partitions: list[TP],
-        missing_topics: list[str],
-    ) -> None:
-        self.member = member  # joined the group (an assignment was received, even empty)
-        self.source_partitions = source_partitions
-        self.retry_partitions = retry_partitions
-        self.missing_topics = missing_topics  # subscribed source topics not on the broker
+    member: bool  # joined the group (an assignment was received, even an empty one)
+    source_partitions: list[TP]
+    retry_partitions: list[TP]  # every other subscribed topic's partitions
+    missing_topics: list[str]  # source topics not seen on the broker yet
 
 
 class SourceHandler(Protocol):
@@ -223,7 +219,7 @@ class KafkaSource:
                     next_marks = time.monotonic() + 5.0
                 if self._missing and time.monotonic() >= next_discovery:
                     self._discover()
-                    next_discovery = time.monotonic() + DISCOVERY_INTERVAL
+                    next_discovery = time.monotonic() + MISSING_INTERVAL
                 batch = consumer.consume(self._batch_size, 0.1)
                 if not batch:
                     continue

@@ -13,6 +13,11 @@ resume, the instance that executes it re-drives the caller's parked records into
 tier (``settle/unpark.py``), reading from the caller's cursor (``parked/<caller>`` in the
 control topic: how far earlier resumes re-drove), and records the new cursor.
 
+Per-key order does not hold across a pause: once resumed, new messages run at once, and
+the parked ones come back through the fast tier beside them. A parked write still being
+retried more than ``grace`` (3 s) after the resume, or one made by an instance that read
+the resume later than that, waits for the caller's next resume.
+
 The instance that writes a record applies it at once; records of the same caller that
 it reads back before its own (older in the log) are not applied in between, so a quick
 pause-then-resume does not flap. ``backlog()``: deliveries this instance set aside per
@@ -43,6 +48,7 @@ from .control import ControlTopic
 log = logging.getLogger("shunter.pause")
 
 CURSOR = "parked/"  # the control namespace of the re-drive cursors
+_PENDING_FOR = 30.0  # seconds our own write may take to be read back
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +93,10 @@ class CallerPauses:
         self._reset_flood = reset_flood
         self._grace = grace  # how long a re-drive keeps reading after the resume
         self._states: dict[str, PauseState] = {}
-        self._pending: dict[str, str] = {}  # caller -> id of our write not yet read back
+        # caller -> (id, until when) of our write not yet read back; records of that caller
+        # read before it are older and not applied (for a while: a write that compaction
+        # removed before we read it must not silence the caller for ever)
+        self._pending: dict[str, tuple[str, float]] = {}
         self._cursors: dict[str, dict[int, int]] = {}
         self._backlog: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -148,7 +157,11 @@ class CallerPauses:
         Also for a caller that is not paused: its parked records past the cursor (left
         by an interrupted re-drive, say) are re-driven."""
         self._apply(caller, PauseState(False, reason))
-        await self._record(caller, False, reason)
+        try:
+            await self._record(caller, False, reason)
+        except BaseException:  # not resumed anywhere else: not here either
+            self._apply(caller, self._states.get(caller, PauseState(False)))
+            raise
         self._background(self._redrive(caller))
 
     def paused(self) -> dict[str, str]:
@@ -191,7 +204,7 @@ class CallerPauses:
         self._states[caller] = state
         pending = self._pending.get(caller)
         if pending is not None:
-            if state.id != pending:
+            if state.id != pending[0] and time.monotonic() < pending[1]:
                 return  # older than our own write, which is applied already
             del self._pending[caller]
         self._apply(caller, state)
@@ -233,11 +246,11 @@ class CallerPauses:
         value = orjson.dumps(
             {"paused": paused, "reason": reason, "ts": int(time.time() * 1000), "id": rid}
         )
-        self._pending[caller] = rid
+        self._pending[caller] = (rid, time.monotonic() + _PENDING_FOR)
         try:
             await self._control.put(caller, value)
         except BaseException:
-            if self._pending.get(caller) == rid:
+            if self._pending.get(caller, ("",))[0] == rid:
                 del self._pending[caller]
             raise
 
@@ -283,7 +296,17 @@ class CallerPauses:
             "cursor": {str(p): o for p, o in result.cursor.items()},
             "ts": int(time.time() * 1000),
         }
-        await self._control.put(CURSOR + caller, orjson.dumps(value))
+        try:
+            await self._control.put(CURSOR + caller, orjson.dumps(value))
+        except Exception as exc:
+            log.error(
+                "recording caller %s's re-drive cursor failed (%s); the next resume "
+                "re-drives these %d deliveries again",
+                caller,
+                exc,
+                result.written,
+            )
+            return
         log.warning(
             "caller %s: %d parked deliveries re-driven to %s%s",
             caller,

@@ -89,6 +89,14 @@ def unpark(
         if meta is None or meta.error is not None:
             raise RuntimeError(f"parked topic {parked_topic} not found")
         start = {p: (cursor or {}).get(p, OFFSET_BEGINNING) for p in meta.partitions}
+        for p, offset in start.items():
+            low, _ = consumer.get_watermark_offsets(TopicPartition(parked_topic, p), timeout=10)
+            if 0 <= offset < low:
+                log.error(
+                    "%s[%d]: offsets %d..%d expired (retention) before caller %s was "
+                    "resumed; whatever of its deliveries they held is lost",
+                    parked_topic, p, offset, low - 1, caller,
+                )  # fmt: skip
         consumer.assign([TopicPartition(parked_topic, p, o) for p, o in start.items()])
         result.cursor = {p: o for p, o in start.items() if o >= 0}
         at_end: set[int] = set()
@@ -105,9 +113,9 @@ def unpark(
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
                         at_end.add(partition)
-                        offset = msg.offset()
-                        if offset is not None and offset >= 0:
-                            result.cursor[partition] = offset
+                        end = msg.offset()
+                        if end is not None and end >= 0:
+                            result.cursor[partition] = end
                     else:
                         log.warning("reading %s: %s", parked_topic, err)
                     continue
