@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -18,12 +19,17 @@ Headers = Sequence[tuple[str, bytes | None]]
 
 T = TypeVar("T")
 
-# Records whose headers could not be read, by coordinates. confluent-kafka keeps the
-# half-built header list of a failed read (a header name that is not UTF-8) and hands it
-# out on the next call: iterating it crashes the interpreter. So a record's headers are
-# read through ``read_headers`` only, and never again once a read failed.
+# Records whose headers could not be read, by coordinates. A header name that is not
+# UTF-8 makes confluent-kafka's ``Message.headers()`` return a half-built list *with an
+# exception set*: called from C that is raised at once (SystemError), but a call site
+# the interpreter has specialised (CPython 3.11) returns the broken list and leaves the
+# exception to surface at some later call; iterating that list crashes the interpreter.
+# So headers are read only here, through ``methodcaller`` (a call from C, whose result
+# is always checked), and never again once a read failed: the next call hands out the
+# cached broken list without any exception.
 _UNREADABLE: set[tuple[str, int, int]] = set()
 _UNREADABLE_MAX = 10_000
+_HEADERS = operator.methodcaller("headers")
 
 
 def read_headers(kmsg: KafkaRecord) -> Headers | None:
@@ -31,7 +37,8 @@ def read_headers(kmsg: KafkaRecord) -> Headers | None:
     if _UNREADABLE and (kmsg.topic(), kmsg.partition(), kmsg.offset()) in _UNREADABLE:
         raise UnreadableHeadersError("its headers could not be read (an earlier attempt failed)")
     try:
-        return kmsg.headers()
+        headers: Headers | None = _HEADERS(kmsg)
+        return headers
     except Exception as exc:
         if len(_UNREADABLE) >= _UNREADABLE_MAX:
             _UNREADABLE.clear()

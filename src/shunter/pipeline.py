@@ -239,7 +239,10 @@ class Pipeline:
         if ptrack is None or offset < ptrack.high:  # revoked while it waited, or stale
             return
         info = h.decode(read_headers(kmsg))  # unreadable: _failed_internally dead-letters it
-        if info.not_before_ms > time.time() * 1000:
+        # A paused caller's retry is set aside at once (keeping its not-before time),
+        # rather than holding its retry partition until it is due.
+        owner = self.runtimes.get(info.caller)
+        if info.not_before_ms > time.time() * 1000 and not (owner is not None and owner.paused):
             self.held.hold(tp, kmsg, info.not_before_ms / 1000, NOT_DUE)
             if skip is not None:  # read again when due: the skip waits for it
                 self.skipper.later.setdefault(tp, {})[offset] = skip

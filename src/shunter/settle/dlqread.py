@@ -22,7 +22,8 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from ..config import Config
-from ..errors import ShunterError
+from ..errors import ShunterError, UnreadableHeadersError
+from ..message import read_headers
 from . import headers as h
 
 _STALL = 30.0  # seconds without any progress before a read gives up
@@ -71,7 +72,7 @@ class KafkaRecord:
             msg.timestamp()[1],
             msg.key(),
             msg.value(),
-            list(msg.headers() or []),
+            _headers(msg),
         )
 
 
@@ -305,3 +306,12 @@ def select(
         else:
             heapq.heappushpop(newest, entry)
     return [dead for _, _, dead in sorted(newest)], total
+
+
+def _headers(msg: Any) -> list[tuple[str, bytes]]:
+    """A record's headers; none when a hostile producer made them unreadable (see
+    message.read_headers: reading them the plain way could crash the interpreter)."""
+    try:
+        return [(k, v) for k, v in read_headers(msg) or [] if v is not None]
+    except UnreadableHeadersError:
+        return []

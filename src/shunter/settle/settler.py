@@ -106,8 +106,11 @@ class Settler:
             info = self._internal_info(msg, exc)
             outcome = DeadLettered(info.error, info.error_type, info.traceback, "internal")
         self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
-        self._log_failure(msg, outcome, dest)
-        self._stats.fingerprints.observe(msg.caller, outcome, record)  # observe/fingerprints.py
+        # A failure seen before (same caller, error type and failing line: a fingerprint,
+        # observe/fingerprints.py) is counted and logged in one line, its traceback not
+        # repeated: the night's log was thousands of identical crashes.
+        new = self._stats.fingerprints.observe(msg.caller, outcome, record)
+        self._log_failure(msg, outcome, dest, new)
         if self._flood is not None:
             self._flood.observe(msg.caller, dest.tier == "dlq")
         self._write(record, info, dest.tier)
@@ -353,7 +356,9 @@ class Settler:
         self._abandoned.add((tp, offset, caller))
         return (tp, offset) in self.failing
 
-    def _log_failure(self, msg: Message, outcome: Failed | DeadLettered, dest: Destination) -> None:
+    def _log_failure(
+        self, msg: Message, outcome: Failed | DeadLettered, dest: Destination, new: bool = True
+    ) -> None:
         record = msg._record
         if isinstance(outcome, Failed) and not outcome.counts:
             log.info(
@@ -368,6 +373,23 @@ class Settler:
             )
             return
         what = outcome.error if isinstance(outcome, Failed) else outcome.reason
+        if not new:
+            log.warning(
+                "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s "
+                "(a repeat of a known failure: its traceback is in the first report and "
+                "its count in /stats)",
+                msg.caller,
+                record.topic,
+                record.partition,
+                record.offset,
+                msg.category,
+                msg.attempt,
+                dest.tier,
+                outcome.error_type,
+                what,
+                extra={"caller": msg.caller, "topic": record.topic, "offset": record.offset},
+            )
+            return
         log.error(
             "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s\n%s",
             msg.caller,

@@ -24,6 +24,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from ..errors import UnreadableHeadersError
+from ..message import read_headers
 from . import headers as h
 
 log = logging.getLogger("shunter.settle")
@@ -121,7 +123,11 @@ def unpark(
                     continue
                 at_end.discard(partition)
                 result.cursor[partition] = (msg.offset() or 0) + 1
-                headers: list[tuple[str, bytes]] = msg.headers() or []  # type: ignore[assignment]
+                try:
+                    found = read_headers(msg)  # type: ignore[arg-type]
+                    headers = [(k, v) for k, v in found or [] if v is not None]
+                except UnreadableHeadersError:  # not shunter's record: skip it
+                    continue
                 if caller_of(headers) != wanted:
                     continue
                 try:
