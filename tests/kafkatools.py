@@ -242,3 +242,10 @@ class ShunterProcess:
     def __exit__(self, *exc: object) -> None:
         if self.alive():
             self.kill()
+
+
+def pythonpath(*dirs: object) -> str:
+    """``PYTHONPATH`` for a child process: ``dirs`` first, then whatever this process was
+    given (a tree under test that is not the installed one stays the one imported)."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    return os.pathsep.join([*(str(d) for d in dirs), *([inherited] if inherited else [])])

@@ -26,6 +26,7 @@ from kafkatools import (
     ShunterProcess,
     config,
     end_offsets,
+    pythonpath,
     read_ledger,
     write_ledger_handlers,
 )
@@ -75,7 +76,7 @@ def test_every_message_reaches_every_subscriber_despite_sigkills(
     ledger = tmp_path / "ledger.txt"
     service = ShunterProcess(
         tmp_path / "shunter.yaml", tmp_path / "service.log",
-        {"PYTHONPATH": str(tmp_path), "SHUNTER_TEST_LEDGER": str(ledger),
+        {"PYTHONPATH": pythonpath(tmp_path), "SHUNTER_TEST_LEDGER": str(ledger),
          "SHUNTER_TEST_PAUSE": "0.001"},
     )
 

@@ -24,6 +24,7 @@ from kafkatools import (
     config,
     end_offsets,
     headers_of,
+    pythonpath,
     read_ledger,
     write_ledger_handlers,
 )
@@ -394,7 +395,7 @@ def test_sigterm_drains_commits_what_was_delivered_and_exits_0(
     ledger = tmp_path / "ledger.txt"
     total = 2000
     broker.produce(topic, [{"n": n} for n in range(total)], key=lambda i, v: f"u{i % 50}")
-    env = {"PYTHONPATH": str(tmp_path), "SHUNTER_TEST_LEDGER": str(ledger),
+    env = {"PYTHONPATH": pythonpath(tmp_path), "SHUNTER_TEST_LEDGER": str(ledger),
            "SHUNTER_TEST_PAUSE": "0.004"}
     with ShunterProcess(tmp_path / "shunter.yaml", tmp_path / "service.log", env) as service:
         deadline = time.monotonic() + 60

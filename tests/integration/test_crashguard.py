@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kafkatools import Broker
+from kafkatools import Broker, pythonpath
 from shunter.settle import headers as h
 
 pytestmark = pytest.mark.kafka
@@ -72,7 +72,12 @@ def write_service(
 
 
 def start(config: Path, tmp: Path, kill: str, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(tmp), "LEDGER": str(tmp / "ledger.txt"), "KILL": kill}
+    env = {
+        **os.environ,
+        "PYTHONPATH": pythonpath(tmp),
+        "LEDGER": str(tmp / "ledger.txt"),
+        "KILL": kill,
+    }
     with open(tmp / "service.log", "ab") as log:  # the child keeps its own copy
         return subprocess.Popen(
             [sys.executable, "-m", "shunter.cli.main", "run", "-c", str(config), *extra],

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kafkatools import Broker
+from kafkatools import Broker, pythonpath
 from shunter.settle import headers as h
 
 pytestmark = pytest.mark.kafka
@@ -104,7 +104,7 @@ def test_the_night_three_pills_one_death_each_and_clean_in_seconds(
     path.write_text(yaml.safe_dump(config))
     led = tmp_path / "ledger.txt"
     log_path = tmp_path / "service.log"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LEDGER": str(led)}
+    env = {**os.environ, "PYTHONPATH": pythonpath(tmp_path), "LEDGER": str(led)}
     innocent = {("gift-stats", gift, m.partition(), m.offset())
                 for m in broker.read_all(gift, expect=GIFTS)}
     innocent |= {(c, guard, m.partition(), m.offset())

@@ -36,7 +36,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from kafkatools import Broker, ShunterProcess
+from kafkatools import Broker, ShunterProcess, pythonpath
 from shunter.settle import headers as h
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ class Scene:
 
     def env(self, pause: float = 0.001, **extra: str) -> dict[str, str]:
         return {
-            "PYTHONPATH": str(self.workdir),
+            "PYTHONPATH": pythonpath(self.workdir),
             "SHUNTER_TEST_LEDGER": str(self.ledger_path),
             "SHUNTER_TEST_PAUSE": str(pause),
             **extra,

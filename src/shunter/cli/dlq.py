@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import Config, did_you_mean, load_config
+from ..decode import display
 from ..loader import make_importable
 from ..observe.logs import setup_logging
 from ..settle import headers as h
@@ -57,7 +58,7 @@ from ..settle.redrive import (
 )
 from . import output
 
-STAGES = ("decode", "validate", "classify", "deliver", "crash")
+STAGES = ("decode", "validate", "classify", "deliver", "crash", "internal", "skip")
 _ERROR_WIDTH = 60
 _MAX_PAYLOAD = 16_384  # characters of payload ``show`` prints at most
 
@@ -288,7 +289,10 @@ def _show(config: Config, settings: dict[str, Any], args: argparse.Namespace) ->
     )
     size = len(record.value) if record.value is not None else 0
     console.print(Text(f"\npayload ({size} bytes)", style="bold"))
-    console.print(Text(_payload(record.value)), soft_wrap=True)
+    origin = next((v for k, v in record.headers if k == h.ORIGIN_TOPIC), b"").decode(
+        "utf-8", "replace"
+    )
+    console.print(Text(_payload(config, origin, record.value)), soft_wrap=True)
     console.print(Text("\nrun it in the foreground:", style="dim"))
     console.print(
         Text(output.command_lines(command, min(console.width, 80)), style="dim"), soft_wrap=True
@@ -323,13 +327,18 @@ def _header(name: str, value: bytes) -> str:
     return text
 
 
-def _payload(value: bytes | None) -> str:
+def _payload(config: Config, origin: str, value: bytes | None) -> str:
+    """The payload decoded as its origin topic's format says (Avro, Protobuf, JSON),
+    else as JSON if it is, else its bytes; control characters escaped either way."""
     if value is None:
-        return "(none: a tombstone)"
-    try:
-        text = orjson.dumps(orjson.loads(value), option=orjson.OPT_INDENT_2).decode()
-    except orjson.JSONDecodeError:
-        text = "(not JSON) " + output.safe_bytes(value[:_MAX_PAYLOAD])
+        return "(none: a tombstone, or a payload too large to keep)"
+    if origin in config.topics and config.topics[origin].format != "json":
+        text = display(config, origin, value)
+    else:
+        try:
+            text = orjson.dumps(orjson.loads(value), option=orjson.OPT_INDENT_2).decode()
+        except orjson.JSONDecodeError:
+            text = "(not JSON) " + output.safe_bytes(value[:_MAX_PAYLOAD])
     if len(text) > _MAX_PAYLOAD:
         text = text[:_MAX_PAYLOAD] + f"\n... ({len(text) - _MAX_PAYLOAD} more characters)"
     return output.safe(text, keep_lines=True)

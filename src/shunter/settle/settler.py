@@ -373,6 +373,8 @@ class Settler:
             )
             return
         what = outcome.error if isinstance(outcome, Failed) else outcome.reason
+        if len(what) > h.MAX_ERROR:  # a 10 MB message is a log line, not a log file
+            what = what[: h.MAX_ERROR] + f"... ({len(what) - h.MAX_ERROR} more characters)"
         if not new:
             log.warning(
                 "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s "
