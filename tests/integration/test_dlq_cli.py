@@ -208,6 +208,14 @@ def test_dlq_filters_refusals_and_fan_out(
     assert listed("--caller", "") == [7, 8, 9]
     assert listed("--stage", "crash", "--topic", gift) == [8]
 
+    code, out = cli(capsys, "dlq", "list", "-c", cfg, "--group", "--json")
+    assert code == 0, out
+    groups = {(g["caller"], g["error_type"]): g["count"] for g in map(orjson.loads, out.splitlines())}
+    assert groups[("", "RejectedMessage")] == 2, groups  # validate and decode: one fingerprint
+    assert groups[("medal", "KeyError")] == 1 and groups[("", "crash")] == 1
+    code, out = cli(capsys, "dlq", "list", "-c", cfg, "--group")
+    assert code == 0 and "by fingerprint" in out and "RejectedMessage" in out
+
     code, out = cli(capsys, "dlq", "show", "-c", cfg, "0:4")
     assert code == 0 and "(not JSON) not json" in out and "RejectedMessage at 9" in out
     code, out = cli(capsys, "dlq", "show", "-c", cfg, "0:99")

@@ -33,6 +33,7 @@ from rich.text import Text
 from ..config import Config, did_you_mean, load_config
 from ..decode import display
 from ..loader import make_importable
+from ..observe.fingerprints import group_dead_letters
 from ..observe.logs import setup_logging
 from ..settle import headers as h
 from ..settle.dlqread import (
@@ -70,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _filters(listing)
     listing.add_argument(
         "--limit", type=_count, default=50, help="show the newest N matches (default 50; 0: all)"
+    )
+    listing.add_argument(
+        "--group",
+        action="store_true",
+        help="group the matches by failure fingerprint (caller, error type, failing line)",
     )
     output.add_output_arguments(listing)
     show = actions.add_parser("show", help="one record: headers, traceback, payload")
@@ -163,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
 def _list(config: Config, settings: dict[str, Any], args: argparse.Namespace) -> int:
     with TopicReader(settings) as reader:
         found, total = select(reader, config.dlq_topic, _where(args), args.limit or None)
+    if args.group:
+        return _groups(config, found, args)
     marks = read_marks(settings, replayed_topic(config)) if found else {}
     if args.json:
         for dead in found:
@@ -180,6 +188,37 @@ def _list(config: Config, settings: dict[str, Any], args: argparse.Namespace) ->
     if replayed:
         shown += f"; {replayed} replayed already"
     console.print(Text(shown, style="dim"))
+    console.print(Text("one record: shunter dlq show -c FILE ID", style="dim"))
+    return 0
+
+
+def _groups(config: Config, found: list[DeadLetterRecord], args: argparse.Namespace) -> int:
+    """What is failing, at a glance: one row per fingerprint, most frequent first."""
+    groups = sorted(group_dead_letters(found), key=lambda g: -g.count)
+    if args.json:
+        for group in groups:
+            sys.stdout.write(orjson.dumps(group.as_dict()).decode() + "\n")
+        return 0
+    console = output.console(args)
+    if not groups:
+        console.print(Text(f"no matching records on {config.dlq_topic}"))
+        return 0
+    table = Table(title=f"failures on {config.dlq_topic}, by fingerprint")
+    table.add_column("count", justify="right", no_wrap=True)
+    table.add_column("caller", no_wrap=True)
+    table.add_column("failure", overflow="fold")
+    table.add_column("example", no_wrap=True)
+    for group in groups:
+        where = f"{group.error_type or '(no type)'}"
+        if group.line:
+            where += f" at {group.line}"
+        table.add_row(
+            str(group.count),
+            group.caller or "(none)",
+            Text(output.safe(where)),
+            str(group.example.get("id", "")),
+        )
+    console.print(table)
     console.print(Text("one record: shunter dlq show -c FILE ID", style="dim"))
     return 0
 
