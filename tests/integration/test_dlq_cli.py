@@ -210,7 +210,8 @@ def test_dlq_filters_refusals_and_fan_out(
 
     code, out = cli(capsys, "dlq", "list", "-c", cfg, "--group", "--json")
     assert code == 0, out
-    groups = {(g["caller"], g["error_type"]): g["count"] for g in map(orjson.loads, out.splitlines())}
+    rows = [orjson.loads(line) for line in out.splitlines()]
+    groups = {(g["caller"], g["error_type"]): g["count"] for g in rows}
     assert groups[("", "RejectedMessage")] == 2, groups  # validate and decode: one fingerprint
     assert groups[("medal", "KeyError")] == 1 and groups[("", "crash")] == 1
     code, out = cli(capsys, "dlq", "list", "-c", cfg, "--group")
