@@ -76,6 +76,12 @@ class Pipeline:
         self.stalls = StallWatch(config.kafka.stall_after)
         self.started_at: dict[TP, int] = {}  # the group's committed offset at assignment
         self.retry_topics = {config.fast_topic, config.slow_topic}
+        # How far ahead a retry record may be due and still hold its partition: twice
+        # its tier's delay, which is how far ahead the tier's own records are due.
+        self._horizon_ms = {
+            config.fast_topic: 2000 * max(config.retry.fast.delay, 1.0),
+            config.slow_topic: 2000 * max(config.retry.slow.delay, 1.0),
+        }
         self.processed = 0  # messages taken from batches (written on the loop only)
         self.held = HeldPartitions(self.process, self.count)
         self._source: Any = None
@@ -242,7 +248,9 @@ class Pipeline:
         # A paused caller's retry is set aside at once (keeping its not-before time),
         # rather than holding its retry partition until it is due.
         owner = self.runtimes.get(info.caller)
-        if info.not_before_ms > time.time() * 1000 and not (owner is not None and owner.paused):
+        wait_ms = info.not_before_ms - time.time() * 1000
+        paused = owner is not None and owner.paused
+        if 0 < wait_ms <= self._horizon_ms[topic] and not paused:
             self.held.hold(tp, kmsg, info.not_before_ms / 1000, NOT_DUE)
             if skip is not None:  # read again when due: the skip waits for it
                 self.skipper.later.setdefault(tp, {})[offset] = skip
@@ -250,6 +258,13 @@ class Pipeline:
         record = Record.from_kafka(kmsg, ptrack)
         _name_origin(record, info)
         record.first_failure = info.first_failure_ms
+        if wait_ms > 0 and not paused and skip is None:
+            # Due far later than this tier's own delay (a long RetryLater): holding the
+            # partition on it would hold every retry behind it. It goes to the back of
+            # the slow tier instead, keeping its due time (``Settler.requeue``).
+            ptrack.hold(offset, 1)
+            self.settler.requeue(record, info)
+            return
         msg = Message(record, info.caller, info.category, info.attempt)
         runtime = self.runtimes.get(info.caller)
         decoder = self.decoders.get(info.origin_topic)

@@ -562,3 +562,41 @@ def test_a_record_that_cannot_be_decoded_yet_waits_in_order_and_is_never_dead_le
         assert pipeline.tracker.partitions[TP].committable() == 4
 
     asyncio.run(scenario())
+
+
+def test_a_retry_due_in_days_goes_to_the_back_of_the_slow_tier_instead_of_holding_its_own() -> None:
+    """Given a fast-tier record due in 7 days (a RetryLater from a payload) ahead of one
+    due now, the first is written again to the slow tier with the same due time and
+    attempt, and the second runs at once: one long wait holds no other retry."""
+
+    async def scenario() -> None:
+        seen: list[int] = []
+
+        def keep(msg: Message) -> None:
+            seen.append(msg.offset)
+
+        pipeline, broker, _ = build({"medal": keep})
+        fast = pipeline.config.fast_topic
+        await pipeline.assigned([(fast, 0)], {(fast, 0): -1})
+        now = int(time.time() * 1000)
+
+        def retry(offset: int, origin: int, due: int) -> KMsg:
+            info = h.FailureInfo(
+                caller="medal", category="revenue", attempt=2, stage="deliver",
+                error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
+                not_before_ms=due, origin_topic=TOPIC, origin_partition=0,
+                origin_offset=origin, origin_timestamp_ms=now, tier="fast",
+            )
+            return KMsg(offset, headers=list(h.encode(info)), topic=fast)
+
+        week = now + 7 * 86_400_000
+        pipeline.handle_batch([retry(0, 40, week), retry(1, 41, now)])
+        await settle()
+        assert seen == [41]
+        [(topic, _, _, headers)] = broker.sent
+        assert topic == "g.retry.slow"
+        assert (headers[h.NOT_BEFORE], headers[h.ATTEMPT]) == (str(week).encode(), b"2")
+        assert pipeline.tracker.partitions[(fast, 0)].committable() == 2
+        assert (fast, 0) not in pipeline.source.paused
+
+    asyncio.run(scenario())

@@ -122,6 +122,11 @@ class Settler:
         assert self.set_aside is not None, "the service sets Settler.set_aside"
         self.set_aside(msg)
 
+    def requeue(self, record: Record, info: h.FailureInfo) -> None:
+        """A retry due far later than its tier's delay: written again at the back of the
+        slow tier with its headers as they were (same due time, same attempt)."""
+        self._write(record, dataclasses.replace(info, tier="slow"), "slow")
+
     def write_parked(self, msg: Message, info: h.FailureInfo) -> None:
         """Write a paused caller's delivery to the parked topic, unrun; its share of the
         offset is released when the broker acknowledged the record."""
