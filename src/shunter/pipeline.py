@@ -78,6 +78,7 @@ class Pipeline:
         self.retry_topics = {config.fast_topic, config.slow_topic}
         # How far ahead a retry record may be due and still hold its partition: twice
         # its tier's delay, which is how far ahead the tier's own records are due.
+        self._waited: set[tuple[TP, int]] = set()  # slow-tier records held one horizon
         self._horizon_ms = {
             config.fast_topic: 2000 * max(config.retry.fast.delay, 1.0),
             config.slow_topic: 2000 * max(config.retry.slow.delay, 1.0),
@@ -248,20 +249,30 @@ class Pipeline:
         # A paused caller's retry is set aside at once (keeping its not-before time),
         # rather than holding its retry partition until it is due.
         owner = self.runtimes.get(info.caller)
-        wait_ms = info.not_before_ms - time.time() * 1000
+        now = time.time()
+        wait_ms = info.not_before_ms - now * 1000
         paused = owner is not None and owner.paused
-        if 0 < wait_ms <= self._horizon_ms[topic] and not paused:
-            self.held.hold(tp, kmsg, info.not_before_ms / 1000, NOT_DUE)
+        horizon = self._horizon_ms[topic]
+        slow_first = topic != self.config.fast_topic and (tp, offset) not in self._waited
+        if wait_ms > 0 and not paused and (wait_ms <= horizon or slow_first):
+            # Due within its tier's rhythm: the partition waits for it. A slow-tier record
+            # due much later holds it one horizon at most, then goes to the back (below).
+            if wait_ms > horizon:
+                self._waited.add((tp, offset))
+            until = min(info.not_before_ms, now * 1000 + horizon) / 1000
+            self.held.hold(tp, kmsg, until, NOT_DUE)
             if skip is not None:  # read again when due: the skip waits for it
                 self.skipper.later.setdefault(tp, {})[offset] = skip
             return
+        self._waited.discard((tp, offset))
         record = Record.from_kafka(kmsg, ptrack)
         _name_origin(record, info)
         record.first_failure = info.first_failure_ms
         if wait_ms > 0 and not paused and skip is None:
             # Due far later than this tier's own delay (a long RetryLater): holding the
             # partition on it would hold every retry behind it. It goes to the back of
-            # the slow tier instead, keeping its due time (``Settler.requeue``).
+            # the slow tier instead, keeping its due time (``Settler.requeue``): at most
+            # one write per horizon for a record that waits days.
             ptrack.hold(offset, 1)
             self.settler.requeue(record, info)
             return
@@ -366,6 +377,7 @@ class Pipeline:
         # must not reach a later owner's tracker (this instance may get it back).
         self.held.forget(gone)
         self.gate.leaving(gone)
+        self._waited = {w for w in self._waited if w[0] not in gone}
         trackers = [self.tracker.partitions[tp] for tp in tps if tp in self.tracker.partitions]
         if not lost:
             timeout = self.config.kafka.drain_timeout

@@ -600,3 +600,30 @@ def test_a_retry_due_in_days_goes_to_the_back_of_the_slow_tier_instead_of_holdin
         assert (fast, 0) not in pipeline.source.paused
 
     asyncio.run(scenario())
+
+
+def test_a_slow_tier_record_due_in_days_waits_one_horizon_then_goes_to_the_back() -> None:
+    """In the slow tier itself, a record due in days holds its partition for one horizon
+    (twice slow.delay) at most, then is written to the back: no rewrite loop."""
+
+    async def scenario() -> None:
+        pipeline, broker, _ = build({"medal": ok})
+        slow = pipeline.config.slow_topic
+        pipeline._horizon_ms[slow] = 100.0  # a 0.1 s horizon for the test
+        await pipeline.assigned([(slow, 0)], {(slow, 0): -1})
+        now = int(time.time() * 1000)
+        info = h.FailureInfo(
+            caller="medal", category="revenue", attempt=3, stage="deliver",
+            error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
+            not_before_ms=now + 86_400_000, origin_topic=TOPIC, origin_partition=0,
+            origin_offset=7, origin_timestamp_ms=now, tier="slow",
+        )
+        pipeline.handle_batch([KMsg(0, headers=list(h.encode(info)), topic=slow)])
+        await settle(2)
+        assert broker.sent == [] and (slow, 0) in pipeline.source.paused
+        await asyncio.sleep(0.3)
+        [(topic, _, _, headers)] = broker.sent
+        assert topic == "g.retry.slow" and headers[h.ORIGIN_OFFSET] == b"7"
+        assert pipeline.tracker.partitions[(slow, 0)].committable() == 1
+
+    asyncio.run(scenario())
