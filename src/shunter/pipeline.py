@@ -1,8 +1,15 @@
-"""The path of one batch: decode → validate → classify → deliver → settle → commit.
+"""The path of one batch: gate → decode → validate → classify → deliver → settle → commit.
 
-``handle_batch`` runs on the event loop for every batch the consumer thread hands over.
-It never awaits and never raises for a bad message: a record either becomes deliveries
-in its subscribers' queues, or goes to the dead-letter topic with its reason.
+``handle_batch`` runs on the event loop for every batch the consumer thread hands over
+and gives it to the crash guard's gate (crashguard/gate.py), which hands it back to
+``process``, in order, once the journal names it. ``process`` never awaits and never
+raises for a bad message: a record either becomes deliveries in its subscribers' queues,
+or goes to the dead-letter topic with its reason.
+
+Record invariant: every consumed record ends delivered, in a retry tier or in the
+dead-letter topic, or its partition is visibly stuck (observe/stalls.py). ``process`` is
+the one place with a per-record guard: a failure anywhere in shunter's own path of a
+record holds it and dead-letters it with stage ``internal``; nothing logs and skips.
 
 Commit invariant: every consumed offset is *held* in its partition's tracker, with one
 share per delivery, before any delivery of it starts; a share is released only when that
