@@ -205,7 +205,7 @@ def test_the_next_instance_reruns_suspects_in_a_sandbox_and_does_not_die(
     [crash] = dlq
     assert (crash.stage, crash.caller, crash.origin_offset) == ("crash", "fragile", k_off)
     assert "died 3 times" in crash.error and "sandbox" in crash.error
-    assert crash.signal == "SIGSEGV"
+    assert crash.signal == "killed by SIGSEGV"
     assert "crashy.py" in crash.traceback and "in fragile" in crash.traceback, crash.traceback
     assert ("steady", k_part, k_off) in ledger(tmp_path), "the innocent caller got it"
     assert len({(p, o) for c, p, o in ledger(tmp_path) if c == "fragile"}) == MESSAGES - 1

@@ -78,7 +78,7 @@ def test_demo_settles_everything_and_its_numbers_add_up(tmp_path: Path) -> None:
 
 DEATH = re.compile(r"worker killed by SIGSEGV; restarting in [\d.]+s \(restart \d+\)")
 QUARANTINED = re.compile(
-    r"✓ quarantined, unrun: guard_purchase_night\[0\]@(\d+) \(event (\d+), the buy without"
+    r"✓ quarantined: guard_purchase_night\[0\]@(\d+) \(event (\d+), the buy without"
 )
 DUMPED_LINE = re.compile(
     r'File "[^"]*shunter/demo/crash_handlers\.py", line \d+ in (render_entrance|on_guard_effect)'

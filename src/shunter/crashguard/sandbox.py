@@ -28,6 +28,7 @@ from ..deliver.process import WorkerPool, WorkerTraceback, _rebuild
 from ..errors import WorkerDied
 from ..message import Message
 from ..outcome import SUCCEEDED, Outcome
+from .supervisor import describe_exit
 
 if TYPE_CHECKING:
     from ..settle import Settler
@@ -131,21 +132,23 @@ class Sandbox:
             f"(the last {crashes - 1} in a sandbox: {died})"
         )
         log.error(
-            "quarantined caller %s's delivery of %s[%d]@%d: %s",
-            msg.caller,
+            "quarantined %s[%d]@%d: %s (caller %s's delivery)",
             msg.topic,
             msg.partition,
             msg.offset,
             reason,
+            msg.caller,
             extra={"caller": msg.caller, "topic": msg.topic, "offset": msg.offset},
         )
+        # As a dispatcher death's quarantine says it: "killed by SIGSEGV", "exited with …"
+        exit_ = describe_exit(died.status) if died.status is not None else str(died)
         self._settler.unrun(
             msg._record,
             "crash",
             "crash",
             reason,
             traceback=stack,
-            signal=died.signal,
+            signal=exit_,
             caller=msg.caller,
             category=msg.category,
             attempt=msg.attempt,

@@ -26,7 +26,7 @@ _DIED = re.compile(r"^worker (?P<exit>.+); restarting in (?P<delay>[\d.]+)s \(re
 _DUMP = re.compile(r"^the worker's fatal-signal dump \((?P<path>[^)]*)\):\n(?P<dump>.*)", re.S)
 _RERUN = re.compile(
     r"^(?P<tp>\S+): its previous owner \((?P<owner>[^)]*)\) died with deliveries in flight; "
-    r"re-running offsets (?P<lo>-?\d+)\.\.(?P<hi>\d+) one at a time"
+    r"re-running offsets (?P<lo>-?\d+)\.\.(?P<hi>\d+) as crash suspects"
 )
 _ASSIGNED = re.compile(rf"^assigned .*?(?P<tps>{re.escape(NIGHT)}\[\d+\])")
 _QUARANTINED = re.compile(r"^quarantined (?P<where>\S+): (?P<reason>.*)", re.S)
@@ -94,7 +94,7 @@ class Seen:
             window = f"{m['lo']}..{m['hi']}" if int(m["lo"]) >= 0 else f"up to {m['hi']}"
             return "yellow", (
                 f"↻ {m['tp']}: its previous owner ({m['owner']}) died with deliveries in "
-                f"flight; re-running offsets {window} one at a time"
+                f"flight; re-running offsets {window} in sandbox processes"
             )
         if m := _QUARANTINED.match(text):
             self.quarantined.append(m["where"])
@@ -201,7 +201,7 @@ def _quarantined(console: Console, outcome: Outcome) -> bool:
         else f"event {event_id}, not the culprit {outcome.night.culprit}"
     )
     console.print(
-        f"{_mark(ok)} quarantined, unrun: {where} ({what}). Its dead-letter record says:",
+        f"{_mark(ok)} quarantined: {where} ({what}). Its dead-letter record says:",
         highlight=False,
     )
     for name, value in (
