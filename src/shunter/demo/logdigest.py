@@ -41,7 +41,8 @@ class LogDigest(logging.Handler):
             text = str(record.msg)
         caller = getattr(record, "caller", None)
         with self._mutex:
-            if record.name == "shunter.settle" and record.levelno == logging.ERROR and caller:
+            # a first failure is an ERROR with its traceback, a repeat a WARNING line
+            if record.name == "shunter.settle" and record.levelno >= logging.WARNING and caller:
                 self.failures[caller] += 1
                 self.first_failure.setdefault(caller, text)
                 return
