@@ -45,6 +45,7 @@ from ..settle.dlqread import (
     client_settings,
     parse_since,
     select,
+    summary,
 )
 from ..settle.redrive import (
     Mark,
@@ -266,24 +267,7 @@ def _cells(dead: DeadLetterRecord, mark: Mark | None, wide: bool) -> dict[str, T
 
 
 def _as_json(dead: DeadLetterRecord, mark: Mark | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": str(dead.id), "timestamp_ms": dead.record.timestamp_ms}
-    out["replayed_ms"] = mark.replayed_ms if mark else None
-    if dead.info is None:
-        return {**out, "problem": dead.problem}
-    info = dead.info
-    return {
-        **out,
-        "caller": info.caller,
-        "category": info.category,
-        "stage": info.stage,
-        "error_type": info.error_type,
-        "error": info.error,
-        "origin_topic": info.origin_topic,
-        "origin_partition": info.origin_partition,
-        "origin_offset": info.origin_offset,
-        "attempt": info.attempt,
-        "first_failure_ms": info.first_failure_ms,
-    }
+    return {**summary(dead), "replayed_ms": mark.replayed_ms if mark else None}
 
 
 # -- show -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ..settle.dlqread import (
     client_settings,
     parse_since,
     select,
+    summary,
 )
 from ..settle.redrive import Plan, Planner, replay
 from .fingerprints import group_dead_letters
@@ -78,28 +79,6 @@ def parse_limit(value: Any, default: int) -> int:
     if not 0 < limit <= MAX_LIMIT:
         raise BadRequest(f"limit: expected 1..{MAX_LIMIT}, got {limit}")
     return limit
-
-
-def summary(dead: DeadLetterRecord) -> dict[str, Any]:
-    """One record as the list shows it (no traceback, no payload)."""
-    out: dict[str, Any] = {"id": str(dead.id), "timestamp_ms": dead.record.timestamp_ms}
-    info = dead.info
-    if info is None:
-        return {**out, "problem": dead.problem}
-    return {
-        **out,
-        "caller": info.caller,
-        "category": info.category,
-        "stage": info.stage,
-        "error_type": info.error_type,
-        "error": info.error,
-        "origin_topic": info.origin_topic,
-        "origin_partition": info.origin_partition,
-        "origin_offset": info.origin_offset,
-        "attempt": info.attempt,
-        "first_failure_ms": info.first_failure_ms,
-        "signal": info.signal,
-    }
 
 
 def detail(record: KafkaRecord) -> dict[str, Any]:

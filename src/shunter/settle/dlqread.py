@@ -315,3 +315,26 @@ def _headers(msg: Any) -> list[tuple[str, bytes]]:
         return [(k, v) for k, v in read_headers(msg) or [] if v is not None]
     except UnreadableHeadersError:
         return []
+
+
+def summary(dead: DeadLetterRecord) -> dict[str, Any]:
+    """One record as a list shows it (no traceback, no payload): the CLI's ``--json`` rows
+    and the admin API's ``/deadletters`` answer."""
+    out: dict[str, Any] = {"id": str(dead.id), "timestamp_ms": dead.record.timestamp_ms}
+    info = dead.info
+    if info is None:
+        return {**out, "problem": dead.problem}
+    return {
+        **out,
+        "caller": info.caller,
+        "category": info.category,
+        "stage": info.stage,
+        "error_type": info.error_type,
+        "error": info.error,
+        "origin_topic": info.origin_topic,
+        "origin_partition": info.origin_partition,
+        "origin_offset": info.origin_offset,
+        "attempt": info.attempt,
+        "first_failure_ms": info.first_failure_ms,
+        "signal": info.signal,
+    }

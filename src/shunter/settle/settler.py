@@ -33,6 +33,7 @@ _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
 _STUB_ERROR = 512  # characters of the error kept in a dead-letter stub
 _STUB_TRACEBACK = 2_048
+_FAILED = "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s"
 _TOO_LARGE = {
     KafkaError.MSG_SIZE_TOO_LARGE,
     KafkaError._INVALID_ARG,  # what ReliableProducer reports when produce() refuses
@@ -380,25 +381,7 @@ class Settler:
         what = outcome.error if isinstance(outcome, Failed) else outcome.reason
         if len(what) > h.MAX_ERROR:  # a 10 MB message is a log line, not a log file
             what = what[: h.MAX_ERROR] + f"... ({len(what) - h.MAX_ERROR} more characters)"
-        if not new:
-            log.warning(
-                "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s "
-                "(a repeat of a known failure: its traceback is in the first report and "
-                "its count in /stats)",
-                msg.caller,
-                record.topic,
-                record.partition,
-                record.offset,
-                msg.category,
-                msg.attempt,
-                dest.tier,
-                outcome.error_type,
-                what,
-                extra={"caller": msg.caller, "topic": record.topic, "offset": record.offset},
-            )
-            return
-        log.error(
-            "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s\n%s",
+        args = (
             msg.caller,
             record.topic,
             record.partition,
@@ -408,17 +391,25 @@ class Settler:
             dest.tier,
             outcome.error_type,
             what,
-            outcome.traceback.rstrip(),
-            extra={
-                "caller": msg.caller,
-                "category": msg.category,
-                "topic": record.topic,
-                "partition": record.partition,
-                "offset": record.offset,
-                "attempt": msg.attempt,
-                "next": dest.tier,
-            },
         )
+        extra = {
+            "caller": msg.caller,
+            "category": msg.category,
+            "topic": record.topic,
+            "partition": record.partition,
+            "offset": record.offset,
+            "attempt": msg.attempt,
+            "next": dest.tier,
+        }
+        if not new:
+            log.warning(
+                _FAILED + " (a repeat of a known failure: its traceback is in the first "
+                "report and its count in /stats)",
+                *args,
+                extra=extra,
+            )
+            return
+        log.error(_FAILED + "\n%s", *args, outcome.traceback.rstrip(), extra=extra)
 
 
 def _now_ms() -> int:
