@@ -65,6 +65,9 @@ class KafkaConfig(_Strict):
     # A partition whose position has not moved for this long while offsets wait is
     # reported as stalled (log, gauge, /ready 503) until it moves or a record is skipped.
     stall_after: Duration = Field(default=120.0, gt=0)
+    # ``shunter run``'s worker processes, each a member of the group (see
+    # crashguard/supervisor.py); raise it up to the number of cores the process may use.
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 class SchemaRegistryConfig(_Strict):
