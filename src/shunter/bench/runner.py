@@ -46,6 +46,23 @@ SCENARIOS = [
     ),
     Scenario("http-fanout", "http_fanout:run", "fan-out to HTTP subscribers"),
     Scenario("journal", "journal:run", "cost of the crash-guard journal (on vs off)"),
+    Scenario(
+        "workers",
+        "workers:run",
+        "shunter run with 1 worker process vs one per core, fan-out to 3, same run",
+    ),
+    Scenario(
+        "memory",
+        "memory:run",
+        "RSS of shunter run's process tree over a large backlog with a slow subscriber",
+        default=False,
+    ),
+    Scenario(
+        "latency",
+        "latency:run",
+        "produce→handler latency at 5,000 msg/s beside a plain consumer (--bootstrap Kafka)",
+        default=False,
+    ),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}
