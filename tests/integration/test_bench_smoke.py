@@ -114,3 +114,39 @@ def test_cli_prints_one_line_per_run_and_a_median_line(broker: Broker, tmp_path:
     assert summary["runs"] == 2
     assert set(summary) >= {"raw_msgs_per_s", "shunter_msgs_per_s", "ratio"}
     assert lines[-1]["failed"] == []
+
+
+def test_workers_runs_shunter_with_one_and_with_several_worker_processes(
+    ctx: BenchContext,
+) -> None:
+    result = run("workers", ctx)
+    assert result["workers"] >= 2
+    assert result["one_msgs_per_s"] > 0 and result["n_msgs_per_s"] > 0
+    # the handlers' own counts: every message reached all 3 subscribers (at least once)
+    assert result["one_calls_per_message"] >= 1.0 and result["n_calls_per_message"] >= 1.0
+
+
+def test_memory_samples_the_process_tree_until_the_backlog_is_committed(
+    ctx: BenchContext,
+) -> None:
+    result = run("memory", ctx)
+    assert result["committed_when_sampling_ended"] == N
+    assert 10 < result["rss_mb_at_5s"] <= result["rss_mb_peak"]
+
+
+def test_latency_runs_beside_a_plain_consumer_on_kafka_only(
+    broker: Broker, ctx: BenchContext
+) -> None:
+    if broker.kind == "embedded":
+        ctx.embedded = True
+        try:
+            result = run_scenario(BY_NAME["latency"], ctx)
+        finally:
+            ctx.embedded = False
+        assert "Apache Kafka" in result["error"]
+        return
+    result = run("latency", ctx)
+    assert result["plain_messages"] == N
+    assert result["shunter_deliveries"] == 3 * N
+    assert 0 < result["plain_p50_ms"] <= result["plain_p99_ms"]
+    assert 0 < result["shunter_p50_ms"] <= result["shunter_p99_ms"]

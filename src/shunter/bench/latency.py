@@ -88,7 +88,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     ctx.created.append(topic)
     work = ctx.workdir / f"latency-{ctx.run}"
     work.mkdir(parents=True, exist_ok=True)
-    total = int(RATE * DURATION)
+    total = ctx.count(int(RATE * DURATION))  # --messages: a shorter stream
 
     group = ctx.group("latency")
     config = _config(ctx, topic, group)
@@ -107,7 +107,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         with procs.running(path) as shunter:
             _wait(lambda: ready.exists() and procs.assigned(path, topic) > 0, 90, shunter, path)
             produced = work / "produced.json"
-            producer = [ctx.bootstrap, topic, str(RATE), str(DURATION), str(produced)]
+            producer = [ctx.bootstrap, topic, str(RATE), str(total / RATE), str(produced)]
             subprocess.run(
                 [sys.executable, "-c", PRODUCER, *producer],
                 check=True,
@@ -125,7 +125,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             plain.wait()
     if status != 0:
         raise RuntimeError(f"shunter exited with {status}: {procs.log_tail(path)}")
-    skip = int(RATE * WARMUP)
+    skip = min(int(RATE * WARMUP), total // 2)
     shunter_delays = [d for r in procs.handler_reports(path) for d in r["delays"]][
         skip * len(CALLERS) :
     ]

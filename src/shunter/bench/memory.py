@@ -5,8 +5,8 @@ Two no-op subscribers and one that waits 1 ms per delivery with 4 in flight (at 
 4,000 deliveries a second, far below the rate the stream could be read at), crash guard
 on, default ``kafka.max_in_flight``. What must hold is that memory is bounded by the
 in-flight window, not by the backlog: the RSS of the whole process tree is sampled once a
-second for ``DURATION`` seconds and reported at points in time, with its peak and its
-slope over the last minute.
+second for ``DURATION`` seconds (or until the backlog is committed) and reported at points
+in time, with its peak and its slope over the last minute.
 """
 
 from __future__ import annotations
@@ -40,19 +40,23 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     callers = {"medal": "medal", "rank": "rank", "slow": "slow"}
     path = procs.write_service(ctx, config, callers, group)
     samples: list[tuple[float, int]] = []
-    with procs.running(path, env={"SHUNTER_BENCH_SLOW_S": str(SLOW_S)}) as proc:
-        started = time.monotonic()
-        while (elapsed := time.monotonic() - started) < DURATION:
-            if proc.poll() is not None:
-                raise RuntimeError(f"shunter exited with {proc.returncode}: {procs.log_tail(path)}")
-            samples.append((elapsed, procs.tree_rss(proc.pid)))
-            time.sleep(1.0 - (time.monotonic() - started) % 1.0)
-        committed = procs.Committed(ctx, group, data)
-        try:
+    committed = procs.Committed(ctx, group, data)
+    try:
+        with procs.running(path, env={"SHUNTER_BENCH_SLOW_S": str(SLOW_S)}) as proc:
+            started = time.monotonic()
+            # Until DURATION, or the whole backlog committed (a small --messages)
+            while (elapsed := time.monotonic() - started) < DURATION:
+                if proc.poll() is not None:
+                    tail = procs.log_tail(path)
+                    raise RuntimeError(f"shunter exited with {proc.returncode}: {tail}")
+                samples.append((elapsed, procs.tree_rss(proc.pid)))
+                if committed.reached():
+                    break
+                time.sleep(1.0 - (time.monotonic() - started) % 1.0)
             progress = committed.total()
-        finally:
-            committed.close()
-        status = procs.stop(proc)
+            status = procs.stop(proc)
+    finally:
+        committed.close()
     if status != 0:
         raise RuntimeError(f"shunter exited with {status}: {procs.log_tail(path)}")
     last_minute = [(t, rss) for t, rss in samples if t >= DURATION - 60.0]
