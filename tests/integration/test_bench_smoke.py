@@ -48,6 +48,8 @@ def test_fanout_3_compares_raw_and_shunter_over_every_message(ctx: BenchContext)
         result["shunter_msgs_per_s"] / result["raw_msgs_per_s"], rel=0.01, abs=0.002
     )
     assert result["deliveries"] == {"ok": 3 * N}
+    # the handlers' own counts, on both sides of the comparison
+    assert result["handler_calls"] == result["floor_handler_calls"] == 3 * N
 
 
 def test_journal_compares_the_crash_guard_on_and_off(ctx: BenchContext) -> None:
@@ -66,6 +68,7 @@ def test_fanout_3_failing_sends_one_percent_of_one_subscriber_to_the_fast_tier(
         "fast": result["expected_failures"],
     }
     assert result["shunter_msgs_per_s"] > 0 and result["all_success_msgs_per_s"] > 0
+    assert result["handler_calls"] == result["all_success_handler_calls"] == 3 * N
 
 
 def test_io_bound_reports_efficiency_against_the_concurrency_bound(ctx: BenchContext) -> None:
