@@ -91,6 +91,10 @@ class KafkaConfig(_Strict):
     reported stalled (an ERROR line naming the record and what holds it, the
     ``shunter_partition_stalled`` gauge, ``/ready`` 503) until it moves or an operator
     skips the record (``shunter skip``)."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """``shunter run``'s worker processes, each a member of the group under the one
+    supervisor (see crashguard/supervisor.py); raise it up to the cores the process may
+    use. Each worker serves its own admin API on the listen port plus its index."""
 
 
 class SchemaRegistryConfig(_Strict):

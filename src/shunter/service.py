@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -49,6 +51,29 @@ from .settle.producer import ReliableProducer
 log = logging.getLogger("shunter")
 KAFKA_LOG = kafka_logger()  # librdkafka's lines, rate-limited (observe/logs.py)
 PARKED_RETENTION = str(30 * 24 * 3600 * 1000)
+
+# The collector's generation-0 threshold while serving (CPython's default is 700). Every
+# delivery allocates a few short-lived objects and nearly none are cyclic, so at the
+# default the collector runs every ~200 messages and costs ~2 µs per message; at this
+# threshold it runs ~70 times less often, for a few MB more of garbage waiting at most.
+GC_GEN0_THRESHOLD = 50_000
+
+
+@contextlib.contextmanager
+def _collector_tuned_for_serving() -> Iterator[None]:
+    """While serving: everything built at start-up (modules, configuration, clients) is
+    frozen out of the collector's scans, and generation 0 is collected less often. Both
+    are undone on the way out, so a process that embeds a Dispatcher gets its own
+    settings back."""
+    saved = gc.get_threshold()
+    gc.collect()  # what start-up left as garbage is not frozen with the rest
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *saved[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
+        gc.unfreeze()
 
 
 class Service:
@@ -257,7 +282,8 @@ class Service:
                 len(runtimes),
                 self.config.kafka.group_id,
             )
-            await self._serve(stop, pipeline)
+            with _collector_tuned_for_serving():
+                await self._serve(stop, pipeline)
             await self._shutdown(source, pipeline, runtimes, producer, control, pauses)
             if admin is not None:
                 await admin.cleanup()

@@ -48,6 +48,8 @@ def test_fanout_3_compares_raw_and_shunter_over_every_message(ctx: BenchContext)
         result["shunter_msgs_per_s"] / result["raw_msgs_per_s"], rel=0.01, abs=0.002
     )
     assert result["deliveries"] == {"ok": 3 * N}
+    # the handlers' own counts, on both sides of the comparison
+    assert result["handler_calls"] == result["floor_handler_calls"] == 3 * N
 
 
 def test_journal_compares_the_crash_guard_on_and_off(ctx: BenchContext) -> None:
@@ -66,6 +68,7 @@ def test_fanout_3_failing_sends_one_percent_of_one_subscriber_to_the_fast_tier(
         "fast": result["expected_failures"],
     }
     assert result["shunter_msgs_per_s"] > 0 and result["all_success_msgs_per_s"] > 0
+    assert result["handler_calls"] == result["all_success_handler_calls"] == 3 * N
 
 
 def test_io_bound_reports_efficiency_against_the_concurrency_bound(ctx: BenchContext) -> None:
@@ -114,3 +117,39 @@ def test_cli_prints_one_line_per_run_and_a_median_line(broker: Broker, tmp_path:
     assert summary["runs"] == 2
     assert set(summary) >= {"raw_msgs_per_s", "shunter_msgs_per_s", "ratio"}
     assert lines[-1]["failed"] == []
+
+
+def test_workers_runs_shunter_with_one_and_with_several_worker_processes(
+    ctx: BenchContext,
+) -> None:
+    result = run("workers", ctx)
+    assert result["workers"] >= 2
+    assert result["one_msgs_per_s"] > 0 and result["n_msgs_per_s"] > 0
+    # the handlers' own counts: every message reached all 3 subscribers (at least once)
+    assert result["one_calls_per_message"] >= 1.0 and result["n_calls_per_message"] >= 1.0
+
+
+def test_memory_samples_the_process_tree_until_the_backlog_is_committed(
+    ctx: BenchContext,
+) -> None:
+    result = run("memory", ctx)
+    assert result["committed_when_sampling_ended"] == N
+    assert 10 < result["rss_mb_at_5s"] <= result["rss_mb_peak"]
+
+
+def test_latency_runs_beside_a_plain_consumer_on_kafka_only(
+    broker: Broker, ctx: BenchContext
+) -> None:
+    if broker.kind == "embedded":
+        ctx.embedded = True
+        try:
+            result = run_scenario(BY_NAME["latency"], ctx)
+        finally:
+            ctx.embedded = False
+        assert "Apache Kafka" in result["error"]
+        return
+    result = run("latency", ctx)
+    assert result["plain_messages"] == N
+    assert result["shunter_deliveries"] == 3 * N
+    assert 0 < result["plain_p50_ms"] <= result["plain_p99_ms"]
+    assert 0 < result["shunter_p50_ms"] <= result["shunter_p99_ms"]

@@ -669,3 +669,48 @@ def test_successes_are_settled_before_a_failure_that_follows_them() -> None:
     assert asyncio.run(scenario()) == [
         ("many", 0), ("many", 1), ("many", 2), ("one", 3), ("many", 4)
     ]
+
+
+# -- lanes opened only while a delivery is suspended ----------------------------------------
+
+def test_lanes_are_opened_only_by_a_suspended_delivery_and_a_withdrawn_one_hands_on_nothing(
+) -> None:
+    """Given deliveries that complete in their first step, then no lane is ever opened
+    (nothing to order behind them). Given one delivery of key k suspended and two more of
+    k submitted behind it, when the last is withdrawn (an operator's skip) before the
+    runner looked at it, then the middle one still waits for the first: a delivery that
+    never held its lane hands nothing on; it runs once the first is settled."""
+
+    async def scenario() -> None:
+        settled = Settled()
+        gate = asyncio.Event()
+        ran: list[int] = []
+        opened: list[int] = []
+
+        async def handler(msg: shunter.Message) -> None:
+            ran.append(msg.offset)
+            opened.append(len(rt._lanes))
+            if msg.value == "wait":
+                await gate.wait()
+
+        rt = runtime(handler, settled, concurrency=4)
+        submit_all(rt, [make_message(i, key=b"k", offset=i) for i in range(3)])
+        await settled.wait(3)
+        assert ran == [0, 1, 2] and opened == [0, 0, 0] and not rt._lanes
+        first, middle, last = (make_message(v, key=b"k", offset=3 + i)
+                               for i, v in enumerate(("wait", "m", "l")))
+        submit_all(rt, [first])
+        await asyncio.sleep(0.01)
+        assert ran[-1] == 3 and rt.active == 1
+        rt.submit(middle)
+        rt.submit(last)
+        assert rt.withdraw(lambda m: m is last) == [last]
+        rt.kick()
+        await asyncio.sleep(0.01)
+        assert ran == [0, 1, 2, 3], "the middle one overtook the suspended first one"
+        gate.set()
+        await settled.wait(5)
+        assert ran == [0, 1, 2, 3, 4]
+        assert rt.queued == 0 and not rt._lanes
+
+    asyncio.run(scenario())

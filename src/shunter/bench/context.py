@@ -60,6 +60,7 @@ class BenchContext:
     workdir: Path
     messages: int | None = None  # --messages: overrides each scenario's default
     run: int = 1  # 1-based index of the current repetition
+    embedded: bool = False  # the embedded development broker (no --bootstrap)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     consumer: dict[str, Any] = field(default_factory=lambda: dict(CONSUMER))
     created: list[str] = field(default_factory=list)  # topics to delete afterwards

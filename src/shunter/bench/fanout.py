@@ -11,12 +11,13 @@ compares it with the all-success run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..message import Message
 from . import events
 from .context import BenchContext, Dataset
-from .dispatch import Handler, Probe, Subscriber, run_dispatcher
+from .dispatch import DispatchTiming, Handler, Probe, Subscriber, run_dispatcher
 from .raw import floor_work, raw_loop
 
 MESSAGES = 200_000
@@ -34,45 +35,76 @@ def gift_dataset(ctx: BenchContext) -> Dataset:
     return ctx.dataset(f"gift-{count}", PARTITIONS, lambda: events.gift_events(count, USERS))
 
 
-def noop(probe: Probe | None = None) -> Handler:
-    """An async handler that does nothing (but stamp ``probe`` on its first delivery)."""
-    if probe is None:
+class Calls:
+    """Handler calls, counted by the handlers themselves (not by shunter's statistics)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+def noop(probe: Probe | None = None, calls: Calls | None = None) -> Handler:
+    """An async handler that does nothing but count its calls in ``calls`` (if given) and
+    stamp ``probe`` (if given) on its first delivery."""
+    if probe is None and calls is None:
 
         async def nothing(msg: Message) -> None:
             pass
 
         return nothing
 
-    async def first_stamps(msg: Message) -> None:
-        if not probe.wall:
+    async def counted(msg: Message) -> None:
+        if calls is not None:
+            calls.n += 1
+        if probe is not None and not probe.wall:
             probe.start()
 
-    return first_stamps
+    return counted
 
 
-def failing(every: int = FAIL_EVERY) -> Handler:
-    """An async handler that raises on one offset in ``every``."""
+def failing(every: int = FAIL_EVERY, calls: Calls | None = None) -> Handler:
+    """An async handler that raises on one offset in ``every`` (counting its calls)."""
+    count = calls if calls is not None else Calls()
 
     async def sometimes(msg: Message) -> None:
+        count.n += 1
         if msg.offset % every == 0:
             raise RuntimeError(f"bench: planned failure at offset {msg.offset}")
 
     return sometimes
 
 
-def three(probe: Probe, fail: bool = False) -> list[Subscriber]:
-    third = failing() if fail else noop()
-    return [Subscriber("medal", noop(probe)), Subscriber("rank", noop()), Subscriber("task", third)]
+def three(probe: Probe, fail: bool = False, calls: Calls | None = None) -> list[Subscriber]:
+    third = failing(calls=calls) if fail else noop(calls=calls)
+    return [
+        Subscriber("medal", noop(probe, calls)),
+        Subscriber("rank", noop(calls=calls)),
+        Subscriber("task", third),
+    ]
 
 
 def fanout_3(ctx: BenchContext) -> dict[str, Any]:
     data = gift_dataset(ctx)
-    raw = raw_loop(ctx, data)
-    # The ceiling of any in-process Python dispatcher on this machine (see floor_work).
-    floor = raw_loop(ctx, data, work=floor_work(events.GIFT_SCHEMA, 3), name="floor")
-    probe = Probe()
-    shunter = run_dispatcher(ctx, data, "fanout3", three(probe), probe, RETRY)
+    probe, calls, floor_calls = Probe(), Calls(), Calls()
+    # The floor: the ceiling of any in-process Python dispatcher on this machine (see
+    # floor_work). The order alternates between runs, so no side always reads cold.
+    sides: dict[str, Callable[[], Any]] = {
+        "raw": lambda: raw_loop(ctx, data),
+        "floor": lambda: raw_loop(
+            ctx, data, work=floor_work(events.GIFT_SCHEMA, 3, floor_calls), name="floor"
+        ),
+        "shunter": lambda: run_dispatcher(
+            ctx, data, "fanout3", three(probe, calls=calls), probe, RETRY
+        ),
+    }
+    order = list(sides) if ctx.run % 2 else list(reversed(sides))
+    done = {name: sides[name]() for name in order}
+    raw, floor, shunter = done["raw"], done["floor"], done["shunter"]
     return {
+        "order": "/".join(order),
+        "handler_calls": calls.n,
+        "floor_handler_calls": floor_calls.n,
         "messages": data.count,
         "partitions": len(data.ends),
         "subscribers": 3,
@@ -93,11 +125,27 @@ def fanout_3(ctx: BenchContext) -> dict[str, Any]:
 
 def fanout_3_failing(ctx: BenchContext) -> dict[str, Any]:
     data = gift_dataset(ctx)
-    probe = Probe()
-    baseline = run_dispatcher(ctx, data, "fanout3ok", three(probe), probe, RETRY)
-    probe = Probe()
-    failed = run_dispatcher(ctx, data, "fanout3fail", three(probe, fail=True), probe, RETRY)
+    ok_probe, fail_probe, ok_calls, fail_calls = Probe(), Probe(), Calls(), Calls()
+    sides: dict[str, Callable[[], DispatchTiming]] = {
+        "all-success": lambda: run_dispatcher(
+            ctx, data, "fanout3ok", three(ok_probe, calls=ok_calls), ok_probe, RETRY
+        ),
+        "failing": lambda: run_dispatcher(
+            ctx,
+            data,
+            "fanout3fail",
+            three(fail_probe, fail=True, calls=fail_calls),
+            fail_probe,
+            RETRY,
+        ),
+    }
+    order = list(sides) if ctx.run % 2 else list(reversed(sides))
+    done = {name: sides[name]() for name in order}
+    baseline, failed = done["all-success"], done["failing"]
     return {
+        "order": "/".join(order),
+        "handler_calls": fail_calls.n,
+        "all_success_handler_calls": ok_calls.n,
         "messages": data.count,
         "partitions": len(data.ends),
         "subscribers": 3,

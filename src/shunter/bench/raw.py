@@ -76,10 +76,12 @@ def raw_loop(
         consumer.close()
 
 
-def floor_work(schema: dict[str, Any], handlers: int) -> Callable[[Any], None]:
+def floor_work(schema: dict[str, Any], handlers: int, count: Any = None) -> Callable[[Any], None]:
     """What no in-process Python dispatcher can skip, per decoded value: the schema check
     and one call of each of ``handlers`` no-op async handlers, run to completion. No
-    tracking, no ordering, no settling, no commit: the ceiling of any such dispatcher."""
+    tracking, no ordering, no settling, no commit: the ceiling of any such dispatcher.
+    ``count`` (an object with an ``n``), when given, counts the handler calls as
+    shunter's bench handlers count theirs."""
     import jsonschema_rs
 
     is_valid = jsonschema_rs.validator_for(schema).is_valid
@@ -87,7 +89,10 @@ def floor_work(schema: dict[str, Any], handlers: int) -> Callable[[Any], None]:
     async def nothing(value: Any) -> None:
         pass
 
-    calls = [nothing] * handlers
+    async def counted(value: Any) -> None:
+        count.n += 1
+
+    calls = [nothing if count is None else counted] * handlers
 
     def work(value: Any) -> None:
         if is_valid(value):

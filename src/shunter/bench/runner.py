@@ -53,6 +53,23 @@ SCENARIOS = [
         "decode cost per format (avro, protobuf, plain and registry) vs JSON",
         default=False,
     ),
+    Scenario(
+        "workers",
+        "workers:run",
+        "shunter run with 1 worker process vs one per core, fan-out to 3, same run",
+    ),
+    Scenario(
+        "memory",
+        "memory:run",
+        "RSS of shunter run's process tree over a large backlog with a slow subscriber",
+        default=False,
+    ),
+    Scenario(
+        "latency",
+        "latency:run",
+        "produce→handler latency at 5,000 msg/s beside a plain consumer (--bootstrap Kafka)",
+        default=False,
+    ),
 ]
 
 BY_NAME = {s.name: s for s in SCENARIOS}

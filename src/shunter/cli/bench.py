@@ -76,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             bootstrap = args.bootstrap or broker.bootstrap  # type: ignore[union-attr]
             _note(f"broker {bootstrap}{' (embedded)' if broker else ''}")
-            ctx = BenchContext(bootstrap, Path(workdir), messages=args.messages, say=_note)
+            ctx = BenchContext(
+                bootstrap,
+                Path(workdir),
+                messages=args.messages,
+                embedded=broker is not None,
+                say=_note,
+            )
             try:
                 for ctx.run in range(1, args.runs + 1):
                     for scenario in chosen:

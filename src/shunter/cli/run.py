@@ -17,7 +17,7 @@ import tempfile
 from confluent_kafka import KafkaException
 
 from ..app import Dispatcher
-from ..config import load_config
+from ..config import Config, load_config
 from ..crashguard import crashfile
 from ..crashguard.supervisor import supervise
 from ..errors import ConfigError
@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run in this process; restarts are left to an outer supervisor",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes, each a member of the group (default: kafka.workers, 1)",
+    )
+    # Given by the supervisor to each of several workers (see crashguard/supervisor.py).
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--max-restarts",
         type=int,
@@ -55,15 +63,22 @@ def run(args: argparse.Namespace) -> int:
     crash_dir = config.crash_guard.crash_dir or os.path.join(
         tempfile.gettempdir(), f"shunter-{config.kafka.group_id}"
     )
+    workers = args.workers or config.kafka.workers
+    supervised_worker = args.worker_index is not None
+    problem = None if supervised_worker else _workers_problem(workers, args.no_supervise, config)
+    if problem:
+        logging.getLogger("shunter").error("%s", problem)
+        return 2
     if not args.no_supervise:
-        return supervise(["run", "-c", args.config, "--no-supervise"], args.max_restarts, crash_dir)
+        worker = ["run", "-c", args.config, "--no-supervise"]
+        return supervise(worker, args.max_restarts, crash_dir, workers)
     for path, dump in crashfile.leftovers(crash_dir):  # unsupervised: nobody logged it yet
         logging.getLogger("shunter").error(
             "an earlier shunter process died of a fatal signal; its dump (%s):\n%s", path, dump
         )
     crashfile.enable(crash_dir)  # a fatal signal writes every thread's stack there
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every stack
-    app = Dispatcher(config)
+    app = Dispatcher(_as_worker(config, args.worker_index or 0))
     try:
         app.run()
     except KafkaException as exc:  # no broker answered: one clear line, no traceback
@@ -81,3 +96,29 @@ def run(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(0)
     return 0
+
+
+def _workers_problem(workers: int, no_supervise: bool, config: Config) -> str | None:
+    if workers < 1:
+        return f"--workers: expected a positive number, got {workers}"
+    if workers > 1 and no_supervise:
+        return "--workers: more than one worker needs the supervisor (drop --no-supervise)"
+    if workers > 1 and config.kafka.bootstrap_servers is None:
+        return (
+            "kafka.workers: more than one worker needs kafka.bootstrap_servers "
+            "(the embedded development broker lives in one process)"
+        )
+    return None
+
+
+def _as_worker(config: Config, index: int) -> Config:
+    """Worker ``index``'s configuration: its admin API on the listen port plus ``index``
+    (each worker serves its own /metrics, /ready and pauses: see README)."""
+    listen = config.admin.listen
+    if not index or not listen:
+        return config
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return config
+    admin = config.admin.model_copy(update={"listen": f"{host}:{int(port) + index}"})
+    return config.model_copy(update={"admin": admin})

@@ -1,12 +1,14 @@
-"""``shunter run`` supervises its worker: an unclean death is followed by a restart.
+"""``shunter run`` supervises its workers: an unclean death is followed by a restart.
 
-A worker that made progress since it started (it committed offsets: it touches a
+There is one worker process by default; ``--workers N`` (``kafka.workers``) runs N, each
+a member of the consumer group with its own crash guard, each restarted on its own by the
+rules below. A worker that made progress since it started (it committed offsets: it touches a
 progress file, see ``PROGRESS_ENV``) is restarted at once: its death says nothing of a
 crash loop. One that made none backs off (0.5 s doubling to 30 s). A crash loop
 ends because the crash guard quarantines the message that causes it; as a last resort,
 more than ``max_restarts`` deaths within ten minutes stop the supervisor with status 1
 so an outer supervisor (systemd, Kubernetes) sees the failure. SIGTERM/SIGINT are
-passed to the worker, which drains, commits and exits 0.
+passed to every worker, which drains, commits and exits 0.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import FrameType
 
 from . import crashfile
@@ -67,65 +70,144 @@ def _die_with_parent(supervisor: int) -> Callable[[], None] | None:
     return in_child
 
 
-def supervise(worker_args: list[str], max_restarts: int = 10, crash_dir: str | None = None) -> int:
-    """Run ``shunter <worker_args>`` in a child process until it exits cleanly."""
+@dataclass
+class _Worker:
+    """One worker process and its own restart state: deaths, backoff, what it left."""
+
+    index: int
+    args: list[str]
+    progress: str | None
+    child: subprocess.Popen[bytes] | None = None
+    started: float = 0.0  # monotonic
+    started_at: float = 0.0  # wall clock, for the progress file's mtime
+    restart_at: float = 0.0  # monotonic; when a dead worker starts again
+    backoff: float = 0.5
+    deaths: deque[float] = field(default_factory=deque)
+    last_exit: str = ""
+    last_stack: str = ""
+    status: int | None = None  # set once it exited for good
+
+    def name(self, count: int) -> str:
+        return "worker" if count == 1 else f"worker {self.index}"
+
+
+def supervise(
+    worker_args: list[str],
+    max_restarts: int = 10,
+    crash_dir: str | None = None,
+    workers: int = 1,
+) -> int:
+    """Run ``workers`` processes ``shunter <worker_args> [--worker-index i]`` until they
+    exit cleanly; each is restarted on its own after an unclean death.
+
+    With one worker its arguments are ``worker_args`` as given; with more, worker ``i``
+    (0-based) gets ``--worker-index i`` (its admin API listens on the port plus ``i``).
+    A worker that exits cleanly by itself (SIGTERM sent to it alone) is not restarted; the
+    supervisor returns once every worker has exited, or, when one of them died more than
+    ``max_restarts`` times within ten minutes, stops the others and returns 1.
+    """
     before_exec = _die_with_parent(os.getpid())
     stopping = False
-    child: subprocess.Popen[bytes] | None = None
+    pool = [
+        _Worker(
+            i,
+            worker_args if workers == 1 else [*worker_args, "--worker-index", str(i)],
+            _progress_file(crash_dir, "" if workers == 1 else f"-{i}"),
+        )
+        for i in range(workers)
+    ]
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        for worker in pool:
+            if worker.child is not None and worker.child.poll() is None:
+                worker.child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    deaths: deque[float] = deque()
-    backoff = 0.5
-    last_exit = last_stack = ""
-    progress = _progress_file(crash_dir)
     while True:
-        env = {**os.environ, LAST_EXIT_ENV: last_exit, LAST_STACK_ENV: last_stack}
-        if progress is not None:
-            env[PROGRESS_ENV] = progress
-        child = subprocess.Popen(
-            [sys.executable, "-m", "shunter.cli.main", *worker_args],
-            env=env,
-            preexec_fn=before_exec,
-        )
-        started, started_at = time.monotonic(), time.time()
-        status = child.wait()
-        if status == 0 or stopping:
-            return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else status
-        last_exit = describe_exit(status)
-        last_stack = ""
-        for path, dump in crashfile.leftovers(crash_dir) if crash_dir else []:
-            log.error("the worker's fatal-signal dump (%s):\n%s", path, dump)
-            last_stack = dying_stack(dump)
         now = time.monotonic()
-        if now - started > _HEALTHY:
-            backoff = 0.5
-        if _touched_since(progress, started_at):
-            backoff = 0.0  # it moved on before it died: start again at once
-        deaths.append(now)
-        while deaths and now - deaths[0] > _WINDOW:
-            deaths.popleft()
-        if len(deaths) > max_restarts:
-            log.critical(
-                "worker %s; %d deaths within %.0f minutes: giving up",
-                last_exit,
-                len(deaths),
-                _WINDOW / 60,
-            )
-            return 1
-        log.error("worker %s; restarting in %.1fs (restart %d)", last_exit, backoff, len(deaths))
-        deadline = time.monotonic() + backoff
-        while not stopping and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if stopping:
-            return 0
-        backoff = min(max(backoff * 2, 0.5), 30.0)
+        for worker in pool:
+            if worker.status is not None:
+                continue
+            if worker.child is None:
+                if stopping:
+                    worker.status = 0
+                elif now >= worker.restart_at:
+                    _start(worker, before_exec)
+                continue
+            status = worker.child.poll()
+            if status is None:
+                continue
+            pid, worker.child = worker.child.pid, None
+            if status == 0 or stopping:
+                worker.status = 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else status
+                continue
+            if not _died(worker, status, pid, max_restarts, crash_dir, workers):
+                _stop_all(pool, forward)
+                return 1
+        if all(w.status is not None for w in pool):
+            return next((w.status for w in pool if w.status), 0)
+        time.sleep(0.05)
+
+
+def _start(worker: _Worker, before_exec: Callable[[], None] | None) -> None:
+    env = {**os.environ, LAST_EXIT_ENV: worker.last_exit, LAST_STACK_ENV: worker.last_stack}
+    if worker.progress is not None:
+        env[PROGRESS_ENV] = worker.progress
+    worker.child = subprocess.Popen(
+        [sys.executable, "-m", "shunter.cli.main", *worker.args],
+        env=env,
+        preexec_fn=before_exec,
+    )
+    worker.started, worker.started_at = time.monotonic(), time.time()
+
+
+def _died(
+    worker: _Worker, status: int, pid: int, max_restarts: int, crash_dir: str | None, count: int
+) -> bool:
+    """Record an unclean death and schedule the restart; False: too many, give up."""
+    name = worker.name(count)
+    worker.last_exit = describe_exit(status)
+    worker.last_stack = ""
+    for path, dump in crashfile.leftovers(crash_dir) if crash_dir else []:
+        log.error("a worker's fatal-signal dump (%s):\n%s", path, dump)
+        if path.stem == f"crash-{pid}":  # another worker's dump is not this one's stack
+            worker.last_stack = dying_stack(dump)
+    now = time.monotonic()
+    if now - worker.started > _HEALTHY:
+        worker.backoff = 0.5
+    if _touched_since(worker.progress, worker.started_at):
+        worker.backoff = 0.0  # it moved on before it died: start again at once
+    worker.deaths.append(now)
+    while worker.deaths and now - worker.deaths[0] > _WINDOW:
+        worker.deaths.popleft()
+    if len(worker.deaths) > max_restarts:
+        log.critical(
+            "%s; %d deaths within %.0f minutes: giving up",
+            f"{name} {worker.last_exit}",
+            len(worker.deaths),
+            _WINDOW / 60,
+        )
+        return False
+    log.error(
+        "%s; restarting in %.1fs (restart %d)",
+        f"{name} {worker.last_exit}",
+        worker.backoff,
+        len(worker.deaths),
+    )
+    worker.restart_at = now + worker.backoff
+    worker.backoff = min(max(worker.backoff * 2, 0.5), 30.0)
+    return True
+
+
+def _stop_all(pool: list[_Worker], forward: Callable[[int, FrameType | None], None]) -> None:
+    """Giving up: the other workers drain, commit and exit like on SIGTERM."""
+    forward(signal.SIGTERM, None)
+    for worker in pool:
+        if worker.child is not None:
+            worker.child.wait()
 
 
 def dying_stack(dump: str) -> str:
@@ -139,12 +221,12 @@ def dying_stack(dump: str) -> str:
     return text if len(text) <= _MAX_STACK else text[:_MAX_STACK] + "\n..."
 
 
-def _progress_file(crash_dir: str | None) -> str | None:
+def _progress_file(crash_dir: str | None, suffix: str = "") -> str | None:
     if crash_dir is None:
         return None
     with contextlib.suppress(OSError):
         os.makedirs(crash_dir, exist_ok=True)
-        path = os.path.join(crash_dir, f"progress-{os.getpid()}")
+        path = os.path.join(crash_dir, f"progress-{os.getpid()}{suffix}")
         open(path, "a").close()
         return path
     return None

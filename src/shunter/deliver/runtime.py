@@ -2,7 +2,13 @@
 
 Ordering: a delivery waits in its *lane* (its key, its partition, or none) while an
 earlier delivery of the same lane is unsettled, so per-key order holds under any
-concurrency. Concurrency counts deliveries that are suspended (awaiting I/O or running
+concurrency. Lanes are consulted only while some delivery is suspended: deliveries are
+started in the order they were submitted, one at a time, so one that completes in its
+first step (the common case) leaves nothing behind it to order. A lane is opened when a
+delivery suspends; what is taken from the queue while its lane is open waits in the lane,
+and the lane hands its deliveries on one at a time, in order, as each is settled.
+
+Concurrency counts deliveries that are suspended (awaiting I/O or running
 in a thread or worker process); a delivery that completes in its first step never holds a
 slot. A thread cannot be stopped: one still running past its timeout keeps its slot
 (``lost_slots``) until it returns, so no later delivery waits for a thread while its own
@@ -102,7 +108,13 @@ class SubscriberRuntime:
         self.paused = False
         self.lost_slots = 0  # threads still running past their timeout: slots not free
         self._runners = 0
+        # Submitted, in order, not yet looked at: each is checked against the open lanes
+        # when it is taken, so nothing newer of an open lane can overtake what waits there.
         self._runnable: deque[Message] = deque()
+        # Handed on by their lane (each owns its open lane): started before _runnable's.
+        self._released: deque[Message] = deque()
+        # Open lanes: a delivery of the lane is suspended or handed on and not settled;
+        # the deque holds what waits behind it (None: nothing yet).
         self._lanes: dict[Hashable, deque[Message] | None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: dict[Message, None] = {}  # suspended deliveries
@@ -120,23 +132,19 @@ class SubscriberRuntime:
 
     def submit(self, msg: Message) -> None:
         """Queue one delivery; call ``kick`` once after a batch of submits."""
-        lane = msg._record.key if self._by_key else self._lane(msg)
-        if lane is not None:
-            lanes = self._lanes
-            if lane in lanes:
-                queued = lanes[lane]
-                if queued is None:
-                    lanes[lane] = deque((msg,))
-                else:
-                    queued.append(msg)
-                return
-            lanes[lane] = _BUSY
         self._runnable.append(msg)
+
+    def _wait_in_lane(self, msg: Message, lane: Hashable) -> None:
+        queued = self._lanes[lane]
+        if queued is None:
+            self._lanes[lane] = deque((msg,))
+        else:
+            queued.append(msg)
 
     def kick(self) -> None:
         """Make sure a runner is draining the runnable queue, if it may."""
         if (
-            self._runnable
+            (self._runnable or self._released)
             and not self._runners
             and not self.paused
             and self.active + self.lost_slots < self.concurrency
@@ -148,13 +156,15 @@ class SubscriberRuntime:
 
     @property
     def queued(self) -> int:
-        return len(self._runnable) + sum(len(q) for q in self._lanes.values() if q)
+        waiting = len(self._runnable) + len(self._released)
+        return waiting + sum(len(q) for q in self._lanes.values() if q)
 
     # -- running --------------------------------------------------------------------------
 
     async def _run(self) -> None:
         """Drain runnable deliveries; stay with the first one that suspends."""
         runnable = self._runnable
+        released = self._released
         lanes = self._lanes
         invoke = self._invoke
         lane_of = self._lane
@@ -163,10 +173,25 @@ class SubscriberRuntime:
         succeeded: list[tuple[Message, float]] = []  # settled together, before any await
         runner = True
         try:
-            while runnable and self.active + self.lost_slots < self.concurrency and not self.paused:
-                msg = runnable.popleft()
+            while (
+                (runnable or released)
+                and self.active + self.lost_slots < self.concurrency
+                and not self.paused
+            ):
+                if released:  # owns its open lane
+                    msg = released.popleft()
+                    owner = True
+                else:
+                    msg = runnable.popleft()
+                    owner = False
+                    if lanes:  # some lane is open: this one may have to wait in it
+                        lane = msg._record.key if by_key else lane_of(msg)
+                        if lane in lanes:
+                            self._wait_in_lane(msg, lane)
+                            continue
                 if msg._record.ptrack.revoked:  # the partition left: its new owner redelivers
-                    self._next_in_lane(msg)
+                    if owner:
+                        self._next_in_lane(msg)
                     continue
                 started = clock()
                 try:
@@ -177,11 +202,11 @@ class SubscriberRuntime:
                         except StopIteration:
                             result = None
                     if result is None:  # done in its first step: the common case, inlined
-                        lane = msg._record.key if by_key else lane_of(msg)
-                        if lane is not None:  # _next_in_lane, inlined
+                        if owner:  # _next_in_lane, inlined (no lane was opened otherwise)
+                            lane = msg._record.key if by_key else lane_of(msg)
                             queued = lanes.get(lane)
                             if queued:
-                                runnable.append(queued.popleft())
+                                released.append(queued.popleft())
                             else:
                                 lanes.pop(lane, None)
                         succeeded.append((msg, clock() - started))
@@ -191,24 +216,28 @@ class SubscriberRuntime:
                     if type(result) is CoroutineType:
                         result = Resumed(result, first)
                     elif not hasattr(result, "__await__"):
-                        self._done(msg, SUCCEEDED, started)
+                        self._done(msg, SUCCEEDED, started, owner)
                         continue
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():  # shutdown: the runner itself is cancelled
                         raise
                     if succeeded:
                         self._settle_succeeded(succeeded)
-                    self._done(msg, failure(exc), started)  # the handler's own doing
+                    self._done(msg, failure(exc), started, owner)  # the handler's own doing
                     continue
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt: the handler's
                     if succeeded:  # in order: the flood guard counts settles as they come
                         self._settle_succeeded(succeeded)
-                    self._done(msg, failure(exc), started)
+                    self._done(msg, failure(exc), started, owner)
                     continue
                 # Suspended: this task belongs to ``msg`` from here on; another runner
                 # takes over the queue.
                 if succeeded:
                     self._settle_succeeded(succeeded)
+                if not owner:  # open its lane: what is taken next of it waits there
+                    lane = msg._record.key if by_key else lane_of(msg)
+                    if lane is not None:
+                        lanes.setdefault(lane, _BUSY)
                 runner = False
                 self._runners -= 1
                 self.active += 1
@@ -310,7 +339,9 @@ class SubscriberRuntime:
         )
         self.kick()
 
-    def _done(self, msg: Message, outcome: Outcome, started: float) -> None:
+    def _done(self, msg: Message, outcome: Outcome, started: float, owner: bool = True) -> None:
+        """Settle ``msg``; hand its lane on if it holds one (``owner``: it was handed on by
+        its lane, or it suspended and opened it)."""
         if self._detached and msg in self._detached:
             self._detached.discard(msg)
             log.warning(
@@ -322,7 +353,8 @@ class SubscriberRuntime:
                 extra=_coordinates(msg),
             )
             return
-        self._next_in_lane(msg)
+        if owner:
+            self._next_in_lane(msg)
         try:
             self._settle(msg, outcome, time.perf_counter() - started)
         except Exception:  # settling must never stop the runner; the offset stays held
@@ -334,7 +366,7 @@ class SubscriberRuntime:
             return
         queued = self._lanes.get(lane)
         if queued:
-            self._runnable.append(queued.popleft())
+            self._released.append(queued.popleft())
         else:
             self._lanes.pop(lane, None)
 
@@ -345,6 +377,7 @@ class SubscriberRuntime:
         for msg in self._running:
             if msg not in self._detached:
                 yield msg, True
+        yield from ((msg, False) for msg in self._released)
         yield from ((msg, False) for msg in self._runnable)
         for queued in self._lanes.values():
             if queued:
@@ -361,9 +394,11 @@ class SubscriberRuntime:
             if msg in self._running:
                 self._detached.add(msg)
                 self._next_in_lane(msg)
-            elif msg in self._runnable:
-                self._runnable.remove(msg)
+            elif msg in self._released:  # it owns its lane: hand the lane on
+                self._released.remove(msg)
                 self._next_in_lane(msg)
+            elif msg in self._runnable:  # not looked at yet: it holds no lane
+                self._runnable.remove(msg)
             else:
                 lane = self._lanes.get(self.lane_of(msg))
                 if lane:
@@ -376,10 +411,11 @@ class SubscriberRuntime:
     def pause(self) -> list[Message]:
         """Stop starting deliveries; return those not started, for the caller to set aside."""
         self.paused = True
-        waiting = list(self._runnable)
+        waiting = [*self._released, *self._runnable]
         for queued in self._lanes.values():
             if queued:
                 waiting.extend(queued)
+        self._released.clear()
         self._runnable.clear()
         busy = {
             lane: _BUSY

@@ -1,0 +1,142 @@
+"""Given ``shunter run --workers 2`` on a real broker, then the two worker processes share
+the source partitions as two members of one group, killing one worker restarts that one
+only, and a SIGTERM to the supervisor drains and commits both before it exits 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kafkatools import Broker, ShunterProcess, config
+
+pytestmark = pytest.mark.kafka
+
+# The cooperative-sticky assignor balances the count of all a member's partitions, retry
+# tiers included: with as many retry-tier as source partitions, a second member may get
+# only retry-tier ones. With many more source partitions, each worker gets its share.
+PARTITIONS = 8
+
+HANDLERS = """
+import os
+
+_fd = os.open(os.environ["LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+async def receipt(msg):
+    os.write(_fd, f"{os.getpid()},{msg.partition},{msg.offset}\\n".encode())
+"""
+
+
+def receipts(path: Path) -> list[tuple[int, int, int]]:
+    """(worker pid, partition, offset) per delivery."""
+    if not path.exists():
+        return []
+    return [tuple(map(int, line.split(","))) for line in path.read_text().splitlines()]  # type: ignore[misc]
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def assignments(proc: ShunterProcess, topic: str) -> int:
+    """How many times some worker was assigned partitions of ``topic``."""
+    lines = proc.log_tail(1_000_000).splitlines()
+    return sum(1 for line in lines if "shunter.consume: assigned" in line and f"{topic}[" in line)
+
+
+def wait_for(what: Callable[[], bool], timeout: float, proc: ShunterProcess, why: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert proc.alive(), f"shunter exited: {why}\n{proc.log_tail()}"
+        assert time.monotonic() < deadline, f"timed out: {why}\n{proc.log_tail()}"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(240)
+def test_two_workers_share_the_partitions_restart_alone_and_drain_on_sigterm(
+    broker: Broker, unique: str, tmp_path: Path
+) -> None:
+    topic, group = f"workers-{unique}", f"g-{unique}"
+    broker.create({topic: PARTITIONS})
+    (tmp_path / "workerhandlers.py").write_text(HANDLERS)
+    data = config(
+        broker,
+        group,
+        {topic: {}},
+        {"all": {"topics": [topic]}},
+        [{"caller": "receipt", "category": "all", "handler": "workerhandlers:receipt"}],
+        kafka={"workers": 2},
+        retry={"partitions": 1},
+    )
+    path = tmp_path / "shunter.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ledger = tmp_path / "ledger.txt"
+    env = {
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "LEDGER": str(ledger),
+    }
+    with ShunterProcess(path, tmp_path / "service.log", env) as proc:
+        assert proc.process is not None
+        wait_for(lambda: len(children(proc.process.pid)) == 2, 60, proc, "two workers")
+        first = children(proc.process.pid)
+        # Both members must own source partitions before the traffic, or one takes it all.
+        wait_for(lambda: assignments(proc, topic) >= 2, 90, proc, "both workers assigned")
+        broker.produce(topic, [{"n": i} for i in range(400)], key=lambda i, v: f"k{i}")
+        wait_for(
+            lambda: len({(p, o) for _, p, o in receipts(ledger)}) == 400,
+            90,
+            proc,
+            "400 messages delivered",
+        )
+        by_pid: dict[int, set[int]] = {}
+        for pid, partition, _ in receipts(ledger):
+            by_pid.setdefault(pid, set()).add(partition)
+        # Both members took part (a partition may have moved once while the group formed).
+        assert set(by_pid) == first, f"deliveries came from {set(by_pid)}, workers {first}"
+        assert set.union(*by_pid.values()) == set(range(PARTITIONS))
+
+        victim, survivor = sorted(first)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: len(children(proc.process.pid) - first) == 1,
+            60,
+            proc,
+            "the killed worker restarted",
+        )
+        now = children(proc.process.pid)
+        assert survivor in now and victim not in now, (first, now)
+        assert "worker 0 killed by SIGKILL" in proc.log_tail() or (
+            "worker 1 killed by SIGKILL" in proc.log_tail()
+        ), proc.log_tail()
+
+        broker.produce(topic, [{"n": i} for i in range(400, 800)], key=lambda i, v: f"k{i}")
+        wait_for(
+            lambda: len({(p, o) for _, p, o in receipts(ledger)}) == 800,
+            120,
+            proc,
+            "800 messages delivered",
+        )
+        proc.terminate()
+        assert proc.wait(90) == 0, proc.log_tail()
+    log = (tmp_path / "service.log").read_text()
+    assert log.count("stopping: draining in-flight deliveries") >= 2, log[-4000:]
+    ends = [0] * PARTITIONS
+    for msg in broker.read_all(topic, expect=800):
+        ends[msg.partition()] = max(ends[msg.partition()], msg.offset() + 1)
+    assert broker.committed(group, topic, PARTITIONS) == ends, log[-4000:]
