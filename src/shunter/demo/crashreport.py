@@ -23,7 +23,9 @@ HANDLERS_FILE = "shunter/demo/crash_handlers.py"
 DUMP_FRAMES = 6  # of the crashing thread, innermost first
 
 _DIED = re.compile(r"^worker (?P<exit>.+); restarting in (?P<delay>[\d.]+)s \(restart (?P<n>\d+)\)")
-_DUMP = re.compile(r"^the worker's fatal-signal dump \((?P<path>[^)]*)\):\n(?P<dump>.*)", re.S)
+_DUMP = re.compile(
+    r"^(?:the|a) worker's fatal-signal dump \((?P<path>[^)]*)\):\n(?P<dump>.*)", re.S
+)
 _RERUN = re.compile(
     r"^(?P<tp>\S+): its previous owner \((?P<owner>[^)]*)\) died with deliveries in flight; "
     r"re-running offsets (?P<lo>-?\d+)\.\.(?P<hi>\d+) as crash suspects"
