@@ -30,6 +30,7 @@ tiers, the dead-letter topic and the group's committed offsets:
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import random
@@ -330,7 +331,10 @@ def materialize(spec: Spec) -> RawRecord:
     if kind == "tombstone":
         value = None
     elif kind == "json":
-        value = orjson.dumps(data)
+        try:
+            value = orjson.dumps(data)
+        except TypeError:  # an integer past 64 bits: the standard library writes it
+            value = json.dumps(data).encode()
     elif kind == "big":
         value = orjson.dumps({"amount": 11, "blob": "y" * data})
     elif kind == "binary":
