@@ -23,6 +23,7 @@ from .journal import PartitionState
 from .sandbox import Sandbox, SandboxSpec
 
 if TYPE_CHECKING:
+    from ..commit import PartitionTracker
     from .gate import Gated, JournalGate
 
 log = logging.getLogger("shunter.crashguard")
@@ -30,6 +31,7 @@ log = logging.getLogger("shunter.crashguard")
 TP = tuple[str, int]
 
 FOR_SUSPECTS = "waiting for its crash suspects to be re-run"
+_RUN, _NEXT, _STOP = object(), object(), object()  # what _unrun says of a suspect
 
 
 def _due(kmsg: Any) -> bool:
@@ -155,21 +157,10 @@ class Suspects:
         ):
             kmsg = run.queue.popleft()
             offset = kmsg.offset()
-            if tp[0] in self._pipeline.retry_topics and not _due(kmsg):
-                # Not due: its previous owner held it, never ran it, nor anything after it
-                # in this partition (held behind it, in order). None of them can have
-                # crashed anything: they wait, unrun, until due (released when the
-                # suspects are done, held again by the pipeline with its timer).
-                rest = list(run.queue)
-                run.queue.clear()
-                run.complete = True
-                self._held.hold(tp, kmsg, UNTIL_RELEASED, NOT_DUE)  # before what is held
-                self._held.put_back(tp, rest)
+            step = self._unrun(tp, run, kmsg, ptrack, state)
+            if step is _STOP:
                 return
-            crashes = state.crashes(offset)
-            if crashes >= guard.quarantine_after:
-                self._gate.quarantine(kmsg, ptrack, crashes)
-                state.quarantine(offset, crashes)
+            if step is _NEXT:
                 continue
             lo = ptrack.committable() if ptrack.high >= 0 else offset
             await guard.write_and_wait(tp, state.encode("single", lo, offset, offset), offset)
@@ -197,20 +188,40 @@ class Suspects:
             await guard.write_and_wait(tp, state.encode("sandbox", lo, run.hi), run.hi)
         while run.queue and self._runs.get(tp) is run and not ptrack.revoked:
             kmsg = run.queue.popleft()
-            offset = kmsg.offset()
-            if tp[0] in self._pipeline.retry_topics and not _due(kmsg):
-                rest = list(run.queue)  # as in _run_partition: unrun, they wait until due
-                run.queue.clear()
-                run.complete = True
-                self._held.hold(tp, kmsg, UNTIL_RELEASED, NOT_DUE)
-                self._held.put_back(tp, rest)
+            step = self._unrun(tp, run, kmsg, ptrack, state)
+            if step is _STOP:
                 return
-            crashes = state.crashes(offset)
-            if crashes >= guard.quarantine_after:
-                self._gate.quarantine(kmsg, ptrack, crashes)
-                state.quarantine(offset, crashes)
-                continue
-            self._pipeline.run_alone(kmsg, self.sandbox.take)
+            if step is _RUN:
+                self._pipeline.run_alone(kmsg, self.sandbox.take)
+
+    def _unrun(
+        self,
+        tp: TP,
+        run: SuspectRun,
+        kmsg: Any,
+        ptrack: PartitionTracker,
+        state: PartitionState,
+    ) -> object:
+        """What becomes of a suspect before it runs: _RUN it, _NEXT (quarantined, unrun),
+        or _STOP (a retry not yet due: it and the rest of the window wait, unrun)."""
+        if tp[0] in self._pipeline.retry_topics and not _due(kmsg):
+            # Not due: its previous owner held it, never ran it, nor anything after it
+            # in this partition (held behind it, in order). None of them can have
+            # crashed anything: they wait, unrun, until due (released when the
+            # suspects are done, held again by the pipeline with its timer).
+            rest = list(run.queue)
+            run.queue.clear()
+            run.complete = True
+            self._held.hold(tp, kmsg, UNTIL_RELEASED, NOT_DUE)  # before what is held
+            self._held.put_back(tp, rest)
+            return _STOP
+        offset = kmsg.offset()
+        crashes = state.crashes(offset)
+        if crashes >= self._guard.quarantine_after:
+            self._gate.quarantine(kmsg, ptrack, crashes)
+            state.quarantine(offset, crashes)
+            return _NEXT
+        return _RUN
 
     async def _count_death(self, tp: TP, offset: int) -> int:
         """A sandbox died running ``offset``: one more crash for it, journaled before it

@@ -196,24 +196,8 @@ class Settler:
     ) -> None:
         """A record (or one caller's delivery of it) that no handler completed: once to
         the dead-letter topic. Its offset share is released when the broker has it."""
-        now = _now_ms()
-        info = h.FailureInfo(
-            caller=caller,
-            category=category,
-            attempt=attempt,
-            stage=stage,
-            error_type=error_type,
-            error=error,
-            traceback=traceback,
-            first_failure_ms=record.first_failure or now,
-            not_before_ms=now,
-            origin_topic=record.topic,
-            origin_partition=record.partition,
-            origin_offset=record.offset,
-            origin_timestamp_ms=record.timestamp,
-            tier="dlq",
-            origin_key=record.key,
-            signal=signal,
+        info = _dead_info(
+            record, stage, error_type, error, traceback, signal, caller, category, attempt
         )
         self._write(record, info, "dlq")
 
@@ -221,24 +205,16 @@ class Settler:
 
     def _internal_info(self, msg: Message, exc: Exception) -> h.FailureInfo:
         log.critical("settling %r failed (a bug in shunter); dead-lettered", msg, exc_info=True)
-        record = msg._record
-        now = _now_ms()
-        return h.FailureInfo(
-            caller=msg.caller,
-            category=msg.category,
-            attempt=msg.attempt,
-            stage="internal",
-            error_type=error_type(exc),
-            error=_describe(exc),
-            traceback=format_traceback(exc),
-            first_failure_ms=record.first_failure or now,
-            not_before_ms=now,
-            origin_topic=record.topic,
-            origin_partition=record.partition,
-            origin_offset=record.offset,
-            origin_timestamp_ms=record.timestamp,
-            tier="dlq",
-            origin_key=record.key,
+        return _dead_info(
+            msg._record,
+            "internal",
+            error_type(exc),
+            _describe(exc),
+            format_traceback(exc),
+            "",
+            msg.caller,
+            msg.category,
+            msg.attempt,
         )
 
     def _info(
@@ -410,6 +386,39 @@ class Settler:
             )
             return
         log.error(_FAILED + "\n%s", *args, outcome.traceback.rstrip(), extra=extra)
+
+
+def _dead_info(
+    record: Record,
+    stage: str,
+    error_type: str,
+    error: str,
+    traceback: str,
+    signal: str,
+    caller: str,
+    category: str,
+    attempt: int,
+) -> h.FailureInfo:
+    """The headers of a dead-letter record written for ``record`` now."""
+    now = _now_ms()
+    return h.FailureInfo(
+        caller=caller,
+        category=category,
+        attempt=attempt,
+        stage=stage,
+        error_type=error_type,
+        error=error,
+        traceback=traceback,
+        first_failure_ms=record.first_failure or now,
+        not_before_ms=now,
+        origin_topic=record.topic,
+        origin_partition=record.partition,
+        origin_offset=record.offset,
+        origin_timestamp_ms=record.timestamp,
+        tier="dlq",
+        origin_key=record.key,
+        signal=signal,
+    )
 
 
 def _now_ms() -> int:
