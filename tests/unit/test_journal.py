@@ -4,11 +4,14 @@ what the next owner makes of the last record."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError
 
+import shunter.crashguard.guard as guard_module
 from shunter.crashguard.guard import CrashGuard
 from shunter.crashguard.journal import Entry, PartitionState, recover
 
@@ -107,3 +110,29 @@ def test_a_partition_that_left_stops_its_retried_writes() -> None:
         return len(producer.sent), answered
 
     assert asyncio.run(scenario()) == (1, [99])
+
+
+def test_a_death_is_counted_once_even_when_the_next_owner_dies_before_rerunning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given an owner that died with 100..150 in flight, when the next owner recovers the
+    partition and dies before re-running any of it (a pill of another partition), then
+    the owner after it gives the window no second count: the first recovery journaled
+    the counts it took before anything ran."""
+    dead = Entry("batch", 100, 150, -1, -1, [], {}, owner="elsewhere:1")
+    monkeypatch.setattr(guard_module, "read_latest", lambda *args, **kw: {b"gifts:0": dead})
+
+    async def scenario() -> tuple[int, Entry]:
+        producer = Producer()
+        guard = CrashGuard(producer, "journal", {}, 3)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(guard.recover([TP], {TP: 100}))
+        await asyncio.sleep(0.05)
+        assert not task.done(), "nothing may run before the counts are journaled"
+        producer.answer(0)
+        return (await task)[TP].crashes(120), Entry.decode(producer.sent[0][0])
+
+    first, written = asyncio.run(scenario())
+    assert (first, written.mode) == (1, "recovered")
+    died_too = dataclasses.replace(written, owner="died-too:2")
+    assert recover(died_too, committed=100).crashes(120) == 1
+    assert recover(died_too, committed=100).suspects_hi == 150

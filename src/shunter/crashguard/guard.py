@@ -12,7 +12,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from ..settle.producer import ReliableProducer
-from .journal import TP, PartitionState, key_of, read_latest, recover
+from .journal import COUNTED, OWNER, TP, PartitionState, key_of, read_latest, recover
 
 log = logging.getLogger("shunter.crashguard")
 
@@ -156,21 +156,32 @@ class CrashGuard:
             )
             entries = {}
         out = {}
+        counted = []  # partitions whose window was just given a crash count
         for key, tp in keys.items():
-            state = recover(entries.get(key), committed.get(tp, -1))
+            entry = entries.get(key)
+            state = recover(entry, committed.get(tp, -1))
             self.states[tp] = state
             out[tp] = state
-            if state.suspects_hi >= 0:
+            if entry is not None and state.suspects_hi >= 0:
+                if entry.mode in COUNTED and entry.owner != OWNER:
+                    counted.append(tp)
                 log.warning(
                     "%s[%d]: its previous owner (%s) died with deliveries in flight; re-running "
                     "offsets %d..%d as crash suspects (quarantine after %d crashes)",
                     tp[0],
                     tp[1],
-                    entries[key].owner,
+                    entry.owner,
                     committed.get(tp, -1),
                     state.suspects_hi,
                     self.quarantine_after,
                 )
+        # Invariant: a death is counted once. The counts just given to a dead owner's
+        # window are journaled before anything of this process runs: were this process
+        # to die first (a pill of another partition, run meanwhile), the next owner would
+        # read the dead owner's record again and blame the same window a second time.
+        await asyncio.gather(
+            *(self.write_and_wait(tp, out[tp].encode("recovered", -1, -1), -1) for tp in counted)
+        )
         return out
 
     def forget(self, tps: list[TP]) -> None:

@@ -11,7 +11,9 @@ deliveries in flight. Each offset of that window gets one crash count, and the w
 re-run *one offset at a time*, the single offset recorded first: if the process dies
 again, only that offset is blamed, and its innocent neighbours go through. An offset
 whose count reaches ``crash_guard.quarantine_after`` is dead-lettered with reason
-``crash`` and never run again. The counts travel in the records themselves.
+``crash`` and never run again. The counts travel in the records themselves: the new
+owner journals them (``recovered``) before it runs anything, so one death is counted once
+even if the new owner dies too before re-running the window.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class PartitionState:
 
 @dataclass(frozen=True)
 class Entry:
-    mode: str  # batch | single | sandbox | clean
+    mode: str  # batch | single | sandbox | recovered | clean
     lo: int
     hi: int
     offset: int
@@ -105,6 +107,11 @@ class Entry:
             single={int(o): int(n) for o, n in data.get("single", {}).items()},
             owner=str(data.get("owner", "")),
         )
+
+
+# The modes whose window gets one crash count when its owner died: it was in handlers.
+# (clean: nothing was; sandbox: suspects ran elsewhere; recovered: counts already taken.)
+COUNTED = frozenset({"batch", "single"})
 
 
 def key_of(tp: TP) -> bytes:
@@ -129,7 +136,9 @@ def recover(entry: Entry | None, committed: int) -> PartitionState:
     # go stay suspects, without a new count: nothing died since.
     # A "sandbox" record: its owner re-ran suspects in sandboxes, which a pill kills
     # instead of it (their deaths are in the counts already); its own death is not theirs.
-    if entry.mode in ("clean", "sandbox") or entry.owner == OWNER:
+    # A "recovered" record: its owner took the counts of the window before it (and wrote
+    # them here) before running anything; its death is not that window's either.
+    if entry.mode not in COUNTED or entry.owner == OWNER:
         state.prune(start)
         state.suspects_hi = entry.suspects_hi if entry.suspects_hi >= start else -1
         return state
