@@ -20,6 +20,7 @@ log = logging.getLogger("shunter.crashguard")
 # worker ended, and the stack its fatal-signal dump holds (bounded), if it left one.
 LAST_EXIT_ENV = "SHUNTER_LAST_EXIT"
 LAST_STACK_ENV = "SHUNTER_LAST_STACK"
+RECOVERED_WAIT = 30.0  # seconds an assignment waits for the recovered counts to land
 
 
 @dataclass
@@ -116,16 +117,16 @@ class CrashGuard:
             coverage.pending.pop(seq, None)
             self.write_failures += 1
             delay, coverage.backoff = coverage.backoff, min(coverage.backoff * 2, 30.0)
-            log.error(
-                "journal write for %s[%d] failed (%s); retrying in %.1fs", *tp, err, delay
-            )
+            log.error("journal write for %s[%d] failed (%s); retrying in %.1fs", *tp, err, delay)
             asyncio.get_running_loop().call_later(delay, self._rewrite, tp, coverage, done)
 
         self.producer.send(self.topic, key_of(tp), value, [], answer)
 
     def _rewrite(self, tp: TP, coverage: _Coverage, done: Any) -> None:
-        if self._coverage.get(tp) is not coverage or coverage.latest is None or (
-            tp not in self.states
+        if (
+            self._coverage.get(tp) is not coverage
+            or coverage.latest is None
+            or (tp not in self.states)
         ):
             done(None)  # the partition left: nothing of it runs here any more
             return
@@ -179,9 +180,18 @@ class CrashGuard:
         # window are journaled before anything of this process runs: were this process
         # to die first (a pill of another partition, run meanwhile), the next owner would
         # read the dead owner's record again and blame the same window a second time.
-        await asyncio.gather(
-            *(self.write_and_wait(tp, out[tp].encode("recovered", -1, -1), -1) for tp in counted)
-        )
+        writes = [
+            self.write_and_wait(tp, out[tp].encode("recovered", -1, -1), -1) for tp in counted
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*writes), RECOVERED_WAIT)
+        except TimeoutError:  # the broker refuses them: go on (they are still retried)
+            log.error(
+                "journaling the crash counts of %s took over %.0fs; going on (were this "
+                "process to die before they land, that window would be counted twice)",
+                ", ".join(f"{t}[{p}]" for t, p in counted),
+                RECOVERED_WAIT,
+            )
         return out
 
     def forget(self, tps: list[TP]) -> None:
