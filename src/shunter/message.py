@@ -126,11 +126,13 @@ class Record:
 
     @classmethod
     def from_kafka(cls, kmsg: KafkaRecord, ptrack: PartitionTracker) -> Record:
-        """The record as consumed: its own coordinates, key, payload and headers."""
+        """The record as consumed: its own coordinates, key, payload and headers.
+        ``ptrack`` is the tracker of the partition it was consumed from."""
         offset = kmsg.offset()
+        topic, partition = ptrack.tp
         return cls(
-            kmsg.topic(),
-            kmsg.partition(),
+            topic,
+            partition,
             offset,
             kmsg.key(),
             kmsg.value(),  # type: ignore[arg-type]  # None: a tombstone, which decode rejects

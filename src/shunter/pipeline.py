@@ -29,6 +29,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from .classify import Router
+from .classify.router import FilterError
 from .commit import OffsetTracker
 from .config import Config
 from .consume.held import NOT_DUE, HeldPartitions
@@ -96,6 +97,12 @@ class Pipeline:
         self.gate: JournalGate | OpenGate = (
             OpenGate(self) if guard is None else JournalGate(guard, self, sandbox)
         )
+        # Per source topic without filters: its deliveries, (runtime, caller, category)
+        # each, worked out once rather than per record (a topic with filters: absent).
+        self._targets = {
+            topic: [(runtimes[r.caller], r.caller, r.category) for r in routes]
+            for topic, routes in router.static_routes().items()
+        }
 
     @property
     def source(self) -> Any:
@@ -126,7 +133,7 @@ class Pipeline:
         self.processed += len(batch)
         touched: set[SubscriberRuntime] = set()
         accepted: dict[str, int] = {}
-        held, gate = self.held, self.gate
+        held, gate, skipper, decoders = self.held, self.gate, self.skipper, self.decoders
         for kmsg in batch:
             if kmsg.error() is not None:
                 self._consumer_error(kmsg.error())
@@ -139,7 +146,10 @@ class Pipeline:
                 if held.takes(tp, kmsg) or not gate.admit(tp, kmsg, named):
                     continue
             try:
-                self._one(kmsg, topic, touched, accepted)
+                if skipper.later or topic not in decoders:
+                    self._one(kmsg, topic, touched, accepted)
+                elif self._source_record(kmsg, topic, touched, None):  # _one's common case
+                    accepted[topic] = accepted.get(topic, 0) + 1
             except Exception as exc:  # the one place no record can fall through
                 self._failed_internally(kmsg, exc)
         for topic, n in accepted.items():
@@ -216,14 +226,18 @@ class Pipeline:
         except DecodeUnavailable as exc:
             self._decode_later(kmsg, exc, skip)
             return False
-        routes, filter_errors = self.router.routes(record)
-        runtimes = self.runtimes
+        targets = self._targets.get(topic)
+        filter_errors: list[FilterError] = []
+        if targets is None:  # a topic with filters
+            routes, filter_errors = self.router.routes(record)
+            runtimes = self.runtimes
+            targets = [(runtimes[r.caller], r.caller, r.category) for r in routes]
         # Everything that can fail is done before the offset is held: a failure up to
         # here holds it once, for its dead-letter record (see _failed_internally).
-        messages = [(runtimes[r.caller], Message(record, r.caller, r.category)) for r in routes]
+        messages = [(runtime, Message(record, c, category)) for runtime, c, category in targets]
         ptrack.hold(offset, len(messages) + (1 if filter_errors else 0))
         for runtime, msg in messages:
-            if msg.caller == skip:
+            if skip is not None and msg.caller == skip:
                 self.skipper.dead_letter(msg)
                 self.skipper.report(ptrack.tp, offset, skip, "dead-lettered unrun when read")
                 continue

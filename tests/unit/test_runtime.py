@@ -594,9 +594,9 @@ def test_first_step_successes_are_settled_together_before_the_runner_yields() ->
             if msg.value == 7:
                 raise ValueError("boom")
 
-        def settle_many(done: list[tuple[shunter.Message, float]]) -> None:
-            assert all(elapsed >= 0 for _, elapsed in done)
-            batched.extend(msg.value for msg, _ in done)
+        def settle_many(done: list[shunter.Message], times: list[float]) -> None:
+            assert len(times) == len(done) and all(elapsed >= 0 for elapsed in times)
+            batched.extend(msg.value for msg in done)
 
         rt = SubscriberRuntime("caller", handler, settled, ordering="none",
                                settle_many=settle_many)
@@ -656,8 +656,8 @@ def test_successes_are_settled_before_a_failure_that_follows_them() -> None:
         def settle(msg: shunter.Message, outcome: Outcome, elapsed: float) -> None:
             order.append(("one", msg.value))
 
-        def settle_many(done: list[tuple[shunter.Message, float]]) -> None:
-            order.extend(("many", msg.value) for msg, _ in done)
+        def settle_many(done: list[shunter.Message], times: list[float]) -> None:
+            order.extend(("many", msg.value) for msg in done)
 
         rt = SubscriberRuntime("caller", handler, settle, ordering="none",
                                settle_many=settle_many)

@@ -63,6 +63,12 @@ class Router:
     def topics(self) -> list[str]:
         return list(self._static)
 
+    def static_routes(self) -> dict[str, tuple[Route, ...]]:
+        """The routes of every topic that has no filters: the same for each of its records."""
+        return {
+            topic: routes for topic, routes in self._static.items() if not self._filtered[topic]
+        }
+
     def routes(self, record: Record) -> tuple[Sequence[Route], list[FilterError]]:
         """The record's routes, and the filter failures (empty in the common case)."""
         static = self._static[record.topic]

@@ -64,9 +64,15 @@ class Decoder:
                 raise RejectedMessage("decode", f"invalid JSON: {exc}") from None
             if _LONG_RUN in raw.translate(_DIGITS_AS_ZEROS):
                 value = _exact(raw)
-        if self._validate is None:
+        validate = self._validate
+        if validate is None:
             return value
-        return self._checked(value)
+        try:  # _checked, inlined: this is every record's path
+            return validate(value)
+        except RejectedMessage:
+            raise
+        except Exception as exc:
+            raise _invalid(exc) from None
 
     def _checked(self, value: Any) -> Any:
         """The value after the topic's schema or model, if any."""
@@ -76,9 +82,14 @@ class Decoder:
             return self._validate(value)
         except RejectedMessage:
             raise
-        except Exception as exc:  # a model's own validation error, whatever its library
-            reason = str(exc).replace("\n", "; ")[:1000]
-            raise RejectedMessage("validate", f"{type(exc).__name__}: {reason}") from None
+        except Exception as exc:
+            raise _invalid(exc) from None
+
+
+def _invalid(exc: Exception) -> RejectedMessage:
+    """A model's own validation error, whatever its library, as a dead letter's reason."""
+    reason = str(exc).replace("\n", "; ")[:1000]
+    return RejectedMessage("validate", f"{type(exc).__name__}: {reason}")
 
 
 def _schema_validator(config: Config, name: str, path: str) -> Validator:

@@ -35,9 +35,10 @@ from .failure import failure, timed_out
 # Invoke runs the handler: it returns None (done), a coroutine, or another awaitable.
 Invoke = Callable[[Message], Any]
 Settle = Callable[[Message, Outcome, float], None]
-# Settles a runner's successful deliveries, (message, seconds) each, in one call: the hot
-# path of a handler that completes in its first step. Called before the runner yields.
-SettleMany = Callable[[list[tuple[Message, float]]], None]
+# Settles a runner's successful deliveries in one call, their handler seconds in a list
+# beside them: the hot path of a handler that completes in its first step. Called before
+# the runner yields.
+SettleMany = Callable[[list[Message], list[float]], None]
 
 log = logging.getLogger("shunter.deliver")
 
@@ -111,6 +112,9 @@ class SubscriberRuntime:
         # Submitted, in order, not yet looked at: each is checked against the open lanes
         # when it is taken, so nothing newer of an open lane can overtake what waits there.
         self._runnable: deque[Message] = deque()
+        # Queue one delivery; call ``kick`` once after a batch of submits. (The deque's own
+        # append: no Python frame per delivery.)
+        self.submit: Callable[[Message], None] = self._runnable.append
         # Handed on by their lane (each owns its open lane): started before _runnable's.
         self._released: deque[Message] = deque()
         # Open lanes: a delivery of the lane is suspended or handed on and not settled;
@@ -130,9 +134,6 @@ class SubscriberRuntime:
     def lane_of(self, msg: Message) -> Hashable:
         return self._lane(msg)
 
-    def submit(self, msg: Message) -> None:
-        """Queue one delivery; call ``kick`` once after a batch of submits."""
-        self._runnable.append(msg)
 
     def _wait_in_lane(self, msg: Message, lane: Hashable) -> None:
         queued = self._lanes[lane]
@@ -170,7 +171,8 @@ class SubscriberRuntime:
         lane_of = self._lane
         by_key = self._by_key
         clock = time.perf_counter
-        succeeded: list[tuple[Message, float]] = []  # settled together, before any await
+        succeeded: list[Message] = []  # settled together, before any await
+        times: list[float] = []  # each one's handler seconds
         runner = True
         try:
             while (
@@ -209,9 +211,10 @@ class SubscriberRuntime:
                                 released.append(queued.popleft())
                             else:
                                 lanes.pop(lane, None)
-                        succeeded.append((msg, clock() - started))
+                        succeeded.append(msg)
+                        times.append(clock() - started)
                         if len(succeeded) >= 256:
-                            self._settle_succeeded(succeeded)
+                            self._settle_succeeded(succeeded, times)
                         continue
                     if type(result) is CoroutineType:
                         result = Resumed(result, first)
@@ -222,18 +225,18 @@ class SubscriberRuntime:
                     if _being_cancelled():  # shutdown: the runner itself is cancelled
                         raise
                     if succeeded:
-                        self._settle_succeeded(succeeded)
+                        self._settle_succeeded(succeeded, times)
                     self._done(msg, failure(exc), started, owner)  # the handler's own doing
                     continue
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt: the handler's
                     if succeeded:  # in order: the flood guard counts settles as they come
-                        self._settle_succeeded(succeeded)
+                        self._settle_succeeded(succeeded, times)
                     self._done(msg, failure(exc), started, owner)
                     continue
                 # Suspended: this task belongs to ``msg`` from here on; another runner
                 # takes over the queue.
                 if succeeded:
-                    self._settle_succeeded(succeeded)
+                    self._settle_succeeded(succeeded, times)
                 if not owner:  # open its lane: what is taken next of it waits there
                     lane = msg._record.key if by_key else lane_of(msg)
                     if lane is not None:
@@ -255,13 +258,13 @@ class SubscriberRuntime:
                 runner = True
         finally:
             if succeeded:
-                self._settle_succeeded(succeeded)
+                self._settle_succeeded(succeeded, times)
             if runner:
                 self._runners -= 1
 
-    def _settle_succeeded(self, succeeded: list[tuple[Message, float]]) -> None:
+    def _settle_succeeded(self, succeeded: list[Message], times: list[float]) -> None:
         try:
-            self._settle_many(succeeded)
+            self._settle_many(succeeded, times)
         except Exception:  # settling must never stop the runner; the offsets stay held
             log.critical(
                 "settling %d deliveries of %s failed; their offsets stay uncommitted",
@@ -270,9 +273,10 @@ class SubscriberRuntime:
                 exc_info=True,
             )
         succeeded.clear()
+        times.clear()
 
-    def _settle_each(self, succeeded: list[tuple[Message, float]]) -> None:
-        for msg, elapsed in succeeded:
+    def _settle_each(self, succeeded: list[Message], times: list[float]) -> None:
+        for msg, elapsed in zip(succeeded, times, strict=True):
             try:
                 self._settle(msg, SUCCEEDED, elapsed)
             except Exception:  # this one's offset stays held; the others settle

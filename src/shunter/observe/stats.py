@@ -42,6 +42,15 @@ class Latency:
         self.counts[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
 
+    def succeeded_many(self, topic: str, times: list[float]) -> None:
+        """``succeeded`` for several deliveries of one topic."""
+        ok = self.ok
+        ok[topic] = ok.get(topic, 0) + len(times)
+        counts = self.counts
+        for seconds in times:
+            counts[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
+        self.total += sum(times)
+
     def succeeded(self, topic: str, seconds: float) -> None:
         """The hot path: no tuple is built and no Counter touched for a success."""
         ok = self.ok

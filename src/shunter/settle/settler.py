@@ -69,19 +69,28 @@ class Settler:
         self._abandoned: set[tuple[tuple[str, int], int, str]] = set()
         self.set_aside: Callable[[Message], None] | None = None  # set by the service
 
-    def succeeded(self, done: list[tuple[Message, float]]) -> None:
-        """Settle successful deliveries of one caller (the runtime's ``SettleMany``)."""
+    def succeeded(self, done: list[Message], times: list[float]) -> None:
+        """Settle successful deliveries of one caller, ``times`` their handler seconds
+        (the runtime's ``SettleMany``)."""
         if not done:
             return
-        caller = done[0][0].caller
-        latency = self._stats.latency[caller]
-        for msg, elapsed in done:
+        caller = done[0].caller
+        topic = done[0]._record.topic
+        one_topic = True
+        for msg in done:
             record = msg._record
             try:
                 record.ptrack.release(record.seq)
-                latency.succeeded(record.topic, elapsed)
             except Exception:  # a bug; the others must still be released
                 log.critical("settling %r failed", msg, exc_info=True)
+            if record.topic != topic:
+                one_topic = False
+        latency = self._stats.latency[caller]
+        if one_topic:  # the common case: a caller's run of one topic
+            latency.succeeded_many(topic, times)
+        else:
+            for msg, elapsed in zip(done, times, strict=True):
+                latency.succeeded(msg._record.topic, elapsed)
         if self._flood is not None:
             self._flood.succeeded(caller, len(done))
 
