@@ -77,6 +77,10 @@ def test_integers_beyond_64_bits_stay_exact_and_are_still_integers(tmp_path: Pat
     assert decoder(tmp_path)(digits_in_a_string)["items"] == ["9" * 25]
     nineteen = b'{"user_id": %d, "price": 1}' % (2**63 - 1)
     assert decoder(tmp_path)(nineteen)["user_id"] == 2**63 - 1
+    # Below -2**63 with only 19 digits: orjson rounds it to a float as well.
+    for small in (-(2**63) - 1, -9999999999999999999):
+        value = decoder(tmp_path)(b'{"user_id": 1, "price": 1, "n": %d}' % small)["n"]
+        assert value == small and isinstance(value, int)
 
 
 def test_an_unusable_schema_file_is_refused_at_start_with_its_key_path(tmp_path: Path) -> None:

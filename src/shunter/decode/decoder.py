@@ -21,13 +21,14 @@ from ..loader import import_object
 Validator = Callable[[Any], Any]
 
 
-# orjson turns an integer beyond 64 bits into a float, silently rounded. A payload with a
-# run of 20+ digits (rare; digits inside strings match too) is decoded again by the
-# standard library, which keeps integers exact up to CPython's 4,300-digit limit. The run
-# is found by mapping every digit to "0" and everything else to " " and searching for 20
-# zeros: two C-speed passes, 0.3 µs on a 200-byte event where a regex takes 1.6 µs.
+# orjson turns an integer beyond 64 bits (above 2**64 - 1 or below -2**63) into a float,
+# silently rounded. A payload with a run of 19+ digits (the shortest such integer is
+# -9223372036854775809; rare, and digits inside strings match too) is decoded again by
+# the standard library, which keeps integers exact up to CPython's 4,300-digit limit.
+# The run is found by mapping every digit to "0" and everything else to " " and searching
+# for 19 zeros: two C-speed passes, 0.3 µs on a 200-byte event where a regex takes 1.9 µs.
 _DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
-_LONG_RUN = b"0" * 20
+_LONG_RUN = b"0" * 19
 
 
 def _exact(raw: bytes) -> Any:
