@@ -134,6 +134,8 @@ class Pipeline:
         touched: set[SubscriberRuntime] = set()
         accepted: dict[str, int] = {}
         held, gate, skipper, decoders = self.held, self.gate, self.skipper, self.decoders
+        holding = held.partitions  # a dict: its truth is tested at C speed, per record
+        busy = gate.busy  # crash suspects start on an assignment, never during a batch
         for kmsg in batch:
             if kmsg.error() is not None:
                 self._consumer_error(kmsg.error())
@@ -141,7 +143,7 @@ class Pipeline:
             topic = kmsg.topic()
             # Checked per record: a retry record holds its partition mid-batch, and the
             # rest of that partition in this batch must then wait behind it.
-            if held or gate.busy or not named:
+            if holding or busy or not named:
                 tp = (topic, kmsg.partition())
                 if held.takes(tp, kmsg) or not gate.admit(tp, kmsg, named):
                     continue
@@ -157,9 +159,7 @@ class Pipeline:
         for runtime in touched:
             runtime.kick()
 
-    def run_alone(
-        self, kmsg: KafkaRecord, divert: Callable[[Message], bool] | None = None
-    ) -> None:
+    def run_alone(self, kmsg: KafkaRecord, divert: Callable[[Message], bool] | None = None) -> None:
         """Process one record now (a crash suspect), its deliveries started at once;
         ``divert(msg)`` may take a delivery instead of its runtime (a sandbox)."""
         touched: set[SubscriberRuntime] = set()

@@ -5,11 +5,11 @@ Three processes besides the bench: a producer paced at ``RATE`` that puts its wa
 in every message (``sent``), ``shunter run`` with three subscribers that each take
 ``time.time() - sent`` (crash guard on), and a plain consumer (orjson, the same consumer
 settings, and the same way of taking batches as shunter's consumer thread: what is
-fetched already, else the first record to arrive) that does the same per message. Both consumers join their groups
-before the producer starts; the first ``WARMUP`` seconds of the stream are left out of the
-percentiles. On the embedded development broker even a plain consumer sees p50 ≈ 0.2 s
-and p99 ≈ 1.2 s at this rate, so this scenario runs only on a broker given with
-``--bootstrap`` (Apache Kafka).
+fetched already, else the first record to arrive) that does the same per message. Both
+consumers join their groups before the producer starts; the first ``WARMUP`` seconds of
+the stream are left out of the percentiles. On the embedded development broker even a
+plain consumer sees p50 ≈ 0.2 s and p99 ≈ 1.2 s at this rate, so this scenario runs
+only on a broker given with ``--bootstrap`` (Apache Kafka).
 """
 
 from __future__ import annotations

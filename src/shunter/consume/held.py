@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 TP = tuple[str, int]
@@ -39,6 +39,9 @@ class HeldPartitions:
         self._reprocess = reprocess  # what a release does with the messages, in order
         self._count = count  # messages taken (+) or given back (-) by the pipeline
         self._messages: dict[TP, list[Any]] = {}
+        # Read-only for others: the partitions holding anything (the pipeline tests it
+        # per record, where a call to __bool__ would cost more than the test).
+        self.partitions: Mapping[TP, list[Any]] = self._messages
         self._why: dict[TP, str] = {}
 
     def __bool__(self) -> bool:
