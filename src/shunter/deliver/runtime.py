@@ -134,7 +134,6 @@ class SubscriberRuntime:
     def lane_of(self, msg: Message) -> Hashable:
         return self._lane(msg)
 
-
     def _wait_in_lane(self, msg: Message, lane: Hashable) -> None:
         queued = self._lanes[lane]
         if queued is None:
