@@ -6,6 +6,7 @@ and what its handlers counted themselves (each process writes a file when it exi
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -22,9 +23,10 @@ from confluent_kafka import Consumer, TopicPartition
 from .context import BenchContext, Dataset
 
 # Imported by every worker process: its handlers count their own calls and stamp the wall
-# clock of the first and the last; at exit each process writes them to
-# ``<dir>/calls-<pid>.json``. ``SLOW_S`` makes ``slow`` wait that long per delivery;
-# ``latency`` keeps the produce→handler delay of every delivery whose value carries ``ts``.
+# clock of the first and the last (and every 3,000 calls: ``marks``, (time, calls) pairs);
+# at exit each process writes them to ``<dir>/calls-<pid>.json``. ``SLOW_S`` makes
+# ``slow`` wait that long per delivery; ``latency`` keeps the produce→handler delay of
+# every delivery whose value carries ``ts``.
 HANDLERS = """
 import asyncio, atexit, os, time
 import orjson
@@ -34,10 +36,13 @@ _SLOW = float(os.environ.get("SHUNTER_BENCH_SLOW_S", "0"))
 _calls = {}
 _first = _last = 0.0
 _delays = []
+_marks = []
+_n = 0
 
 
 def _report():
-    data = {"calls": _calls, "first": _first, "last": _last, "delays": _delays}
+    data = {"calls": _calls, "first": _first, "last": _last, "delays": _delays,
+            "marks": _marks}
     with open(os.path.join(_DIR, f"calls-{os.getpid()}.json"), "wb") as f:
         f.write(orjson.dumps(data))
 
@@ -47,12 +52,15 @@ atexit.register(_report)
 
 def _counting(name, wait=0.0, timed=False):
     async def handle(msg):
-        global _first, _last
+        global _first, _last, _n
         now = time.time()
         if not _first:
             _first = now
         _last = now
         _calls[name] = _calls.get(name, 0) + 1
+        _n += 1
+        if _n % 3000 == 0:
+            _marks.append((now, _n))
         if timed:
             _delays.append(now - msg.value["sent"])
         if wait:
@@ -180,6 +188,27 @@ def wait_committed(
 def handler_reports(config_file: Path) -> list[dict[str, Any]]:
     """What every process's handlers counted (files written at their exit)."""
     return [orjson.loads(p.read_bytes()) for p in sorted(config_file.parent.glob("calls-*.json"))]
+
+
+def steady_rate(reports: list[dict[str, Any]]) -> float | None:
+    """Handler calls per second over the span in which every process was delivering
+    (from the last first call to the first last call), from each one's ``marks``; None
+    when that span is too short to say (under half a second)."""
+    start: float = max(r["first"] for r in reports)
+    end: float = min(r["last"] for r in reports)
+    if end - start < 0.5:
+        return None
+
+    def calls_at(report: dict[str, Any], when: float) -> float:
+        total = sum(report["calls"].values())
+        points = [(report["first"], 1), *report["marks"], (report["last"], total)]
+        for (t0, n0), (t1, n1) in itertools.pairwise(points):
+            if t0 <= when <= t1:
+                return float(n0 + (n1 - n0) * ((when - t0) / (t1 - t0) if t1 > t0 else 1.0))
+        return float(total if when > report["last"] else 0)
+
+    calls = sum(calls_at(r, end) - calls_at(r, start) for r in reports)
+    return calls / (end - start)
 
 
 def tree_rss(pid: int) -> int:

@@ -6,6 +6,9 @@ first handler call (the handlers stamp it themselves) until the group's committe
 reach the end of the topic; the handlers count their own calls. The order alternates
 between runs. N workers pay for forming the group while the backlog is read (one member
 starts alone, the others join and take their share): that is part of the figure.
+``steady_speedup`` compares the handler-call rates over the span in which every worker of
+a side was delivering (the group formed, the tail not reached), from marks the handlers
+take every 3,000 calls.
 
 The topic has 12 partitions and each retry tier 1: the cooperative-sticky assignor
 balances the number of partitions per member, retry tiers included, so retry partitions as
@@ -49,6 +52,11 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "speedup": round(many["rate"] / one["rate"], 3),
         "one_seconds": round(one["seconds"], 3),
         "n_seconds": round(many["seconds"], 3),
+        # While every worker delivers: the group formed, the tail not yet reached (None
+        # when a side had no such span of half a second).
+        "steady_speedup": (
+            round(many["steady"] / one["steady"], 3) if many["steady"] and one["steady"] else None
+        ),
         "one_calls_per_message": round(one["calls"] / (3 * data.count), 4),
         "n_calls_per_message": round(many["calls"] / (3 * data.count), 4),
         "n_processes_that_delivered": many["processes"],
@@ -74,4 +82,5 @@ def _one(ctx: BenchContext, data: Any, workers: int) -> dict[str, Any]:
         "seconds": seconds,
         "calls": calls,
         "processes": len(reports),
+        "steady": procs.steady_rate(reports),
     }
