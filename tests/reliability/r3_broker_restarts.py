@@ -15,6 +15,7 @@ every partition's unacknowledged commit at once.
 from __future__ import annotations
 
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,7 @@ def run(
     pid = proc.process.pid if proc is not None and proc.process is not None else -1
     # The dispatcher never died, so a crash-guard warning naming its own pid as the
     # "previous owner" that "died with deliveries in flight" is a misattribution.
-    self_blamed = text.count(f":{pid}) died with deliveries in flight")
+    self_blamed = len(re.findall(rf":{pid}:[0-9a-f]+\) died with deliveries in flight", text))
     result: dict[str, Any] = {
         "scenario": "R3 Apache Kafka broker killed and restarted",
         "broker": broker_label(broker) + f" (own data dir {node.data})",

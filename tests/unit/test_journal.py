@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -112,27 +114,99 @@ def test_a_partition_that_left_stops_its_retried_writes() -> None:
     assert asyncio.run(scenario()) == (1, [99])
 
 
+async def _recover(producer: Producer) -> asyncio.Task[Any]:
+    """Start an assignment of TP (resuming at 100) over the journal the test patched in;
+    return once its read is done (the task then waits for any write it sent)."""
+    guard = CrashGuard(producer, "journal", {}, 3)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(guard.recover([TP], {TP: 100}))
+    for _ in range(500):  # the read runs on a thread
+        await asyncio.sleep(0.01)
+        if task.done() or producer.sent:
+            break
+    return task
+
+
 def test_a_death_is_counted_once_even_when_the_next_owner_dies_before_rerunning(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Given an owner that died with 100..150 in flight, when the next owner recovers the
-    partition and dies before re-running any of it (a pill of another partition), then
-    the owner after it gives the window no second count: the first recovery journaled
-    the counts it took before anything ran."""
-    dead = Entry("batch", 100, 150, -1, -1, [], {}, owner="elsewhere:1")
+    partition, then the assignment completes only once the counts it gave are journaled
+    (``recovered``), and an owner after it that reads that record gives no second count
+    and still re-runs the window."""
+    dead = Entry("batch", 100, 150, -1, -1, [], {}, owner="elsewhere:1:00")
     monkeypatch.setattr(guard_module, "read_latest", lambda *args, **kw: {b"gifts:0": dead})
 
     async def scenario() -> tuple[int, Entry]:
         producer = Producer()
-        guard = CrashGuard(producer, "journal", {}, 3)  # type: ignore[arg-type]
-        task = asyncio.ensure_future(guard.recover([TP], {TP: 100}))
-        await asyncio.sleep(0.05)
-        assert not task.done(), "nothing may run before the counts are journaled"
+        task = await _recover(producer)
+        assert producer.sent and not task.done(), "the counts are journaled before it goes on"
         producer.answer(0)
         return (await task)[TP].crashes(120), Entry.decode(producer.sent[0][0])
 
     first, written = asyncio.run(scenario())
     assert (first, written.mode) == (1, "recovered")
-    died_too = dataclasses.replace(written, owner="died-too:2")
-    assert recover(died_too, committed=100).crashes(120) == 1
-    assert recover(died_too, committed=100).suspects_hi == 150
+    died_too = recover(dataclasses.replace(written, owner="died-too:2:00"), committed=100)
+    assert (died_too.crashes(120), died_too.suspects_hi) == (1, 150)
+    # What the next owner would have counted without it: the dead owner's record again.
+    assert recover(dead, committed=100).crashes(120) + first == 2
+
+
+def test_nothing_is_journaled_at_assignment_when_no_death_was_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a last record that counts no death (clean with suspects left, this very
+    process's own batch record, or no record: the journal could not be read), when the
+    partition is assigned, then nothing is written and the assignment goes on at once."""
+    left = PartitionState(runs=[[100, 150, 1]], suspects_hi=150).encode("clean", 100, -1)
+    own = PartitionState(suspects_hi=150).encode("batch", 100, 150)
+    entries = [
+        Entry.decode(left),
+        Entry.decode(own),  # written by this process: the partition was lost, nothing died
+        None,
+    ]
+    for entry in entries:
+        table = {} if entry is None else {b"gifts:0": entry}
+        monkeypatch.setattr(guard_module, "read_latest", lambda *a, t=table, **kw: t)
+
+        async def scenario() -> tuple[bool, int]:
+            producer = Producer()
+            task = await _recover(producer)
+            return task.done(), len(producer.sent)
+
+        assert asyncio.run(scenario()) == (True, 0), entry
+
+
+def test_an_assignment_goes_on_when_the_counts_cannot_be_journaled_in_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given a broker that does not acknowledge the recovered record, when the wait runs
+    out, then the assignment completes (with its counts) and says what it risks."""
+    dead = Entry("batch", 100, 150, -1, -1, [], {}, owner="elsewhere:1:00")
+    monkeypatch.setattr(guard_module, "read_latest", lambda *args, **kw: {b"gifts:0": dead})
+    monkeypatch.setattr(guard_module, "RECOVERED_WAIT", 0.2)
+
+    async def scenario() -> int:
+        task = await _recover(Producer())  # never answered
+        return (await asyncio.wait_for(task, 5))[TP].crashes(120)
+
+    assert asyncio.run(scenario()) == 1
+    assert "counted twice" in caplog.text
+
+
+def test_a_dead_owner_with_this_process_host_and_pid_is_not_taken_for_it() -> None:
+    """Given a container restarted in place (same host name, shunter pid 1 again), when
+    the new process reads the dead one's batch record, then its window is counted: host
+    and pid alone do not make the dead owner this process (that would be a crash loop).
+    Two starts of the journal module in one process stand for the two processes."""
+    script = (
+        "import importlib, shunter.crashguard.journal as j\n"
+        "dead = j.Entry('batch', 100, 150, -1, -1, [], {}, owner=j.OWNER)\n"
+        "importlib.reload(j)\n"
+        "print(j.recover(dead, committed=100).crashes(120))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "1", out.stderr
+    own = Entry.decode(PartitionState().encode("batch", 100, 150))
+    assert recover(own, committed=100).crashes(120) == 0

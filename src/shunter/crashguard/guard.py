@@ -12,7 +12,7 @@ from typing import Any
 from confluent_kafka import KafkaError
 
 from ..settle.producer import ReliableProducer
-from .journal import COUNTED, OWNER, TP, PartitionState, key_of, read_latest, recover
+from .journal import TP, PartitionState, counts_a_death, key_of, read_latest, recover
 
 log = logging.getLogger("shunter.crashguard")
 
@@ -20,7 +20,7 @@ log = logging.getLogger("shunter.crashguard")
 # worker ended, and the stack its fatal-signal dump holds (bounded), if it left one.
 LAST_EXIT_ENV = "SHUNTER_LAST_EXIT"
 LAST_STACK_ENV = "SHUNTER_LAST_STACK"
-RECOVERED_WAIT = 30.0  # seconds an assignment waits for the recovered counts to land
+RECOVERED_WAIT = 10.0  # seconds an assignment waits for the recovered counts to land
 
 
 @dataclass
@@ -164,22 +164,26 @@ class CrashGuard:
             self.states[tp] = state
             out[tp] = state
             if entry is not None and state.suspects_hi >= 0:
-                if entry.mode in COUNTED and entry.owner != OWNER:
+                died = counts_a_death(entry)
+                if died:
                     counted.append(tp)
                 log.warning(
-                    "%s[%d]: its previous owner (%s) died with deliveries in flight; re-running "
-                    "offsets %d..%d as crash suspects (quarantine after %d crashes)",
+                    "%s[%d]: its previous owner (%s) %s; re-running offsets %d..%d as crash "
+                    "suspects (quarantine after %d crashes)",
                     tp[0],
                     tp[1],
                     entry.owner,
+                    "died with deliveries in flight" if died else "left crash suspects not re-run",
                     committed.get(tp, -1),
                     state.suspects_hi,
                     self.quarantine_after,
                 )
         # Invariant: a death is counted once. The counts just given to a dead owner's
-        # window are journaled before anything of this process runs: were this process
-        # to die first (a pill of another partition, run meanwhile), the next owner would
-        # read the dead owner's record again and blame the same window a second time.
+        # window are journaled before the assignment completes, so before anything of
+        # these partitions runs: were this process to die first (a pill of another
+        # partition), the next owner would read the dead owner's record again and blame
+        # the same window a second time. Partitions this process owned already go on
+        # meanwhile: a death of theirs within this write's round trip still counts twice.
         writes = [
             self.write_and_wait(tp, out[tp].encode("recovered", -1, -1), -1) for tp in counted
         ]
@@ -188,7 +192,8 @@ class CrashGuard:
         except TimeoutError:  # the broker refuses them: go on (they are still retried)
             log.error(
                 "journaling the crash counts of %s took over %.0fs; going on (were this "
-                "process to die before they land, that window would be counted twice)",
+                "process to die before they land, that window would be counted twice; "
+                "the write is retried)",
                 ", ".join(f"{t}[{p}]" for t, p in counted),
                 RECOVERED_WAIT,
             )

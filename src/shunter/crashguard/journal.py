@@ -6,20 +6,22 @@ release (drained, committed) writes ``clean``. The journal is a compacted topic 
 ``topic:partition``, so whichever instance is assigned the partition next — on this
 machine or another — reads the last word about it.
 
-On assignment, a partition whose last record is not ``clean`` had an owner that died with
-deliveries in flight. Each offset of that window gets one crash count, and the window is
-re-run *one offset at a time*, the single offset recorded first: if the process dies
-again, only that offset is blamed, and its innocent neighbours go through. An offset
+On assignment, a partition whose last record is ``batch`` or ``single`` (``COUNTED``), by
+another process, had an owner that died with deliveries in flight. Each offset of that
+window gets one crash count, and the window is re-run *one offset at a time*, the
+single offset recorded first (or in sandbox processes, ``suspects.py``): if the process
+dies again, only that offset is blamed, and its innocent neighbours go through. An offset
 whose count reaches ``crash_guard.quarantine_after`` is dead-lettered with reason
 ``crash`` and never run again. The counts travel in the records themselves: the new
-owner journals them (``recovered``) before it runs anything, so one death is counted once
-even if the new owner dies too before re-running the window.
+owner journals them (``recovered``) before the partition's assignment completes, so one
+death is counted once even if the new owner dies too before re-running the window.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, field
@@ -33,7 +35,10 @@ log = logging.getLogger("shunter.crashguard")
 
 TP = tuple[str, int]
 
-OWNER = f"{socket.gethostname()}:{os.getpid()}"
+# This process, as the journal names it. Host and pid alone are not enough: a container
+# restarted in place has the same host name and runs shunter as pid 1 again, and a dead
+# owner mistaken for this one would have its window counted no death (a crash loop).
+OWNER = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 @dataclass
@@ -114,6 +119,12 @@ class Entry:
 COUNTED = frozenset({"batch", "single"})
 
 
+def counts_a_death(entry: Entry) -> bool:
+    """Whether the process that wrote ``entry`` died with its window in handlers: a
+    ``batch`` or ``single`` record of another process."""
+    return entry.mode in COUNTED and entry.owner != OWNER
+
+
 def key_of(tp: TP) -> bytes:
     return f"{tp[0]}:{tp[1]}".encode()
 
@@ -138,7 +149,7 @@ def recover(entry: Entry | None, committed: int) -> PartitionState:
     # instead of it (their deaths are in the counts already); its own death is not theirs.
     # A "recovered" record: its owner took the counts of the window before it (and wrote
     # them here) before running anything; its death is not that window's either.
-    if entry.mode not in COUNTED or entry.owner == OWNER:
+    if not counts_a_death(entry):
         state.prune(start)
         state.suspects_hi = entry.suspects_hi if entry.suspects_hi >= start else -1
         return state
