@@ -86,6 +86,7 @@ class Record:
         "first_failure",
         "headers",
         "key",
+        "left",
         "offset",
         "partition",
         "ptrack",
@@ -123,6 +124,9 @@ class Record:
         self.ptrack = ptrack
         self.seq = seq
         self.first_failure = first_failure  # ms since the epoch; 0 before any failure
+        # Deliveries not yet settled. The tracker holds the offset once for all of them:
+        # the last one to settle releases it (``settle_one``).
+        self.left = 1
 
     @classmethod
     def from_kafka(cls, kmsg: KafkaRecord, ptrack: PartitionTracker) -> Record:
@@ -160,8 +164,10 @@ class Record:
         )
 
     def settle_one(self) -> None:
-        """One of this record's deliveries is settled."""
-        self.ptrack.release(self.seq)
+        """One of this record's deliveries is settled; the last one releases its offset."""
+        self.left -= 1
+        if not self.left:
+            self.ptrack.release(self.seq)
 
 
 class Message:

@@ -235,7 +235,8 @@ class Pipeline:
         # Everything that can fail is done before the offset is held: a failure up to
         # here holds it once, for its dead-letter record (see _failed_internally).
         messages = [(runtime, Message(record, c, category)) for runtime, c, category in targets]
-        ptrack.hold(offset, len(messages) + (1 if filter_errors else 0))
+        record.left = len(messages) + (1 if filter_errors else 0)
+        ptrack.hold(offset, 1 if record.left else 0)  # released by the last (settle_one)
         for runtime, msg in messages:
             if skip is not None and msg.caller == skip:
                 self.skipper.dead_letter(msg)

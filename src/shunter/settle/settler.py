@@ -79,10 +79,13 @@ class Settler:
         one_topic = True
         for msg in done:
             record = msg._record
-            try:
-                record.ptrack.release(record.seq)
-            except Exception:  # a bug; the others must still be released
-                log.critical("settling %r failed", msg, exc_info=True)
+            left = record.left - 1  # Record.settle_one, inlined: every delivery's path
+            record.left = left
+            if not left:
+                try:
+                    record.ptrack.release(record.seq)
+                except Exception:  # a bug; the others must still be released
+                    log.critical("settling %r failed", msg, exc_info=True)
             if record.topic != topic:
                 one_topic = False
         latency = self._stats.latency[caller]
@@ -105,7 +108,7 @@ class Settler:
             self._stats.latency[caller].succeeded(record.topic, elapsed)
             if self._flood is not None:
                 self._flood.succeeded(caller, 1)
-            record.ptrack.release(record.seq)
+            record.settle_one()
             return
         try:
             assert isinstance(outcome, Failed | DeadLettered)
