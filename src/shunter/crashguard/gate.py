@@ -132,13 +132,18 @@ class JournalGate:
 
     def handle_batch(self, batch: list[Any]) -> None:
         """Journal the batch, then hand it on to be processed in order."""
-        first: dict[TP, int] = {}
-        last: dict[TP, int] = {}
+        # Each partition's first and last record (its offsets rise through the batch);
+        # their offsets are read once per partition, not per record.
+        firsts: dict[TP, Any] = {}
+        lasts: dict[TP, Any] = {}
         for kmsg in batch:
             if kmsg.error() is None:
                 tp = (kmsg.topic(), kmsg.partition())
-                last[tp] = kmsg.offset()
-                first.setdefault(tp, last[tp])
+                lasts[tp] = kmsg
+                if tp not in firsts:
+                    firsts[tp] = kmsg
+        first = {tp: kmsg.offset() for tp, kmsg in firsts.items()}
+        last = {tp: kmsg.offset() for tp, kmsg in lasts.items()}
         waiting = _Waiting(batch, last)
         for tp, hi in last.items():
             ptrack = self._tracker.partitions.get(tp)
