@@ -76,7 +76,7 @@ def run(
         settled.append((outcome, tracing.retry_headers()))
         done.set()
 
-    def settle_many(batch: list[Message], times: list[float]) -> None:
+    def settle_many(batch: list[Message], seconds: float, slow: list[float]) -> None:
         settled.extend((SUCCEEDED, []) for _ in batch)
         done.set()
 

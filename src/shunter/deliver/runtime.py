@@ -28,6 +28,7 @@ from types import CoroutineType
 from typing import Any
 
 from ..message import Message
+from ..observe.stats import BUCKETS
 from ..outcome import SUCCEEDED, Outcome
 from .eager import Resumed
 from .failure import failure, timed_out
@@ -35,12 +36,15 @@ from .failure import failure, timed_out
 # Invoke runs the handler: it returns None (done), a coroutine, or another awaitable.
 Invoke = Callable[[Message], Any]
 Settle = Callable[[Message, Outcome, float], None]
-# Settles a runner's successful deliveries in one call, their handler seconds in a list
-# beside them: the hot path of a handler that completes in its first step. Called before
-# the runner yields.
-SettleMany = Callable[[list[Message], list[float]], None]
+# Settles a runner's successful deliveries in one call: the hot path of a handler that
+# completes in its first step. Called before the runner yields, with their handler seconds
+# together and, one by one, those of the deliveries slower than the latency histogram's
+# first bucket (``_FIRST_BUCKET``): the rest were all faster.
+SettleMany = Callable[[list[Message], float, list[float]], None]
 
 log = logging.getLogger("shunter.deliver")
+
+_FIRST_BUCKET = BUCKETS[0]  # seconds: the latency histogram's first bucket
 
 _BUSY = None  # a lane with a delivery in flight and nothing queued behind it
 
@@ -170,8 +174,14 @@ class SubscriberRuntime:
         lane_of = self._lane
         by_key = self._by_key
         clock = time.perf_counter
+        first = _FIRST_BUCKET
         succeeded: list[Message] = []  # settled together, before any await
-        times: list[float] = []  # each one's handler seconds
+        # Their handler seconds, without a clock read of its own per delivery: each
+        # delivery's time runs from the previous one's end (``last``) to its own, so a
+        # batch of successes took ``last - batch_start``, and only the few slower than
+        # the histogram's first bucket are kept one by one (``slow``).
+        slow: list[float] = []
+        last = batch_start = clock()
         runner = True
         try:
             while (
@@ -194,12 +204,11 @@ class SubscriberRuntime:
                     if owner:
                         self._next_in_lane(msg)
                     continue
-                started = clock()
                 try:
                     result = invoke(msg)
                     if type(result) is CoroutineType:
                         try:
-                            first = result.send(None)
+                            step = result.send(None)
                         except StopIteration:
                             result = None
                     if result is None:  # done in its first step: the common case, inlined
@@ -211,31 +220,38 @@ class SubscriberRuntime:
                             else:
                                 lanes.pop(lane, None)
                         succeeded.append(msg)
-                        times.append(clock() - started)
+                        now = clock()
+                        if now - last > first:
+                            slow.append(now - last)
+                        last = now
                         if len(succeeded) >= 256:
-                            self._settle_succeeded(succeeded, times)
+                            self._settle_succeeded(succeeded, last - batch_start, slow)
+                            batch_start = last
                         continue
                     if type(result) is CoroutineType:
-                        result = Resumed(result, first)
+                        result = Resumed(result, step)
                     elif not hasattr(result, "__await__"):
-                        self._done(msg, SUCCEEDED, started, owner)
+                        self._settle_succeeded(succeeded, last - batch_start, slow)
+                        self._done(msg, SUCCEEDED, last, owner)
+                        last = batch_start = clock()
                         continue
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():  # shutdown: the runner itself is cancelled
                         raise
-                    if succeeded:
-                        self._settle_succeeded(succeeded, times)
-                    self._done(msg, failure(exc), started, owner)  # the handler's own doing
+                    self._settle_succeeded(succeeded, last - batch_start, slow)
+                    self._done(msg, failure(exc), last, owner)  # the handler's own doing
+                    last = batch_start = clock()
                     continue
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt: the handler's
-                    if succeeded:  # in order: the flood guard counts settles as they come
-                        self._settle_succeeded(succeeded, times)
-                    self._done(msg, failure(exc), started, owner)
+                    # In order: the flood guard counts settles as they come.
+                    self._settle_succeeded(succeeded, last - batch_start, slow)
+                    self._done(msg, failure(exc), last, owner)
+                    last = batch_start = clock()
                     continue
                 # Suspended: this task belongs to ``msg`` from here on; another runner
                 # takes over the queue.
-                if succeeded:
-                    self._settle_succeeded(succeeded, times)
+                self._settle_succeeded(succeeded, last - batch_start, slow)
+                started = last
                 if not owner:  # open its lane: what is taken next of it waits there
                     lane = msg._record.key if by_key else lane_of(msg)
                     if lane is not None:
@@ -255,15 +271,19 @@ class SubscriberRuntime:
                     return
                 self._runners += 1  # carry on as the runner: no new task per delivery
                 runner = True
+                last = batch_start = clock()
         finally:
-            if succeeded:
-                self._settle_succeeded(succeeded, times)
+            self._settle_succeeded(succeeded, last - batch_start, slow)
             if runner:
                 self._runners -= 1
 
-    def _settle_succeeded(self, succeeded: list[Message], times: list[float]) -> None:
+    def _settle_succeeded(
+        self, succeeded: list[Message], seconds: float, slow: list[float]
+    ) -> None:
+        if not succeeded:
+            return
         try:
-            self._settle_many(succeeded, times)
+            self._settle_many(succeeded, seconds, slow)
         except Exception:  # settling must never stop the runner; the offsets stay held
             log.critical(
                 "settling %d deliveries of %s failed; their offsets stay uncommitted",
@@ -272,10 +292,11 @@ class SubscriberRuntime:
                 exc_info=True,
             )
         succeeded.clear()
-        times.clear()
+        slow.clear()
 
-    def _settle_each(self, succeeded: list[Message], times: list[float]) -> None:
-        for msg, elapsed in zip(succeeded, times, strict=True):
+    def _settle_each(self, succeeded: list[Message], seconds: float, slow: list[float]) -> None:
+        elapsed = seconds / len(succeeded)  # each one's share: no times of their own
+        for msg in succeeded:
             try:
                 self._settle(msg, SUCCEEDED, elapsed)
             except Exception:  # this one's offset stays held; the others settle

@@ -42,14 +42,17 @@ class Latency:
         self.counts[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
 
-    def succeeded_many(self, topic: str, times: list[float]) -> None:
-        """``succeeded`` for several deliveries of one topic."""
-        ok = self.ok
-        ok[topic] = ok.get(topic, 0) + len(times)
+    def succeeded_many(self, topic: str | None, n: int, seconds: float, slow: list[float]) -> None:
+        """``n`` successes of ``topic`` (None: the caller counts them by topic itself) that
+        took ``seconds`` together; ``slow``: the times of those beyond the first bucket."""
+        if topic is not None:
+            ok = self.ok
+            ok[topic] = ok.get(topic, 0) + n
         counts = self.counts
-        for seconds in times:
-            counts[0 if seconds <= _FIRST else bisect_left(BUCKETS, seconds)] += 1
-        self.total += sum(times)
+        counts[0] += n - len(slow)
+        for s in slow:
+            counts[bisect_left(BUCKETS, s)] += 1
+        self.total += seconds
 
     def succeeded(self, topic: str, seconds: float) -> None:
         """The hot path: no tuple is built and no Counter touched for a success."""

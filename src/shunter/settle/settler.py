@@ -69,9 +69,10 @@ class Settler:
         self._abandoned: set[tuple[tuple[str, int], int, str]] = set()
         self.set_aside: Callable[[Message], None] | None = None  # set by the service
 
-    def succeeded(self, done: list[Message], times: list[float]) -> None:
-        """Settle successful deliveries of one caller, ``times`` their handler seconds
-        (the runtime's ``SettleMany``)."""
+    def succeeded(self, done: list[Message], seconds: float, slow: list[float]) -> None:
+        """Settle successful deliveries of one caller that took ``seconds`` together,
+        ``slow`` the times of those beyond the latency histogram's first bucket (the
+        runtime's ``SettleMany``)."""
         if not done:
             return
         caller = done[0].caller
@@ -89,11 +90,12 @@ class Settler:
             if record.topic != topic:
                 one_topic = False
         latency = self._stats.latency[caller]
-        if one_topic:  # the common case: a caller's run of one topic
-            latency.succeeded_many(topic, times)
-        else:
-            for msg, elapsed in zip(done, times, strict=True):
-                latency.succeeded(msg._record.topic, elapsed)
+        if not one_topic:  # a caller's run of several topics: each counted by its own
+            ok = latency.ok
+            for msg in done:
+                topic = msg._record.topic
+                ok[topic] = ok.get(topic, 0) + 1
+        latency.succeeded_many(topic if one_topic else None, len(done), seconds, slow)
         if self._flood is not None:
             self._flood.succeeded(caller, len(done))
 
