@@ -99,6 +99,7 @@ class Pipeline:
         )
         # Per source topic without filters: its deliveries, (runtime, caller, category)
         # each, worked out once rather than per record (a topic with filters: absent).
+        self._runtime_list = list(runtimes.values())
         self._targets = {
             topic: [(runtimes[r.caller], r.caller, r.category) for r in routes]
             for topic, routes in router.static_routes().items()
@@ -131,7 +132,6 @@ class Pipeline:
     def process(self, batch: list[Any], named: bool = False) -> None:
         """Deliver ``batch`` in order; ``named``: the journal names all of it already."""
         self.processed += len(batch)
-        touched: set[SubscriberRuntime] = set()
         accepted: dict[str, int] = {}
         held, gate, skipper, decoders = self.held, self.gate, self.skipper, self.decoders
         holding = held.partitions  # a dict: its truth is tested at C speed, per record
@@ -149,32 +149,34 @@ class Pipeline:
                     continue
             try:
                 if skipper.later or topic not in decoders:
-                    self._one(kmsg, topic, touched, accepted)
-                elif self._source_record(kmsg, topic, touched, None):  # _one's common case
+                    self._one(kmsg, topic, accepted)
+                elif self._source_record(kmsg, topic, None):  # _one's common case
                     accepted[topic] = accepted.get(topic, 0) + 1
             except Exception as exc:  # the one place no record can fall through
                 self._failed_internally(kmsg, exc)
         for topic, n in accepted.items():
             self.stats.accepted(topic, n)
-        for runtime in touched:
+        self._kick()
+
+    def _kick(self) -> None:
+        """Start the runners of what was submitted (a runtime with nothing queued, or one
+        already running, does nothing: cheaper than noting each runtime submitted to)."""
+        for runtime in self._runtime_list:
             runtime.kick()
 
     def run_alone(self, kmsg: KafkaRecord, divert: Callable[[Message], bool] | None = None) -> None:
         """Process one record now (a crash suspect), its deliveries started at once;
         ``divert(msg)`` may take a delivery instead of its runtime (a sandbox)."""
-        touched: set[SubscriberRuntime] = set()
         try:
-            self._one(kmsg, kmsg.topic(), touched, {}, divert)
+            self._one(kmsg, kmsg.topic(), {}, divert)
         except Exception as exc:
             self._failed_internally(kmsg, exc)
-        for runtime in touched:
-            runtime.kick()
+        self._kick()
 
     def _one(
         self,
         kmsg: KafkaRecord,
         topic: str,
-        touched: set[SubscriberRuntime],
         accepted: dict[str, int],
         divert: Callable[[Message], bool] | None = None,
     ) -> None:
@@ -185,10 +187,10 @@ class Pipeline:
                 self._skipped_unread(kmsg)
                 return
         if topic in self.decoders:
-            if self._source_record(kmsg, topic, touched, skip, divert):
+            if self._source_record(kmsg, topic, skip, divert):
                 accepted[topic] = accepted.get(topic, 0) + 1
         elif topic in self.retry_topics:
-            self._retry_record(kmsg, topic, touched, skip, divert)
+            self._retry_record(kmsg, topic, skip, divert)
 
     def _skipped_unread(self, kmsg: KafkaRecord) -> None:
         """An operator skipped this record before it was read: dead-lettered unrun."""
@@ -203,12 +205,12 @@ class Pipeline:
         self,
         kmsg: KafkaRecord,
         topic: str,
-        touched: set[SubscriberRuntime],
         skip: str | None,
         divert: Callable[[Message], bool] | None = None,
     ) -> bool:
         offset = kmsg.offset()
-        ptrack = self.tracker.partitions.get((topic, kmsg.partition()))
+        partition = kmsg.partition()
+        ptrack = self.tracker.partitions.get((topic, partition))
         if ptrack is None:  # revoked while this batch waited: the next owner reads it
             return False
         if offset < ptrack.high:  # never rewound, so never expected: keep the first copy
@@ -216,7 +218,18 @@ class Pipeline:
                 "%s[%d]@%d seen again after %d; skipped", *ptrack.tp, offset, ptrack.high - 1
             )
             return False
-        record = Record.from_kafka(kmsg, ptrack)
+        # Record.from_kafka, inlined: every record's path.
+        record = Record(
+            topic,
+            partition,
+            offset,
+            kmsg.key(),
+            kmsg.value(),  # type: ignore[arg-type]  # None: a tombstone, which decode rejects
+            kmsg.timestamp()[1],
+            read_headers(kmsg),
+            ptrack,
+            offset,
+        )
         try:
             record.value = self.decoders[topic](record.raw)
         except RejectedMessage as exc:
@@ -234,21 +247,28 @@ class Pipeline:
             targets = [(runtimes[r.caller], r.caller, r.category) for r in routes]
         # Everything that can fail is done before the offset is held: a failure up to
         # here holds it once, for its dead-letter record (see _failed_internally).
-        messages = [(runtime, Message(record, c, category)) for runtime, c, category in targets]
-        record.left = len(messages) + (1 if filter_errors else 0)
-        ptrack.hold(offset, 1 if record.left else 0)  # released by the last (settle_one)
-        for runtime, msg in messages:
-            if skip is not None and msg.caller == skip:
-                self.skipper.dead_letter(msg)
-                self.skipper.report(ptrack.tp, offset, skip, "dead-lettered unrun when read")
-                continue
-            if runtime.paused:
-                self.settler.park(msg, "caller paused")
-                continue
-            if divert is not None and divert(msg):
-                continue
-            runtime.submit(msg)
-            touched.add(runtime)
+        messages = [Message(record, caller, category) for _, caller, category in targets]
+        left = record.left = len(messages) + (1 if filter_errors else 0)
+        # ptrack.hold(offset, 1 if left else 0), inlined: offset >= ptrack.high (above),
+        # so it is held once, released by the last delivery to settle (settle_one).
+        ptrack.high = offset + 1
+        if left:
+            ptrack.pending[offset] = 1
+        if skip is None and divert is None:  # the common case
+            for (runtime, _, _), msg in zip(targets, messages, strict=True):
+                if runtime.paused:
+                    self.settler.park(msg, "caller paused")
+                else:
+                    runtime.submit(msg)
+        else:
+            for (runtime, _, _), msg in zip(targets, messages, strict=True):
+                if msg.caller == skip:
+                    self.skipper.dead_letter(msg)
+                    self.skipper.report(ptrack.tp, offset, skip, "dead-lettered unrun when read")
+                elif runtime.paused:
+                    self.settler.park(msg, "caller paused")
+                elif divert is None or not divert(msg):
+                    runtime.submit(msg)
         if filter_errors:
             error = "; ".join(f"category {e.category}: {e.error}" for e in filter_errors)
             self.settler.filter_failed(record, [e.category for e in filter_errors], error)
@@ -258,7 +278,6 @@ class Pipeline:
         self,
         kmsg: KafkaRecord,
         topic: str,
-        touched: set[SubscriberRuntime],
         skip: str | None,
         divert: Callable[[Message], bool] | None = None,
     ) -> None:
@@ -325,7 +344,6 @@ class Pipeline:
             pass
         elif runtime is not None:
             runtime.submit(msg)
-            touched.add(runtime)
 
     def _decode_later(self, kmsg: KafkaRecord, exc: DecodeUnavailable, skip: str | None) -> None:
         """What decoding needs is out of reach (a schema registry): nothing is wrong with
