@@ -147,12 +147,7 @@ class SubscriberRuntime:
 
     def kick(self) -> None:
         """Make sure a runner is draining the runnable queue, if it may."""
-        if (
-            (self._runnable or self._released)
-            and not self._runners
-            and not self.paused
-            and self.active + self.lost_slots < self.concurrency
-        ):
+        if (self._runnable or self._released) and not self._runners and self._room():
             self._runners += 1
             task = asyncio.get_running_loop().create_task(self._run())
             self._tasks.add(task)
@@ -183,12 +178,11 @@ class SubscriberRuntime:
         slow: list[float] = []
         last = batch_start = clock()
         runner = True
+        # Whether a delivery may start: changed only by a settle (the flood guard pauses)
+        # or an await, so it is looked at again only after one.
+        room = self._room()
         try:
-            while (
-                (runnable or released)
-                and self.active + self.lost_slots < self.concurrency
-                and not self.paused
-            ):
+            while (runnable or released) and room:
                 if released:  # owns its open lane
                     msg = released.popleft()
                     owner = True
@@ -227,6 +221,7 @@ class SubscriberRuntime:
                         if len(succeeded) >= 256:
                             self._settle_succeeded(succeeded, last - batch_start, slow)
                             batch_start = last
+                            room = self._room()
                         continue
                     if type(result) is CoroutineType:
                         result = Resumed(result, step)
@@ -234,6 +229,7 @@ class SubscriberRuntime:
                         self._settle_succeeded(succeeded, last - batch_start, slow)
                         self._done(msg, SUCCEEDED, last, owner)
                         last = batch_start = clock()
+                        room = self._room()
                         continue
                 except asyncio.CancelledError as exc:
                     if _being_cancelled():  # shutdown: the runner itself is cancelled
@@ -241,12 +237,14 @@ class SubscriberRuntime:
                     self._settle_succeeded(succeeded, last - batch_start, slow)
                     self._done(msg, failure(exc), last, owner)  # the handler's own doing
                     last = batch_start = clock()
+                    room = self._room()
                     continue
                 except BaseException as exc:  # SystemExit, KeyboardInterrupt: the handler's
                     # In order: the flood guard counts settles as they come.
                     self._settle_succeeded(succeeded, last - batch_start, slow)
                     self._done(msg, failure(exc), last, owner)
                     last = batch_start = clock()
+                    room = self._room()
                     continue
                 # Suspended: this task belongs to ``msg`` from here on; another runner
                 # takes over the queue.
@@ -272,10 +270,14 @@ class SubscriberRuntime:
                 self._runners += 1  # carry on as the runner: no new task per delivery
                 runner = True
                 last = batch_start = clock()
+                room = self._room()
         finally:
             self._settle_succeeded(succeeded, last - batch_start, slow)
             if runner:
                 self._runners -= 1
+
+    def _room(self) -> bool:
+        return self.active + self.lost_slots < self.concurrency and not self.paused
 
     def _settle_succeeded(
         self, succeeded: list[Message], seconds: float, slow: list[float]
