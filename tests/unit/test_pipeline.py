@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 
 from shunter.classify import Router
 from shunter.config import parse_config
@@ -470,6 +471,57 @@ def test_a_quarantined_offset_keeps_its_count_until_the_partition_is_committed_p
         assert after and all(e.single.get(10, 0) >= 2 for e in after[1:]), after
         assert journal.last(TP).single.get(10, 0) >= 2
         assert not errors, errors
+        assert not journal.uncovered, journal.uncovered
+
+    asyncio.run(scenario())
+
+
+def test_a_partition_whose_journal_cannot_be_read_runs_nothing_until_it_can(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a journal that cannot be read at assignment (twice), whose record says the
+    previous owner died with 64..66 in flight, when batches arrive meanwhile, then nothing
+    of the partition runs and nothing of it is journaled (a record would bury the dead
+    owner's, and with it the death); once the journal is read the window is re-run as
+    crash suspects, then the rest, none skipped."""
+    from shunter.crashguard import gate as gate_module
+    from shunter.crashguard.guard import JournalUnreadable
+
+    monkeypatch.setattr(gate_module, "REREAD_FIRST", 0.05)
+
+    class Unreadable(FakeJournal):
+        failures = 2
+
+        async def recover(self, tps: list[Any], committed: dict[Any, int]) -> dict[Any, Any]:
+            if self.failures:
+                self.failures -= 1
+                self.forget(tps)
+                raise JournalUnreadable("KafkaException: topic authorization failed")
+            return await super().recover(tps, committed)
+
+    async def scenario() -> None:
+        journal = Unreadable()
+        pipeline, delivered, errors = build(journal)
+        journal.recovered[TP] = PartitionState(suspects_hi=66)
+        journal.hold_acks = False
+        await pipeline.assigned([TP], {TP: 64})
+        pipeline.handle_batch(batch(range(64, 71)))
+        await asyncio.sleep(0.02)  # before the second read (0.05 s): still unread
+        assert delivered == [] and journal.records == []
+        assert pipeline.source.paused == {TP}
+        assert pipeline.gate.waiting() == {TP: gate_module.FOR_JOURNAL_READ}
+        assert journal.failures == 1
+        for _ in range(100):  # the second read fails too; the third (0.1 s later) works
+            await asyncio.sleep(0.01)
+            if len(delivered) >= 7:
+                break
+        pipeline.handle_batch(batch(range(71, 75)))
+        await settle()
+        assert not errors, errors
+        assert journal.failures == 0
+        assert [o for _, o in delivered][:3] == [64, 65, 66], "the window first"
+        assert sorted(o for _, o in delivered) == list(range(64, 75))
+        assert not pipeline.source.paused
         assert not journal.uncovered, journal.uncovered
 
     asyncio.run(scenario())

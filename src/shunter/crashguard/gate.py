@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..consume.held import UNTIL_RELEASED, HeldPartitions
 from ..message import KafkaRecord, Message, Record
 from ..settle import headers as h
-from .guard import CrashGuard
+from .guard import CrashGuard, JournalUnreadable
 from .sandbox import SandboxSpec
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ log = logging.getLogger("shunter.crashguard")
 TP = tuple[str, int]
 
 FOR_JOURNAL = "waiting for its crash-guard journal record"
+FOR_JOURNAL_READ = "its crash-guard journal could not be read at assignment; reading again"
+REREAD_FIRST = 1.0  # seconds before reading an unreadable journal again; doubles to 30 s
 
 
 class Gated(Protocol):
@@ -121,6 +123,10 @@ class JournalGate:
         # journaled (see handle_batch). Dropped when the partition is revoked.
         self._unprocessed_lo: dict[TP, int] = {}
         self._covering: set[asyncio.Task[None]] = set()  # _cover tasks (kept referenced)
+        # Assigned partitions whose journal could not be read, with their committed
+        # offset: nothing of them runs or is journaled until it is (``_reread``).
+        self._unread: dict[TP, int] = {}
+        self._rereading: asyncio.Task[None] | None = None
         self.suspects = Suspects(self, guard, pipeline, sandbox)
 
     @property
@@ -147,7 +153,7 @@ class JournalGate:
         waiting = _Waiting(batch, last)
         for tp, hi in last.items():
             ptrack = self._tracker.partitions.get(tp)
-            if ptrack is None or tp in self.suspects or tp in self._held:
+            if ptrack is None or tp in self.suspects or tp in self._held or tp in self._unread:
                 continue
             state = self.guard.state(tp)
             # The window starts at the first offset not yet settled. Before this partition
@@ -184,6 +190,9 @@ class JournalGate:
 
     def admit(self, tp: TP, kmsg: Any, named: bool) -> bool:
         """May ``kmsg`` run now? If not, the gate keeps it (suspect, deferred, held)."""
+        if self._unread and tp in self._unread:
+            self._held.hold(tp, kmsg, UNTIL_RELEASED, FOR_JOURNAL_READ)
+            return False
         if self.suspects and not self.suspects.admit(tp, kmsg):
             return False
         # The journal must name an offset before it runs. Batches are journaled on
@@ -226,8 +235,62 @@ class JournalGate:
     async def assigned(self, tps: list[TP], committed: dict[TP, int]) -> None:
         for tp in tps:
             self._unprocessed_lo.pop(tp, None)
-        states = await self.guard.recover(tps, committed)
+        try:
+            states = await self.guard.recover(tps, committed)
+        except JournalUnreadable as exc:
+            self._read_later(tps, committed, exc)
+            return
         self.suspects.recovered(states)
+
+    def _read_later(self, tps: list[TP], committed: dict[TP, int], exc: Exception) -> None:
+        """Fail closed: a partition whose journal cannot be read runs nothing until it
+        can. Run as if no one had died, a pill that killed its last owner would kill this
+        process too, and its first journal record would bury the dead owner's, and with
+        it the crash count: every unreadable read would be one more death uncounted, a
+        crash loop for as long as the journal stays unreadable."""
+        log.error(
+            "reading the crash-guard journal for %s failed (%s); they are held until it "
+            "can be read (a previous owner's crash window is unknown)",
+            ", ".join(f"{t}[{p}]" for t, p in tps),
+            exc,
+        )
+        for tp in tps:
+            self._unread[tp] = committed.get(tp, -1)
+        if self._rereading is None or self._rereading.done():
+            self._rereading = asyncio.get_running_loop().create_task(self._reread())
+
+    async def _reread(self) -> None:
+        """Read the journal of the unread partitions again (backing off) until it can be
+        read; then they run, crash suspects first, with what they held meanwhile."""
+        delay = REREAD_FIRST
+        while self._unread:
+            await asyncio.sleep(delay)
+            unread = dict(self._unread)
+            try:
+                states = await self.guard.recover(list(unread), unread)
+            except JournalUnreadable as exc:
+                delay = min(delay * 2, 30.0)
+                log.error(
+                    "the crash-guard journal still cannot be read (%s); %s held, reading "
+                    "again in %.0fs",
+                    exc,
+                    ", ".join(f"{t}[{p}]" for t, p in unread),
+                    delay,
+                )
+                continue
+            delay = REREAD_FIRST
+            left = [tp for tp in states if tp not in self._unread]  # dropped by ``leaving``
+            self.guard.forget(left)
+            states = {tp: state for tp, state in states.items() if tp in self._unread}
+            for tp in states:
+                del self._unread[tp]
+            self.suspects.recovered(states)
+            log.warning(
+                "read the crash-guard journal for %s; they run again",
+                ", ".join(f"{t}[{p}]" for t, p in states),
+            )
+            for tp in states:
+                self._held.release(tp)
 
     def leaving(self, tps: set[TP]) -> None:
         """Before the drain: what of ``tps`` waits for its journal record or behind crash
@@ -236,6 +299,7 @@ class JournalGate:
         self.suspects.leaving(tps)
         for tp in tps:
             self._unprocessed_lo.pop(tp, None)
+            self._unread.pop(tp, None)
         for waiting in self._waiting:
             kept = [m for m in waiting.batch if (m.topic(), m.partition()) not in tps]
             self._pipeline.count(len(waiting.batch) - len(kept))
@@ -268,9 +332,11 @@ class JournalGate:
             guard.forget(tps)
 
     def waiting(self) -> dict[TP, str]:
-        return self.suspects.waiting()
+        return {**dict.fromkeys(self._unread, FOR_JOURNAL_READ), **self.suspects.waiting()}
 
     async def close(self) -> None:
+        if self._rereading is not None:
+            self._rereading.cancel()
         if self.suspects.sandbox is not None:
             await self.suspects.sandbox.close()
 

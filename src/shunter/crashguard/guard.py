@@ -23,6 +23,11 @@ LAST_STACK_ENV = "SHUNTER_LAST_STACK"
 RECOVERED_WAIT = 10.0  # seconds an assignment waits for the recovered counts to land
 
 
+class JournalUnreadable(Exception):
+    """The journal could not be read for newly assigned partitions: whether a previous
+    owner died with deliveries in flight is unknown."""
+
+
 @dataclass
 class SuspectRun:
     """A partition re-running the window its previous owner died in, one offset at a time."""
@@ -144,18 +149,14 @@ class CrashGuard:
         await future
 
     async def recover(self, tps: list[TP], committed: dict[TP, int]) -> dict[TP, PartitionState]:
-        """Read the journal for newly assigned partitions; return each one's state."""
+        """Read the journal for newly assigned partitions; return each one's state.
+        ``JournalUnreadable`` if it cannot be read (nothing of them is known then)."""
         self.forget(tps)  # a fresh start: nothing of them is named by this process yet
         keys = {key_of(tp): tp for tp in tps}
         try:
             entries = await asyncio.to_thread(read_latest, self.settings, self.topic, set(keys))
-        except Exception:  # fail closed: no suspects known, but every record still written
-            log.exception(
-                "reading the journal for %s failed; a previous owner's crash window, if "
-                "any, is not re-run one at a time",
-                ", ".join(f"{t}[{p}]" for t, p in tps),
-            )
-            entries = {}
+        except Exception as exc:
+            raise JournalUnreadable(f"{type(exc).__name__}: {exc}"[:500]) from exc
         out = {}
         counted = []  # partitions whose window was just given a crash count
         for key, tp in keys.items():
