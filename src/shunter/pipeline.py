@@ -97,11 +97,12 @@ class Pipeline:
         self.gate: JournalGate | OpenGate = (
             OpenGate(self) if guard is None else JournalGate(guard, self, sandbox)
         )
-        # Per source topic without filters: its deliveries, (runtime, caller, category)
-        # each, worked out once rather than per record (a topic with filters: absent).
+        # Per source topic without filters: its deliveries' runtimes, and (caller,
+        # category) beside them, worked out once rather than per record (a topic with
+        # filters: absent).
         self._runtime_list = list(runtimes.values())
         self._targets = {
-            topic: [(runtimes[r.caller], r.caller, r.category) for r in routes]
+            topic: ([runtimes[r.caller] for r in routes], [(r.caller, r.category) for r in routes])
             for topic, routes in router.static_routes().items()
         }
 
@@ -239,15 +240,17 @@ class Pipeline:
         except DecodeUnavailable as exc:
             self._decode_later(kmsg, exc, skip)
             return False
-        targets = self._targets.get(topic)
+        static = self._targets.get(topic)
         filter_errors: list[FilterError] = []
-        if targets is None:  # a topic with filters
+        if static is not None:
+            runtimes, pairs = static
+        else:  # a topic with filters
             routes, filter_errors = self.router.routes(record)
-            runtimes = self.runtimes
-            targets = [(runtimes[r.caller], r.caller, r.category) for r in routes]
+            runtimes = [self.runtimes[r.caller] for r in routes]
+            pairs = [(r.caller, r.category) for r in routes]
         # Everything that can fail is done before the offset is held: a failure up to
         # here holds it once, for its dead-letter record (see _failed_internally).
-        messages = [Message(record, caller, category) for _, caller, category in targets]
+        messages = [Message(record, caller, category) for caller, category in pairs]
         left = record.left = len(messages) + (1 if filter_errors else 0)
         # ptrack.hold(offset, 1 if left else 0), inlined: offset >= ptrack.high (above),
         # so it is held once, released by the last delivery to settle (settle_one).
@@ -255,13 +258,13 @@ class Pipeline:
         if left:
             ptrack.pending[offset] = 1
         if skip is None and divert is None:  # the common case
-            for (runtime, _, _), msg in zip(targets, messages, strict=True):
+            for runtime, msg in zip(runtimes, messages):  # noqa: B905 - same length
                 if runtime.paused:
                     self.settler.park(msg, "caller paused")
                 else:
                     runtime.submit(msg)
         else:
-            for (runtime, _, _), msg in zip(targets, messages, strict=True):
+            for runtime, msg in zip(runtimes, messages, strict=True):
                 if msg.caller == skip:
                     self.skipper.dead_letter(msg)
                     self.skipper.report(ptrack.tp, offset, skip, "dead-lettered unrun when read")
