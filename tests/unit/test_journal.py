@@ -210,3 +210,24 @@ def test_a_dead_owner_with_this_process_host_and_pid_is_not_taken_for_it() -> No
     assert out.stdout.strip() == "1", out.stderr
     own = Entry.decode(PartitionState().encode("batch", 100, 150))
     assert recover(own, committed=100).crashes(120) == 0
+
+
+def test_a_reread_writes_no_counts_for_a_partition_that_left_during_the_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a journal read outside an assignment (the gate reading an unreadable journal
+    again) that finds a dead owner's window, when the partition left during the read
+    (``owned`` says so), then no ``recovered`` record is written: it is another owner's
+    partition now, and the record could follow that owner's own."""
+    dead = Entry("batch", 100, 150, -1, -1, [], {}, owner="elsewhere:1:00")
+    monkeypatch.setattr(guard_module, "read_latest", lambda *args, **kw: {b"gifts:0": dead})
+
+    async def scenario() -> tuple[int, int]:
+        producer = Producer()
+        guard = CrashGuard(producer, "journal", {}, 3)  # type: ignore[arg-type]
+        states = await asyncio.wait_for(
+            guard.recover([TP], {TP: 100}, owned=lambda tp: False), 5
+        )
+        return states[TP].crashes(120), len(producer.sent)
+
+    assert asyncio.run(scenario()) == (1, 0)

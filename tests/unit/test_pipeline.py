@@ -172,7 +172,8 @@ class FakeJournal(CrashGuard):
             if not names:
                 self.uncovered.append(f"{tp}@{offset}: last word could be {entry}")
 
-    async def recover(self, tps: list[Any], committed: dict[Any, int]) -> dict[Any, Any]:
+    async def recover(self, tps: list[Any], committed: dict[Any, int],
+                      owned: Any = None) -> dict[Any, Any]:
         self.forget(tps)
         out = {tp: self.recovered.pop(tp, PartitionState()) for tp in tps}
         self.states.update(out)
@@ -492,12 +493,13 @@ def test_a_partition_whose_journal_cannot_be_read_runs_nothing_until_it_can(
     class Unreadable(FakeJournal):
         failures = 2
 
-        async def recover(self, tps: list[Any], committed: dict[Any, int]) -> dict[Any, Any]:
+        async def recover(self, tps: list[Any], committed: dict[Any, int],
+                          owned: Any = None) -> dict[Any, Any]:
             if self.failures:
                 self.failures -= 1
                 self.forget(tps)
                 raise JournalUnreadable("KafkaException: topic authorization failed")
-            return await super().recover(tps, committed)
+            return await super().recover(tps, committed, owned)
 
     async def scenario() -> None:
         journal = Unreadable()

@@ -267,8 +267,8 @@ class JournalGate:
             await asyncio.sleep(delay)
             unread = dict(self._unread)
             try:
-                states = await self.guard.recover(list(unread), unread)
-            except JournalUnreadable as exc:
+                states = await self.guard.recover(list(unread), unread, self._unread.__contains__)
+            except Exception as exc:  # JournalUnreadable, or a bug: never give up on them
                 delay = min(delay * 2, 30.0)
                 log.error(
                     "the crash-guard journal still cannot be read (%s); %s held, reading "
@@ -276,6 +276,7 @@ class JournalGate:
                     exc,
                     ", ".join(f"{t}[{p}]" for t, p in unread),
                     delay,
+                    exc_info=not isinstance(exc, JournalUnreadable),
                 )
                 continue
             delay = REREAD_FIRST

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,9 +149,16 @@ class CrashGuard:
         self.write(tp, value, hi, done)
         await future
 
-    async def recover(self, tps: list[TP], committed: dict[TP, int]) -> dict[TP, PartitionState]:
+    async def recover(
+        self,
+        tps: list[TP],
+        committed: dict[TP, int],
+        owned: Callable[[TP], bool] | None = None,
+    ) -> dict[TP, PartitionState]:
         """Read the journal for newly assigned partitions; return each one's state.
-        ``JournalUnreadable`` if it cannot be read (nothing of them is known then)."""
+        ``JournalUnreadable`` if it cannot be read (nothing of them is known then).
+        ``owned(tp)``, if given, says whether ``tp`` is still this process's after the
+        read (a read outside an assignment: nothing is written for one that left)."""
         self.forget(tps)  # a fresh start: nothing of them is named by this process yet
         keys = {key_of(tp): tp for tp in tps}
         try:
@@ -185,6 +193,8 @@ class CrashGuard:
         # partition), the next owner would read the dead owner's record again and blame
         # the same window a second time. Partitions this process owned already go on
         # meanwhile: a death of theirs within this write's round trip still counts twice.
+        if owned is not None:
+            counted = [tp for tp in counted if owned(tp)]
         writes = [
             self.write_and_wait(tp, out[tp].encode("recovered", -1, -1), -1) for tp in counted
         ]
