@@ -140,3 +140,64 @@ def test_two_workers_share_the_partitions_restart_alone_and_drain_on_sigterm(
     for msg in broker.read_all(topic, expect=800):
         ends[msg.partition()] = max(ends[msg.partition()], msg.offset() + 1)
     assert broker.committed(group, topic, PARTITIONS) == ends, log[-4000:]
+
+
+@pytest.mark.timeout(240)
+def test_with_the_roundrobin_assignor_each_worker_gets_source_partitions_beside_retry_ones(
+    broker: Broker, unique: str, tmp_path: Path
+) -> None:
+    """Given as many retry-tier partitions as source partitions (4 and 4 per tier) and
+    ``partition.assignment.strategy: roundrobin`` (the README's way out of the default
+    assignor counting retry partitions), when two workers share the group, then each one
+    owns and delivers two source partitions: roundrobin spreads every topic over the
+    members, where the default may leave one with retry-tier partitions only."""
+    topic, group = f"rr-{unique}", f"g-{unique}"
+    broker.create({topic: 4})
+    (tmp_path / "workerhandlers.py").write_text(HANDLERS)
+    data = config(
+        broker,
+        group,
+        {topic: {}},
+        {"all": {"topics": [topic]}},
+        [{"caller": "receipt", "category": "all", "handler": "workerhandlers:receipt"}],
+        kafka={"workers": 2, "consumer": {"partition.assignment.strategy": "roundrobin"}},
+        retry={"partitions": 4},
+    )
+    path = tmp_path / "shunter.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ledger = tmp_path / "ledger.txt"
+    env = {
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "LEDGER": str(ledger),
+    }
+    with ShunterProcess(path, tmp_path / "service.log", env) as proc:
+        assert proc.process is not None
+        wait_for(lambda: len(children(proc.process.pid)) == 2, 60, proc, "two workers")
+        workers = children(proc.process.pid)
+        # Settled when the group's last assignment gives each worker two source partitions.
+        wait_for(lambda: source_owners(proc, topic) == 2, 120, proc, "both own source ones")
+        broker.produce(topic, [{"n": i} for i in range(200)], key=lambda i, v: f"k{i}")
+        wait_for(
+            lambda: len({(p, o) for _, p, o in receipts(ledger)}) == 200,
+            90,
+            proc,
+            "200 messages delivered",
+        )
+        by_pid: dict[int, set[int]] = {}
+        for pid, partition, _ in receipts(ledger):
+            by_pid.setdefault(pid, set()).add(partition)
+        assert set(by_pid) == workers, f"deliveries came from {set(by_pid)}, workers {workers}"
+        assert all(len(parts) == 2 for parts in by_pid.values()), by_pid
+        proc.terminate()
+        assert proc.wait(90) == 0, proc.log_tail()
+
+
+def source_owners(proc: ShunterProcess, topic: str) -> int:
+    """How many of the last two assignments hold two of ``topic``'s 4 partitions.
+
+    With an eager assignor (roundrobin) each rebalance revokes everything and gives every
+    member its whole assignment anew, so once the group has formed, the last two
+    "assigned" lines are the two workers' (a member given nothing logs one too)."""
+    lines = proc.log_tail(1_000_000).splitlines()
+    assigned = [line for line in lines if "shunter.consume: assigned" in line]
+    return sum(1 for line in assigned[-2:] if line.count(f"{topic}[") == 2)
