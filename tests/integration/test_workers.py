@@ -60,6 +60,36 @@ def assignments(proc: ShunterProcess, topic: str) -> int:
     return sum(1 for line in lines if "shunter.consume: assigned" in line and f"{topic}[" in line)
 
 
+def two_workers(
+    broker: Broker,
+    tmp_path: Path,
+    topic: str,
+    group: str,
+    retry_partitions: int,
+    consumer: dict[str, str] | None = None,
+) -> tuple[Path, Path, dict[str, str]]:
+    """A 2-worker configuration whose one caller writes a receipt per delivery: the
+    configuration's path, the receipts' ledger and the environment to run it with."""
+    (tmp_path / "workerhandlers.py").write_text(HANDLERS)
+    data = config(
+        broker,
+        group,
+        {topic: {}},
+        {"all": {"topics": [topic]}},
+        [{"caller": "receipt", "category": "all", "handler": "workerhandlers:receipt"}],
+        kafka={"workers": 2, **({"consumer": consumer} if consumer else {})},
+        retry={"partitions": retry_partitions},
+    )
+    path = tmp_path / "shunter.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ledger = tmp_path / "ledger.txt"
+    env = {
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "LEDGER": str(ledger),
+    }
+    return path, ledger, env
+
+
 def wait_for(what: Callable[[], bool], timeout: float, proc: ShunterProcess, why: str) -> None:
     deadline = time.monotonic() + timeout
     while not what():
@@ -74,23 +104,7 @@ def test_two_workers_share_the_partitions_restart_alone_and_drain_on_sigterm(
 ) -> None:
     topic, group = f"workers-{unique}", f"g-{unique}"
     broker.create({topic: PARTITIONS})
-    (tmp_path / "workerhandlers.py").write_text(HANDLERS)
-    data = config(
-        broker,
-        group,
-        {topic: {}},
-        {"all": {"topics": [topic]}},
-        [{"caller": "receipt", "category": "all", "handler": "workerhandlers:receipt"}],
-        kafka={"workers": 2},
-        retry={"partitions": 1},
-    )
-    path = tmp_path / "shunter.yaml"
-    path.write_text(yaml.safe_dump(data))
-    ledger = tmp_path / "ledger.txt"
-    env = {
-        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "LEDGER": str(ledger),
-    }
+    path, ledger, env = two_workers(broker, tmp_path, topic, group, retry_partitions=1)
     with ShunterProcess(path, tmp_path / "service.log", env) as proc:
         assert proc.process is not None
         wait_for(lambda: len(children(proc.process.pid)) == 2, 60, proc, "two workers")
@@ -153,23 +167,10 @@ def test_with_the_roundrobin_assignor_each_worker_gets_source_partitions_beside_
     members, where the default may leave one with retry-tier partitions only."""
     topic, group = f"rr-{unique}", f"g-{unique}"
     broker.create({topic: 4})
-    (tmp_path / "workerhandlers.py").write_text(HANDLERS)
-    data = config(
-        broker,
-        group,
-        {topic: {}},
-        {"all": {"topics": [topic]}},
-        [{"caller": "receipt", "category": "all", "handler": "workerhandlers:receipt"}],
-        kafka={"workers": 2, "consumer": {"partition.assignment.strategy": "roundrobin"}},
-        retry={"partitions": 4},
+    roundrobin = {"partition.assignment.strategy": "roundrobin"}
+    path, ledger, env = two_workers(
+        broker, tmp_path, topic, group, retry_partitions=4, consumer=roundrobin
     )
-    path = tmp_path / "shunter.yaml"
-    path.write_text(yaml.safe_dump(data))
-    ledger = tmp_path / "ledger.txt"
-    env = {
-        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "LEDGER": str(ledger),
-    }
     with ShunterProcess(path, tmp_path / "service.log", env) as proc:
         assert proc.process is not None
         wait_for(lambda: len(children(proc.process.pid)) == 2, 60, proc, "two workers")
