@@ -527,3 +527,44 @@ def test_a_partition_whose_journal_cannot_be_read_runs_nothing_until_it_can(
         assert not journal.uncovered, journal.uncovered
 
     asyncio.run(scenario())
+
+
+def test_a_partition_revoked_while_its_journal_is_unreadable_is_dropped_unrun(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a partition held because its journal cannot be read, with a batch waiting,
+    when it is revoked and the journal then becomes readable, then nothing of it runs
+    here, no state of it is kept, and the re-read ends: the next owner reads it."""
+    from shunter.crashguard import gate as gate_module
+    from shunter.crashguard.guard import JournalUnreadable
+
+    monkeypatch.setattr(gate_module, "REREAD_FIRST", 0.05)
+
+    class Unreadable(FakeJournal):
+        failures = 1
+
+        async def recover(self, tps: list[Any], committed: dict[Any, int],
+                          owned: Any = None) -> dict[Any, Any]:
+            if self.failures:
+                self.failures -= 1
+                self.forget(tps)
+                raise JournalUnreadable("KafkaException: broker transport failure")
+            return await super().recover(tps, committed, owned)
+
+    async def scenario() -> None:
+        journal = Unreadable()
+        pipeline, delivered, errors = build(journal)
+        await pipeline.assigned([TP], {TP: 0})
+        pipeline.handle_batch(batch(range(0, 10)))
+        await asyncio.sleep(0.01)
+        assert pipeline.gate.waiting() == {TP: gate_module.FOR_JOURNAL_READ}
+        await pipeline.revoked([TP], lost=False)
+        await settle()  # the re-read is due meanwhile: the journal is readable by then
+        assert not errors, errors
+        assert delivered == [] and journal.records == []
+        assert pipeline.gate.waiting() == {} and TP not in journal.states
+        gate = pipeline.gate
+        assert isinstance(gate, gate_module.JournalGate)
+        assert gate._rereading is not None and gate._rereading.done()
+
+    asyncio.run(scenario())
