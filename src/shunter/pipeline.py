@@ -174,6 +174,12 @@ class Pipeline:
             self._failed_internally(kmsg, exc)
         self._kick()
 
+    def delivering(self) -> bool:
+        """Whether a delivery is in a handler or queued to start now (not at a paused
+        caller, nor behind threads that hold every slot past their timeout): what could
+        be running besides a crash suspect run alone."""
+        return any(rt.active or (rt.queued and rt.may_start()) for rt in self._runtime_list)
+
     def _one(
         self,
         kmsg: KafkaRecord,

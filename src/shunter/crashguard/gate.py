@@ -34,6 +34,7 @@ from .sandbox import SandboxSpec
 
 if TYPE_CHECKING:
     from ..commit import OffsetTracker, PartitionTracker
+    from ..deliver import SubscriberRuntime
     from ..settle import Settler
 
 log = logging.getLogger("shunter.crashguard")
@@ -52,6 +53,7 @@ class Gated(Protocol):
     held: HeldPartitions
     settler: Settler
     retry_topics: set[str]
+    runtimes: dict[str, SubscriberRuntime]
 
     def process(self, batch: list[Any], named: bool = False) -> None: ...
 
@@ -60,6 +62,8 @@ class Gated(Protocol):
     ) -> None: ...
 
     def count(self, taken: int) -> None: ...
+
+    def delivering(self) -> bool: ...
 
 
 class OpenGate:

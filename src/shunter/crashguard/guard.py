@@ -37,6 +37,11 @@ class SuspectRun:
     queue: deque[Any] = field(default_factory=deque)
     running: bool = False
     complete: bool = False  # every offset up to ``hi`` has been taken from the stream
+    # Until when a suspect waits for other deliveries to leave their handlers before it
+    # runs alone (0: not yet waited); past it, once, the run goes on without (see
+    # ``Suspects._alone``).
+    alone_by: float = 0.0
+    waited_out: bool = False
 
 
 @dataclass

@@ -162,6 +162,9 @@ class Suspects:
                 return
             if step is _NEXT:
                 continue
+            await self._alone(tp, run)
+            if self._runs.get(tp) is not run or ptrack.revoked:
+                return  # revoked meanwhile: the next owner runs it
             lo = ptrack.committable() if ptrack.high >= 0 else offset
             await guard.write_and_wait(tp, state.encode("single", lo, offset, offset), offset)
             if self._runs.get(tp) is not run or ptrack.revoked:
@@ -172,6 +175,37 @@ class Suspects:
             # It ran alone and the process lived: it and everything before it in this
             # partition are cleared, so later deaths cannot pile counts on innocents.
             state.prune(offset + 1)
+
+    async def _alone(self, tp: TP, run: SuspectRun) -> None:
+        """Wait until no other delivery is in a handler or queued to start. A ``single``
+        record says its offset is the one thing running: a delivery that was already
+        running when it was written (started before these suspects were known, or queued
+        then) and kills the process would be blamed on that offset, an innocent, and go
+        uncounted itself. Bounded, once per run, by the longest handler timeout and a
+        second: a handler that ignores its cancellation, or a thread running on past its
+        timeout, may never return, and every other partition waits behind these suspects."""
+        if not self._pipeline.delivering():
+            return
+        now = time.monotonic()
+        if run.alone_by == 0.0:
+            runtimes = self._pipeline.runtimes.values()
+            run.alone_by = now + max((rt.timeout for rt in runtimes), default=0.0) + 1.0
+            log.warning(
+                "%s[%d]: crash suspects wait for deliveries already in handlers to finish "
+                "before running alone (at most %.0fs)",
+                *tp,
+                run.alone_by - now,
+            )
+        while now < run.alone_by and self._pipeline.delivering():
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+        if now >= run.alone_by and not run.waited_out:
+            run.waited_out = True
+            log.error(
+                "%s[%d]: deliveries still in handlers past their timeouts; running crash "
+                "suspects alone regardless (a crash now is blamed on the suspect it names)",
+                *tp,
+            )
 
     async def _sandbox_partition(self, tp: TP, run: SuspectRun) -> None:
         """Hand the window's records to the sandboxes, in order, without waiting for

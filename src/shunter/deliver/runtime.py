@@ -276,6 +276,10 @@ class SubscriberRuntime:
             if runner:
                 self._runners -= 1
 
+    def may_start(self) -> bool:
+        """Whether a queued delivery may start now (not paused, a slot free)."""
+        return self._room()
+
     def _room(self) -> bool:
         return self.active + self.lost_slots < self.concurrency and not self.paused
 
