@@ -380,6 +380,49 @@ def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout() -> None:
     assert all(settled.of(i) is SUCCEEDED for i in range(20))
 
 
+def test_a_handler_that_swallows_its_timeout_does_not_hold_its_key_for_ever(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given an async handler that catches the cancellation of its 50 ms timeout and
+    goes on waiting (a bare ``except:`` in a loop), when it is delivered with two more
+    messages of its key behind it, then after the grace period its delivery settles as
+    a timeout (to the retry tier, not lost), the two behind it run in order, the log
+    names the line the handler waits on, and when the handler at last returns its
+    outcome is ignored: the delivery settled once."""
+    from shunter.deliver import runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "CANCEL_GRACE", 0.1)
+    stop = asyncio.Event()
+
+    async def handler(msg: shunter.Message) -> None:
+        if msg.value == "stubborn":
+            while not stop.is_set():
+                try:
+                    await asyncio.sleep(0.01)  # the line it waits on
+                except BaseException:  # the careless pattern under test
+                    continue
+
+    async def scenario() -> Settled:
+        settled = Settled()
+        rt = runtime(handler, settled, timeout=0.05, concurrency=4)
+        submit_all(rt, [make_message("stubborn", key=b"a", offset=0),
+                        make_message("next", key=b"a", offset=1),
+                        make_message("last", key=b"a", offset=2)])
+        await settled.wait(3, timeout=5)
+        stop.set()
+        await asyncio.sleep(0.1)  # the handler returns: its outcome must be ignored
+        return settled
+
+    settled = asyncio.run(scenario())
+    stubborn = settled.of("stubborn")
+    assert isinstance(stubborn, Failed)
+    assert stubborn.error_type == "shunter.errors.DeliveryTimeout"
+    assert [m.value for m, _ in settled.outcomes] == ["stubborn", "next", "last"]
+    assert settled.of("next") is SUCCEEDED and settled.of("last") is SUCCEEDED
+    assert "ignored its cancellation" in caplog.text
+    assert "test_runtime.py" in caplog.text and "in handler" in caplog.text
+
+
 def test_a_thread_past_its_timeout_keeps_its_slot_so_the_next_delivery_is_not_timed_out_unrun(
 ) -> None:
     """Given a sync handler isolated on threads with concurrency 1, and a first delivery

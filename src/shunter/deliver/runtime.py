@@ -68,11 +68,30 @@ _LANES: dict[str, Callable[[Message], Hashable]] = {
 }
 
 
+# Seconds a handler cancelled at its timeout is given to finish before its delivery is
+# settled without it (``SubscriberRuntime._abandon``).
+CANCEL_GRACE = 5.0
+
+
 class _Expiry:
-    __slots__ = ("fired",)
+    __slots__ = ("abandon", "fired")
 
     def __init__(self) -> None:
         self.fired = False
+        self.abandon: asyncio.TimerHandle | None = None
+
+
+def _where(pending: Any) -> str:
+    """Where a suspended handler waits: its coroutine chain, outermost first."""
+    coro = getattr(pending, "_coro", pending)  # a Resumed wraps the handler's coroutine
+    frames = []
+    for _ in range(20):
+        frame = getattr(coro, "cr_frame", None)
+        if frame is None:
+            break
+        frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None)
+    return " -> ".join(frames)
 
 
 def _coordinates(msg: Message) -> dict[str, Any]:
@@ -313,7 +332,7 @@ class SubscriberRuntime:
         task = asyncio.current_task()
         assert task is not None
         expiry = _Expiry()
-        timer = loop.call_later(self.timeout, self._expire, task, expiry)
+        timer = loop.call_later(self.timeout, self._expire, task, expiry, msg, pending)
         # A bare future is a thread's: shielded, so that cancelling the wait leaves it
         # telling whether the thread still runs.
         thread = pending if isinstance(pending, asyncio.Future) else None
@@ -332,12 +351,49 @@ class SubscriberRuntime:
             return failure(exc)
         finally:
             timer.cancel()
+            if expiry.abandon is not None:
+                expiry.abandon.cancel()
         return SUCCEEDED
 
-    @staticmethod
-    def _expire(task: asyncio.Task[None], expiry: _Expiry) -> None:
+    def _expire(
+        self, task: asyncio.Task[None], expiry: _Expiry, msg: Message, pending: Any
+    ) -> None:
         expiry.fired = True
         task.cancel()
+        if not isinstance(pending, asyncio.Future):  # a thread's future: _finish returns now
+            expiry.abandon = asyncio.get_running_loop().call_later(
+                CANCEL_GRACE, self._abandon, msg, pending
+            )
+
+    def _abandon(self, msg: Message, pending: Any) -> None:
+        """The handler swallowed its timeout's cancellation and runs on (a bare
+        ``except:`` around an await, say). Its delivery is settled as a timeout without
+        it (to the retry tier: nothing lost) and its lane moves on: otherwise its key's
+        later deliveries and its partition's commits would wait for a handler that may
+        never return. The coroutine keeps its slot until it does; its outcome is then
+        ignored, as a skipped delivery's is."""
+        if msg not in self._running or msg in self._detached:
+            return
+        self._detached.add(msg)
+        self._next_in_lane(msg)
+        where = _where(pending)
+        log.error(
+            "caller %s: handler on %s[%d]@%d (attempt %d) ignored its cancellation at the "
+            "%gs timeout and still runs%s; its delivery is settled as a timeout without it",
+            self.caller,
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            msg.attempt,
+            self.timeout,
+            f" (at {where})" if where else "",
+            extra=_coordinates(msg),
+        )
+        try:
+            self._settle(msg, timed_out(self.timeout), self.timeout + CANCEL_GRACE)
+        except Exception:  # settling must never stop the runtime; the offset stays held
+            log.critical("settling %r failed; its offset stays uncommitted", msg, exc_info=True)
+        self.kick()
 
     def _lose_slot(self, msg: Message, thread: asyncio.Future[Any]) -> None:
         self.lost_slots += 1
@@ -375,7 +431,8 @@ class SubscriberRuntime:
         if self._detached and msg in self._detached:
             self._detached.discard(msg)
             log.warning(
-                "caller %s: the handler of skipped %s[%d]@%d returned; its outcome is ignored",
+                "caller %s: the handler of %s[%d]@%d returned after its delivery was skipped "
+                "or settled without it; its outcome is ignored",
                 self.caller,
                 msg.topic,
                 msg.partition,
