@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 import operator
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -12,6 +14,8 @@ if TYPE_CHECKING:
     from confluent_kafka import KafkaError
 
     from .commit.tracker import PartitionTracker
+
+log = logging.getLogger("shunter.message")
 
 # A header value is None when the producer sent a null value (Kafka allows it).
 Headers = Sequence[tuple[str, bytes | None]]
@@ -83,11 +87,13 @@ class Record:
     """A consumed Kafka record after decoding, shared by all its deliveries."""
 
     __slots__ = (
+        "decode",
         "first_failure",
         "headers",
         "key",
         "left",
         "offset",
+        "owner",
         "partition",
         "ptrack",
         "raw",
@@ -127,6 +133,22 @@ class Record:
         # Deliveries not yet settled. The tracker holds the offset once for all of them:
         # the last one to settle releases it (``settle_one``).
         self.left = 1
+        # Delivered to several subscribers: the one delivery whose handler gets ``value``
+        # itself, and how the others get a copy of their own (``copy_value``). None: one
+        # delivery, or the value is shared as is.
+        self.owner: Message | None = None
+        self.decode: Callable[[bytes], Any] | None = None
+
+    def copy_value(self) -> Any:
+        """The decoded value again, for another subscriber's delivery: decoded anew from
+        the payload (the same decoder, so the same value), else a deep copy."""
+        if self.decode is not None:
+            try:
+                return self.decode(self.raw)
+            except Exception:  # e.g. a schema registry gone since: copy what was decoded
+                log.debug("decoding %s[%d]@%d again failed; copying it", self.topic,
+                          self.partition, self.offset, exc_info=True)
+        return copy.deepcopy(self.value)
 
     @classmethod
     def from_kafka(cls, kmsg: KafkaRecord, ptrack: PartitionTracker) -> Record:
@@ -178,7 +200,9 @@ class Message:
     sees the same message on every attempt. ``attempt`` starts at 1.
     """
 
-    __slots__ = ("_record", "attempt", "caller", "category")
+    __slots__ = ("_own", "_record", "attempt", "caller", "category")
+
+    _own: Any  # this delivery's copy of the value, once read (see ``value``)
 
     def __init__(self, record: Record, caller: str, category: str, attempt: int = 1) -> None:
         self._record = record
@@ -204,8 +228,9 @@ class Message:
 
     @property
     def headers(self) -> Headers:
-        """The record's own headers in order; a null header value is None."""
-        return self._record.headers or []
+        """The record's own headers in order; a null header value is None. A list of
+        this call's own: what a handler does to it changes nothing else."""
+        return list(self._record.headers or ())
 
     @property
     def timestamp(self) -> int:
@@ -214,8 +239,20 @@ class Message:
 
     @property
     def value(self) -> Any:
-        """The decoded (and validated) value."""
-        return self._record.value
+        """The decoded (and validated) value, this delivery's own: subscribers are
+        isolated, so what one handler does to its value no other one sees. Of a record
+        delivered to several subscribers, one delivery gets the value decoded at intake;
+        another that reads it gets its own copy, decoded again from the payload on its
+        first read (``Record.copy_value``)."""
+        record = self._record
+        owner = record.owner
+        if owner is None or owner is self:
+            return record.value
+        try:
+            return self._own
+        except AttributeError:
+            own = self._own = record.copy_value()
+            return own
 
     @property
     def raw(self) -> bytes:
@@ -225,7 +262,7 @@ class Message:
     def header(self, name: str) -> bytes | None:
         """The last header called ``name``, or None."""
         found = None
-        for key, value in self.headers:
+        for key, value in self._record.headers or ():
             if key == name:
                 found = value
         return found

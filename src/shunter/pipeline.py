@@ -237,8 +237,9 @@ class Pipeline:
             ptrack,
             offset,
         )
+        decoder = self.decoders[topic]
         try:
-            record.value = self.decoders[topic](record.raw)
+            record.value = decoder(record.raw)
         except RejectedMessage as exc:
             ptrack.hold(offset, 1)
             self.settler.reject(record, exc)
@@ -258,6 +259,9 @@ class Pipeline:
         # here holds it once, for its dead-letter record (see _failed_internally).
         messages = [Message(record, caller, category) for caller, category in pairs]
         left = record.left = len(messages) + (1 if filter_errors else 0)
+        if left > 1:  # subscribers are isolated: each of the others decodes its own value
+            record.owner = messages[0] if messages else None
+            record.decode = decoder
         # ptrack.hold(offset, 1 if left else 0), inlined: offset >= ptrack.high (above),
         # so it is held once, released by the last delivery to settle (settle_one).
         ptrack.high = offset + 1

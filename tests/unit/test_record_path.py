@@ -385,6 +385,45 @@ def test_null_header_values_reach_filters_and_handlers() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("order", [("vandal", "reader"), ("reader", "vandal")])
+def test_what_one_handler_does_to_its_message_no_other_subscriber_sees(
+    order: tuple[str, str]
+) -> None:
+    """Given a record delivered to two subscribers, one of which changes its value in
+    place (a key popped, a nested list emptied, an amount scaled) and clears its headers
+    before failing, when both run (in either order), then the other subscriber sees the
+    value and headers as consumed, and so does the retry record written for the one that
+    failed: subscribers are isolated from each other's handlers."""
+
+    async def scenario() -> None:
+        seen: list[tuple[Any, list[Any]]] = []
+
+        def vandal(msg: Message) -> None:
+            value = msg.value
+            value.pop("user")
+            value["items"].clear()
+            value["amount"] *= 100
+            headers = msg.headers
+            assert isinstance(headers, list)
+            headers.clear()
+            raise RuntimeError("after changing its message")
+
+        def reader(msg: Message) -> None:
+            seen.append((msg.value, list(msg.headers)))
+
+        handlers: dict[str, Handler] = {"vandal": vandal, "reader": reader}
+        pipeline, broker, _ = build({name: handlers[name] for name in order})
+        await start(pipeline)
+        value = {"user": "u1", "items": [1, 2], "amount": 3}
+        pipeline.handle_batch([KMsg(0, value, headers=[("trace", b"t1")])])
+        await settle()
+        assert seen == [(value, [("trace", b"t1")])]
+        retries = [(topic, hdrs) for topic, _, _, hdrs in broker.sent if topic == "g.retry.fast"]
+        assert len(retries) == 1 and retries[0][1].get("trace") == b"t1", broker.sent
+
+    asyncio.run(scenario())
+
+
 def test_a_failing_filter_gives_one_dead_letter_record_per_message() -> None:
     async def scenario() -> None:
         handlers: dict[str, Handler] = {"a": ok, "b": ok, "c": ok}
