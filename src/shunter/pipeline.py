@@ -139,7 +139,7 @@ class Pipeline:
         busy = gate.busy  # crash suspects start on an assignment, never during a batch
         for kmsg in batch:
             if kmsg.error() is not None:
-                self._consumer_error(kmsg.error())
+                self._consumer_event(kmsg)
                 continue
             topic = kmsg.topic()
             # Checked per record: a retry record holds its partition mid-batch, and the
@@ -407,8 +407,17 @@ class Pipeline:
                 pass
         self.settler.internal(record, exc, caller, category, attempt)
 
-    def _consumer_error(self, err: KafkaError) -> None:
+    def _consumer_event(self, kmsg: KafkaRecord) -> None:
+        """An event in the stream: the end of a partition reached, or a consumer error."""
+        err = kmsg.error()
+        assert err is not None
         if err.code() == KafkaError._PARTITION_EOF:
+            # Every record of the partition below this offset was handed over before it:
+            # the crash guard's suspects need to know (``JournalGate.reached_end``). In
+            # order, so behind what its partition holds.
+            tp = (kmsg.topic(), kmsg.partition())
+            if not self.held.takes(tp, kmsg):
+                self.gate.reached_end(tp, kmsg)
             return
         log.warning("consumer error: %s", err)
 

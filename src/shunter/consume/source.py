@@ -89,6 +89,9 @@ class KafkaSource:
             "session.timeout.ms": 6000,
             "max.poll.interval.ms": 300_000,
             **settings,
+            # The end of a partition, as an event in order with its records: the crash
+            # guard's suspect runs end there (``JournalGate.reached_end``).
+            "enable.partition.eof": True,
             "on_commit": self._on_commit,
         }
         self._consumer = Consumer(conf)

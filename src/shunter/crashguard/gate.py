@@ -5,10 +5,14 @@ The pipeline hands every batch to its gate and gets it back, in order, once it m
 batch was not named as a whole. Two gates:
 
 - ``OpenGate`` (crash guard off): every batch runs at once, nothing is held.
-- ``JournalGate``: before any delivery of a batch starts, one journal record per
+- ``JournalGate``: before any delivery of a batch starts, a journal record per
   partition names the offsets that may be in a handler, and the batch waits for the
-  broker's acknowledgement (batches never overtake each other). After a death, the
-  window the dead owner left is re-run: see ``suspects.py``.
+  broker's acknowledgement (batches never overtake each other). Each record names a
+  lease past its batch (``LEASE``): the batches that follow within it run at once,
+  and the lease is renewed ahead, so in a steady stream no batch waits for the
+  journal. After a death, the window the dead owner left — lease included — is re-run:
+  see ``suspects.py``; what of it lies past the end of the partition never ran, and
+  the consumer's end-of-partition event says where that is (``reached_end``).
 
 Coverage invariant (``CrashGuard.covered``, kept here): no offset runs unless every
 possible last journal record of its partition names it. A record that arrives while its
@@ -42,6 +46,10 @@ log = logging.getLogger("shunter.crashguard")
 TP = tuple[str, int]
 
 FOR_JOURNAL = "waiting for its crash-guard journal record"
+# Offsets a batch record names past its batch's last one (at least; as many as the batch
+# brought of the partition, if more): the batches that follow run under this lease at
+# once, without waiting for a record of their own, which is renewed ahead of time.
+LEASE = 64
 FOR_JOURNAL_READ = "its crash-guard journal could not be read at assignment; reading again"
 REREAD_FIRST = 1.0  # seconds before reading an unreadable journal again; doubles to 30 s
 
@@ -81,6 +89,9 @@ class OpenGate:
     def admit(self, tp: TP, kmsg: Any, named: bool) -> bool:
         return True
 
+    def reached_end(self, tp: TP, kmsg: Any) -> None:
+        return None
+
     async def assigned(self, tps: list[TP], committed: dict[TP, int]) -> None:
         return None
 
@@ -97,6 +108,10 @@ class OpenGate:
 
     async def close(self) -> None:
         return None
+
+
+def _renewed(_err: object) -> None:
+    """A lease renewal was acknowledged: nothing waits for it (see ``handle_batch``)."""
 
 
 class _Waiting:
@@ -141,7 +156,11 @@ class JournalGate:
     # -- the path of a batch --------------------------------------------------------------
 
     def handle_batch(self, batch: list[Any]) -> None:
-        """Journal the batch, then hand it on to be processed in order."""
+        """Journal the batch, then hand it on to be processed in order.
+
+        A batch whose offsets an acknowledged record names already (its lease) is handed
+        on without waiting; its partition's lease is renewed once half of it is used. A
+        batch past the lease waits for a record naming it, and a lease beyond it."""
         # Each partition's first and last record (its offsets rise through the batch);
         # their offsets are read once per partition, not per record.
         firsts: dict[TP, Any] = {}
@@ -155,22 +174,34 @@ class JournalGate:
         first = {tp: kmsg.offset() for tp, kmsg in firsts.items()}
         last = {tp: kmsg.offset() for tp, kmsg in lasts.items()}
         waiting = _Waiting(batch, last)
+        guard = self.guard
         for tp, hi in last.items():
             ptrack = self._tracker.partitions.get(tp)
             if ptrack is None or tp in self.suspects or tp in self._held or tp in self._unread:
                 continue
-            state = self.guard.state(tp)
-            # The window starts at the first offset not yet settled. Before this partition
-            # has processed anything since its assignment, that is the first offset of
-            # the first batch journaled, not this batch's: the journal keeps only its
-            # last record per partition, and an earlier batch may still be waiting.
-            lo = self.window_start(tp, ptrack, first[tp])
-            state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
+            leased = guard.covered(tp)
+            if hi <= leased:  # named already, whatever record ends up last: runs at once
+                if hi > leased - LEASE // 2 and not guard.writing(tp):
+                    self._journal(tp, ptrack, first[tp], hi, _renewed)
+                continue
             waiting.left += 1
-            record = state.encode("batch", lo, hi)
-            self.guard.write(tp, record, hi, partial(self._journaled, waiting))
+            self._journal(tp, ptrack, first[tp], hi, partial(self._journaled, waiting))
         self._waiting.append(waiting)
         self._flush_waiting()
+
+    def _journal(
+        self, tp: TP, ptrack: PartitionTracker, first: int, hi: int, done: Callable[[Any], None]
+    ) -> None:
+        """Write a ``batch`` record naming ``tp``'s window up to ``hi`` and a lease past it."""
+        state = self.guard.state(tp)
+        # The window starts at the first offset not yet settled. Before this partition
+        # has processed anything since its assignment, that is the first offset of the
+        # first batch journaled, not this batch's: the journal keeps only its last record
+        # per partition, and an earlier batch may still be waiting.
+        lo = self.window_start(tp, ptrack, first)
+        state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
+        end = hi + max(LEASE, hi - first + 1)
+        self.guard.write(tp, state.encode("batch", lo, end), end, done)
 
     def window_start(self, tp: TP, ptrack: PartitionTracker, first: int) -> int:
         """The first offset a record of ``tp`` must name (``first``: of what it runs)."""
@@ -191,6 +222,14 @@ class JournalGate:
             # of it needs the per-message check (a partition held meanwhile, say, does).
             named = all(hi <= covered(tp) for tp, hi in waiting.last.items())
             self._pipeline.process(waiting.batch, named)
+
+    def reached_end(self, tp: TP, kmsg: Any) -> None:
+        """The consumer reached the end of ``tp`` (``kmsg``: the event, its offset the
+        end): every record of it below has been handed over, in order, before this."""
+        if self._unread and tp in self._unread:
+            self._held.hold(tp, kmsg, UNTIL_RELEASED, FOR_JOURNAL_READ)  # in order, too
+        elif self.suspects:
+            self.suspects.reached_end(tp, kmsg.offset())
 
     def admit(self, tp: TP, kmsg: Any, named: bool) -> bool:
         """May ``kmsg`` run now? If not, the gate keeps it (suspect, deferred, held)."""

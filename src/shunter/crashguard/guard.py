@@ -98,6 +98,11 @@ class CrashGuard:
         coverage = self._coverage.get(tp)
         return -1 if coverage is None else coverage.hi
 
+    def writing(self, tp: TP) -> bool:
+        """Whether a record of ``tp`` is written and not yet acknowledged."""
+        coverage = self._coverage.get(tp)
+        return coverage is not None and bool(coverage.pending)
+
     def write(self, tp: TP, value: bytes, hi: int, done: Any) -> None:
         """Journal one record naming offsets up to ``hi`` (-1: none); ``done(None)`` on
         the loop once the broker has it. A failed write is retried with the newest record

@@ -1,7 +1,8 @@
 """The in-flight journal: what each partition had in handlers, recorded in Kafka.
 
 Before a batch's deliveries start, one record per partition says which offsets may be
-in a handler (``lo``..``hi``); the batch waits for the broker's acknowledgement. A clean
+in a handler (``lo``..``hi``, a lease past the batch included: ``gate.LEASE``); the batch
+waits for the broker's acknowledgement unless a record names it already. A clean
 release (drained, committed) writes ``clean``. The journal is a compacted topic keyed by
 ``topic:partition``, so whichever instance is assigned the partition next — on this
 machine or another — reads the last word about it.
@@ -64,6 +65,14 @@ class PartitionState:
         """Forget counts of offsets that are committed: they can never run again."""
         self.runs = [[max(lo, below), hi, n] for lo, hi, n in self.runs if hi >= below]
         self.single = {o: n for o, n in self.single.items() if o >= below or o in self.quarantined}
+
+    def ends_at(self, end: int) -> None:
+        """The partition ends at ``end``: no offset from there on existed when any owner
+        died (a log only grows), so none of them ran, and none carries a count. (A batch
+        record names offsets past its batch, a lease: see ``gate.LEASE``.)"""
+        self.runs = [[lo, min(hi, end - 1), n] for lo, hi, n in self.runs if lo < end]
+        self.single = {o: n for o, n in self.single.items() if o < end}
+        self.suspects_hi = min(self.suspects_hi, end - 1)
 
     def quarantine(self, offset: int, crashes: int) -> None:
         """``offset`` goes to the dead-letter topic unrun: its count stays in every record."""

@@ -111,6 +111,23 @@ class Suspects:
             deferred, self._deferred = self._deferred, []
             self._pipeline.process(deferred)
 
+    def reached_end(self, tp: TP, end: int) -> None:
+        """The consumer reached the end of ``tp`` at ``end``: every suspect there is has
+        been taken. A dead owner's window may name offsets past the end (its lease):
+        they never ran, carry no count, and the run waits for none of them. Without
+        this, a quiet partition would keep its run open until records arrived, and with
+        sandboxes off every other partition would wait behind it."""
+        run = self._runs.get(tp)
+        if run is None or end > run.hi:
+            return  # an offset at or past the window's end completes it (``_take``)
+        state = self._guard.states.get(tp)
+        if state is not None:
+            state.ends_at(end)
+        run.hi = end - 1
+        run.complete = True
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
     # -- re-running -----------------------------------------------------------------------
 
     def _take(self, tp: TP, kmsg: Any) -> None:
