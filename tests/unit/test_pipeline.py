@@ -727,6 +727,51 @@ def test_a_partition_whose_journal_cannot_be_read_runs_nothing_until_it_can(
     asyncio.run(scenario())
 
 
+def test_the_end_of_a_partition_reached_while_its_journal_was_unreadable_still_ends_its_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given sandboxes off, a journal unreadable at assignment whose record names 64..163
+    (a lease past the end), and the consumer reaching the end of the partition at 64
+    (nothing left to read) while it is unread, when the journal is read, then the run
+    ends at once (the end event waited for the read), so partition 1's records held
+    back behind the suspects are delivered."""
+    from shunter.crashguard import gate as gate_module
+    from shunter.crashguard.guard import JournalUnreadable
+
+    monkeypatch.setattr(gate_module, "REREAD_FIRST", 0.05)
+
+    class Unreadable(FakeJournal):
+        failures = 1
+
+        async def recover(self, tps: list[Any], committed: dict[Any, int],
+                          owned: Any = None) -> dict[Any, Any]:
+            if self.failures and TP in tps:
+                self.failures -= 1
+                self.forget(tps)
+                raise JournalUnreadable("KafkaException: broker transport failure")
+            return await super().recover(tps, committed, owned)
+
+    async def scenario() -> None:
+        journal = Unreadable()
+        pipeline, delivered, errors = build(journal)
+        p1 = (TOPIC, 1)
+        await pipeline.assigned([p1], {})
+        journal.recovered[TP] = PartitionState(runs=[[64, 163, 1]], suspects_hi=163)
+        await pipeline.assigned([TP], {TP: 64})
+        pipeline.handle_batch([EndKMsg(64)])
+        await asyncio.sleep(0.02)
+        assert journal.failures == 0 and TP in pipeline.gate.waiting(), "unread"
+        await asyncio.sleep(0.1)  # read again after 0.05 s
+        pipeline.handle_batch(batch(range(0, 5), partition=1))
+        await settle()
+        assert not [e for _, e in journal.records if e.mode == "single"]
+        assert {o for p, o in delivered if p == 1} == set(range(5)), "the run ended"
+        assert not pipeline.source.paused
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
 def test_a_partition_revoked_while_its_journal_is_unreadable_is_dropped_unrun(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
