@@ -133,10 +133,11 @@ class Record:
         # Deliveries not yet settled. The tracker holds the offset once for all of them:
         # the last one to settle releases it (``settle_one``).
         self.left = 1
-        # Delivered to several subscribers: the one delivery whose handler gets ``value``
-        # itself, and how the others get a copy of their own (``copy_value``). None: one
-        # delivery, or the value is shared as is.
-        self.owner: Message | None = None
+        # Delivered to several subscribers: the caller whose delivery gets ``value`` itself
+        # (a name, not the Message: a reference back would make every record a cycle
+        # for the garbage collector), and how the others get a copy of their own
+        # (``copy_value``). None: one delivery, or the value is shared as is.
+        self.owner: str | None = None
         self.decode: Callable[[bytes], Any] | None = None
 
     def copy_value(self) -> Any:
@@ -246,7 +247,7 @@ class Message:
         first read (``Record.copy_value``)."""
         record = self._record
         owner = record.owner
-        if owner is None or owner is self:
+        if owner is None or owner == self.caller:  # callers are unique in a configuration
             return record.value
         try:
             return self._own

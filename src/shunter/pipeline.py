@@ -260,7 +260,7 @@ class Pipeline:
         messages = [Message(record, caller, category) for caller, category in pairs]
         left = record.left = len(messages) + (1 if filter_errors else 0)
         if left > 1:  # subscribers are isolated: each of the others decodes its own value
-            record.owner = messages[0] if messages else None
+            record.owner = messages[0].caller if messages else None
             record.decode = decoder
         # ptrack.hold(offset, 1 if left else 0), inlined: offset >= ptrack.high (above),
         # so it is held once, released by the last delivery to settle (settle_one).
