@@ -439,8 +439,11 @@ def test_a_record_delivered_to_several_subscribers_is_freed_once_settled() -> No
         await start(pipeline)
         pipeline.handle_batch([KMsg(o) for o in range(200)])
         await settle()
-        assert pipeline.tracker.partitions[TP].committable() == 200
-        return sum(isinstance(o, message.Record) for o in gc.get_objects())
+        ptrack = pipeline.tracker.partitions[TP]
+        assert ptrack.committable() == 200
+        return sum(
+            isinstance(o, message.Record) and o.ptrack is ptrack for o in gc.get_objects()
+        )
 
     gc.collect()
     gc.disable()
