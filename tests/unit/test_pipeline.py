@@ -584,6 +584,27 @@ def test_a_dead_owners_window_on_a_partition_with_nothing_left_ends_at_once() ->
     asyncio.run(scenario())
 
 
+def test_a_window_ending_on_an_offset_no_consumer_is_given_ends_at_the_partitions_end() -> None:
+    """Given sandboxes off and a dead owner's window 64..66 whose last offset is a
+    transaction marker (records 64 and 65 only, then the end at 67), when they arrive,
+    then the run ends at the end of the partition, and partition 1 goes on."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        pipeline, delivered, errors = build(journal)
+        p1 = (TOPIC, 1)
+        journal.recovered[TP] = PartitionState(runs=[[64, 66, 1]], suspects_hi=66)
+        await pipeline.assigned([TP, p1], {TP: 64})
+        pipeline.handle_batch(batch(range(64, 66)) + batch(range(0, 5), partition=1))
+        pipeline.handle_batch([EndKMsg(67)])
+        await settle()
+        assert {o for p, o in delivered if p == 0} == {64, 65}
+        assert {o for p, o in delivered if p == 1} == set(range(5))
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
 class RetryKMsg(KMsg):
     """A record of the slow retry tier for the ``medal`` caller, due at ``not_before``."""
 

@@ -118,12 +118,15 @@ class Suspects:
         this, a quiet partition would keep its run open until records arrived, and with
         sandboxes off every other partition would wait behind it."""
         run = self._runs.get(tp)
-        if run is None or end > run.hi:
-            return  # an offset at or past the window's end completes it (``_take``)
-        state = self._guard.states.get(tp)
-        if state is not None:
-            state.ends_at(end)
-        run.hi = end - 1
+        if run is None:
+            return
+        if end <= run.hi:
+            state = self._guard.states.get(tp)
+            if state is not None:
+                state.ends_at(end)
+            run.hi = end - 1
+        # Complete either way: the window's last offset may be no record a consumer is
+        # given (a transaction marker, a record compacted away), so none would end it.
         run.complete = True
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
