@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -57,6 +58,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+# librdkafka settings shunter sets itself, with why: a configuration that changed one
+# would lose messages (offsets committed before delivery, retry records acknowledged by
+# one replica) or break the crash guard, so it is refused at start.
+_FOR_EVERY_CLIENT = {
+    "bootstrap.servers": "set kafka.bootstrap_servers",
+    "group.id": "set kafka.group_id",
+    "enable.idempotence": "shunter's producers are idempotent, so a retry or dead-letter "
+    "record is written once",
+    "acks": "a retry or dead-letter record counts as written only once every in-sync "
+    "replica has it: acks=all",
+}
+_FOR_THE_CONSUMER = {
+    **_FOR_EVERY_CLIENT,
+    "enable.auto.commit": "shunter commits an offset itself, only once every delivery of "
+    "its record is settled",
+    "enable.auto.offset.store": "shunter commits an offset itself, only once every "
+    "delivery of its record is settled",
+    "enable.partition.eof": "the crash guard needs the end-of-partition events",
+}
+
+
 class KafkaConfig(_Strict):
     """How shunter reaches Kafka and how much it reads at once."""
 
@@ -71,11 +93,15 @@ class KafkaConfig(_Strict):
         default_factory=dict, examples=[{"security.protocol": "SASL_SSL"}]
     )
     """Extra librdkafka settings for every client (consumer, producers, admin):
-    ``security.protocol``, ``sasl.*``, ``ssl.*``. Put secrets in ``${VAR}``."""
+    ``security.protocol``, ``sasl.*``, ``ssl.*``. Put secrets in ``${VAR}``. The settings
+    shunter's guarantees rest on are refused: ``bootstrap.servers``, ``group.id``,
+    ``enable.idempotence``, ``acks``."""
     consumer: dict[str, str | int | float | bool] = Field(
         default_factory=dict, examples=[{"session.timeout.ms": 10000}]
     )
-    """librdkafka settings for the consumer only, applied over ``client``."""
+    """librdkafka settings for the consumer only, applied over ``client``; besides those
+    refused there, ``enable.auto.commit``, ``enable.auto.offset.store`` and
+    ``enable.partition.eof`` are shunter's own."""
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     """Records fetched from Kafka and handed to the pipeline at most at once."""
     max_in_flight: int = Field(default=20_000, ge=1)
@@ -91,6 +117,17 @@ class KafkaConfig(_Strict):
     reported stalled (an ERROR line naming the record and what holds it, the
     ``shunter_partition_stalled`` gauge, ``/ready`` 503) until it moves or an operator
     skips the record (``shunter skip``)."""
+    @field_validator("client", "consumer")
+    @classmethod
+    def _not_shunters_own(
+        cls, value: dict[str, str | int | float | bool], info: ValidationInfo
+    ) -> dict[str, str | int | float | bool]:
+        owned = _FOR_THE_CONSUMER if info.field_name == "consumer" else _FOR_EVERY_CLIENT
+        for key in value:
+            if key in owned:
+                raise ValueError(f"{key!r} is shunter's own setting ({owned[key]}); remove it")
+        return value
+
     workers: int = Field(default=1, ge=1, le=64)
     """``shunter run``'s worker processes, each a member of the group under the one
     supervisor (see crashguard/supervisor.py); raise it up to the cores the process may

@@ -93,6 +93,12 @@ def test_a_valid_configuration_is_accepted_with_durations_in_seconds() -> None:
                      id="missing-env-var"),
         pytest.param(lambda d: d["topics"].update({"revenue.dlq": {}}),
                      "topics.revenue.dlq", "one of shunter's own topics", id="internal-topic-name"),
+        pytest.param(lambda d: d["kafka"].update(consumer={"enable.auto.commit": True}),
+                     "kafka.consumer", "'enable.auto.commit' is shunter's own setting "
+                     "(shunter commits an offset itself, only once every delivery",
+                     id="auto-commit-would-commit-before-delivery"),
+        pytest.param(lambda d: d["kafka"]["client"].update({"acks": 1}),
+                     "kafka.client", "'acks' is shunter's own setting", id="weaker-acks"),
     ],
 )
 def test_a_bad_key_is_refused_with_its_path_and_what_was_expected(
