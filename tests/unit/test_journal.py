@@ -231,3 +231,17 @@ def test_a_reread_writes_no_counts_for_a_partition_that_left_during_the_read(
         return states[TP].crashes(120), len(producer.sent)
 
     assert asyncio.run(scenario()) == (1, 0)
+
+
+def test_a_lease_past_the_batch_is_re_run_but_gives_no_crash_count() -> None:
+    """Given an owner that died with 100..110 fetched and a lease to 174 named, when the
+    next owner recovers, then 100..174 are all re-run as suspects (one under the lease may
+    have killed it) but only 100..110 get a count: most of the lease was never fetched, and
+    a count per death would quarantine innocents of a busy partition killed again and
+    again (a pill there is counted when it dies re-run alone)."""
+    written = PartitionState().encode("batch", 100, 110, lease=174)
+    dead = dataclasses.replace(Entry.decode(written), owner="elsewhere:1:00")
+    assert (dead.hi, dead.lease) == (110, 174)
+    state = recover(dead, committed=100)
+    assert state.suspects_hi == 174
+    assert [state.crashes(o) for o in (100, 110, 111, 174)] == [1, 1, 0, 0]

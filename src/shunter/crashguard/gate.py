@@ -201,7 +201,7 @@ class JournalGate:
         lo = self.window_start(tp, ptrack, first)
         state.prune(ptrack.committed if ptrack.committed >= 0 else lo)
         end = hi + max(LEASE, hi - first + 1)
-        self.guard.write(tp, state.encode("batch", lo, end), end, done)
+        self.guard.write(tp, state.encode("batch", lo, hi, lease=end), end, done)
 
     def window_start(self, tp: TP, ptrack: PartitionTracker, first: int) -> int:
         """The first offset a record of ``tp`` must name (``first``: of what it runs)."""

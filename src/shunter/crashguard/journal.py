@@ -80,13 +80,14 @@ class PartitionState:
         self.quarantined.add(offset)
         self.single[offset] = crashes
 
-    def encode(self, mode: str, lo: int, hi: int, offset: int = -1) -> bytes:
+    def encode(self, mode: str, lo: int, hi: int, offset: int = -1, lease: int = -1) -> bytes:
         return orjson.dumps(
             {
                 "v": 1,
                 "mode": mode,
                 "lo": lo,
                 "hi": hi,
+                "lease": max(lease, hi),
                 "offset": offset,
                 "suspects_hi": self.suspects_hi,
                 "runs": self.runs,
@@ -101,12 +102,15 @@ class PartitionState:
 class Entry:
     mode: str  # batch | single | sandbox | recovered | clean
     lo: int
-    hi: int
+    hi: int  # the last offset fetched when written: lo..hi may be in handlers
     offset: int
     suspects_hi: int
     runs: list[list[int]]
     single: dict[int, int]
     owner: str
+    # Past ``hi``: offsets that may have run under this record without another (see
+    # ``gate.LEASE``); equal to ``hi`` when there is no lease.
+    lease: int = -1
 
     @classmethod
     def decode(cls, raw: bytes) -> Entry:
@@ -120,6 +124,7 @@ class Entry:
             runs=[[int(a), int(b), int(n)] for a, b, n in data.get("runs", [])],
             single={int(o): int(n) for o, n in data.get("single", {}).items()},
             owner=str(data.get("owner", "")),
+            lease=max(int(data.get("lease", -1)), int(data["hi"])),
         )
 
 
@@ -170,7 +175,11 @@ def recover(entry: Entry | None, committed: int) -> PartitionState:
         lo = max(start, entry.lo)
         if lo <= entry.hi:
             state.runs.append([lo, entry.hi, 1])
-        state.suspects_hi = max(entry.hi, entry.suspects_hi)
+        # The lease past ``hi`` is re-run as suspects too (a record there may have run
+        # and killed the owner) but given no count: the owner had not even fetched most
+        # of it, and a count for each, death after death, would quarantine innocents. A
+        # pill there is counted once it dies re-run alone (in a sandbox, or ``single``).
+        state.suspects_hi = max(entry.hi, entry.lease, entry.suspects_hi)
     state.prune(start)
     if state.suspects_hi < start:
         state.suspects_hi = -1
