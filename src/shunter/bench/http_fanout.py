@@ -2,12 +2,15 @@
 
 The server is an aiohttp.web application in its own process; it counts the requests it
 receives and times them from the first to the last, so both sides are measured the same
-way, by the receiver. The baseline is a raw aiohttp loop in this process: one session per
-subscriber (as shunter has one pool per subscriber), each with the subscribers'
-concurrency, posting the same JSON bodies. Then shunter consumes the topic and delivers
-every message to the three subscribers through the whole path (decode, classify, circuit
-breaker, POST, response contract, settle, commit). Same library, same concurrency, same
-server, one run after the other.
+way, by the receiver, from the first delivery to the last. Both sides start from Kafka:
+the baseline is a raw loop in this process, a confluent-kafka consumer in a fresh group
+(batches consumed in a thread, as shunter's source does) feeding each record's bytes to
+one aiohttp session per subscriber (as shunter has one pool per subscriber), each with the
+subscribers' concurrency; no decode, no tracking, no commit. Then shunter consumes the
+topic in another fresh group and delivers every message to the three subscribers through
+the whole path (decode, classify, circuit breaker, POST, response contract, settle,
+commit). Same library, same concurrency, same server, one run after the other; the order
+alternates between runs (``shunter bench --runs``), so neither side always reads cold.
 
 ``run(messages)`` is self-contained (it starts the embedded broker unless ``bootstrap``
 is given); ``shunter bench`` calls ``run(ctx)`` with its ``BenchContext``.
@@ -31,12 +34,14 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from confluent_kafka import Producer
+from confluent_kafka import Consumer
 
 from ..app import Dispatcher
 from ..broker.admin import ensure_topics
 from ..broker.embedded import CONSUMER_SETTINGS, EmbeddedBroker, free_port
 from ..testing import DispatcherThread
+from . import events
+from .context import BATCH_SIZE, BATCH_TIMEOUT, SOURCE_FIXED
 
 MESSAGES = 20_000
 SUBSCRIBERS = 3
@@ -59,19 +64,34 @@ def run(
             stack.callback(broker.stop)
             bootstrap = broker.bootstrap
         server = stack.enter_context(HookServerProcess())
-        topic = f"bench-http-{count}-{tag}"
-        bodies = _produce(bootstrap, topic, count)
-        group = ctx.group("httpfanout") if ctx is not None else f"bench-http-{tag}"
-        if ctx is not None:
-            ctx.created.append(topic)
-        server.reset()
-        asyncio.run(_raw_loop(server, bodies, concurrency))
-        raw = server.stats()
-        server.reset()
-        outcomes = _shunter(bootstrap, topic, group, server, count, concurrency)
-        mine = server.stats()
+        if ctx is not None:  # produced once per invocation, read by every run
+            topic = ctx.dataset(f"http-{count}", PARTITIONS, lambda: _gifts(count)).topic
+            raw_group = ctx.group("httpraw", dispatcher=False)
+            group = ctx.group("httpfanout")
+        else:
+            topic = f"bench-http-{count}-{tag}"
+            ensure_topics({"bootstrap.servers": bootstrap}, {topic: PARTITIONS})
+            events.produce(bootstrap, topic, _gifts(count))
+            raw_group, group = f"bench-httpraw-{tag}", f"bench-http-{tag}"
+
+        def raw_side() -> dict[str, float]:
+            server.reset()
+            asyncio.run(_raw_loop(bootstrap, topic, raw_group, server, count, concurrency))
+            return server.stats()
+
+        def shunter_side() -> dict[str, float]:
+            server.reset()
+            outcomes.update(_shunter(bootstrap, topic, group, server, count, concurrency))
+            return server.stats()
+
+        outcomes: dict[str, int] = {}
+        sides = {"raw": raw_side, "shunter": shunter_side}
+        order = list(sides) if ctx is None or ctx.run % 2 else list(reversed(sides))
+        done = {name: sides[name]() for name in order}
+        raw, mine = done["raw"], done["shunter"]
     raw_rate, shunter_rate = raw["n"] / raw["span"], mine["n"] / mine["span"]
     return {
+        "order": "/".join(order),
         "messages": count,
         "subscribers": SUBSCRIBERS,
         "concurrency": concurrency,
@@ -169,24 +189,74 @@ async def _serve_forever(port: int) -> None:
 # -- the two sides --------------------------------------------------------------------------
 
 
-async def _raw_loop(server: HookServerProcess, bodies: list[bytes], concurrency: int) -> None:
-    """Every body to every subscriber's URL: one session per subscriber, ``concurrency``
-    requests in flight in each."""
+async def _raw_loop(
+    bootstrap: str,
+    topic: str,
+    group: str,
+    server: HookServerProcess,
+    count: int,
+    concurrency: int,
+) -> None:
+    """Consume ``count`` records of ``topic`` and post each one's bytes to every
+    subscriber's URL: one session per subscriber, ``concurrency`` requests in flight in
+    each, fed through a bounded queue per subscriber (the consumer waits when one is full)."""
+    consumer = Consumer(
+        {
+            **SOURCE_FIXED,
+            **CONSUMER_SETTINGS,
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+        }
+    )
+    consumer.subscribe([topic])
+    loop = asyncio.get_running_loop()
 
-    async def worker(session: aiohttp.ClientSession, url: str, work: Iterator[bytes]) -> None:
-        for body in work:
+    async def worker(
+        session: aiohttp.ClientSession, url: str, work: asyncio.Queue[bytes | None]
+    ) -> None:
+        while (body := await work.get()) is not None:
             async with session.post(url, data=body, headers=_JSON) as resp:
                 await resp.read()
                 resp.raise_for_status()
 
-    async with contextlib.AsyncExitStack() as stack:
-        workers = []
-        for caller in CALLERS:
-            connector = aiohttp.TCPConnector(limit=concurrency)
-            session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-            work = iter(bodies)
-            workers += [worker(session, server.url(caller), work) for _ in range(concurrency)]
-        await asyncio.gather(*workers)
+    async def feed(queues: list[asyncio.Queue[bytes | None]]) -> None:
+        seen = 0
+        deadline = time.monotonic() + 300
+        while seen < count:
+            batch = await loop.run_in_executor(None, consumer.consume, BATCH_SIZE, BATCH_TIMEOUT)
+            if not batch and time.monotonic() > deadline:
+                raise TimeoutError(f"raw loop read {seen} of {count} records in 300s")
+            for msg in batch:
+                if msg.error() is not None:
+                    continue
+                body = msg.value()
+                for work in queues:
+                    if work.full():
+                        await work.put(body)
+                    else:
+                        work.put_nowait(body)
+                seen += 1
+        for work in queues:
+            for _ in range(concurrency):
+                await work.put(None)
+
+    try:
+        # A task group: a failed request ends the feeder too, rather than leaving it
+        # waiting on a full queue no worker drains.
+        async with contextlib.AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
+            queues: list[asyncio.Queue[bytes | None]] = []
+            for caller in CALLERS:
+                connector = aiohttp.TCPConnector(limit=concurrency)
+                session = await stack.enter_async_context(
+                    aiohttp.ClientSession(connector=connector)
+                )
+                work: asyncio.Queue[bytes | None] = asyncio.Queue(BATCH_SIZE)
+                queues.append(work)
+                for _ in range(concurrency):
+                    tasks.create_task(worker(session, server.url(caller), work))
+            tasks.create_task(feed(queues))
+    finally:
+        consumer.close()
 
 
 _JSON = {"Content-Type": "application/json"}
@@ -233,13 +303,12 @@ def _shunter(
     return outcomes
 
 
-def _produce(bootstrap: str, topic: str, count: int) -> list[bytes]:
-    """``count`` gift events (~200 bytes of JSON), keyed by user; returns the bodies."""
-    ensure_topics({"bootstrap.servers": bootstrap}, {topic: PARTITIONS})
+def _gifts(count: int) -> Iterator[tuple[bytes, bytes]]:
+    """``count`` gift events (~200 bytes of JSON), keyed by user."""
     rng = random.Random(7)
-    users = [100_000 + rng.randrange(20_000) for _ in range(count)]
-    bodies = [
-        orjson.dumps(
+    for n in range(count):
+        user = 100_000 + rng.randrange(20_000)
+        body = orjson.dumps(
             {
                 "event_id": f"g-{n:012d}",
                 "user_id": user,
@@ -253,19 +322,7 @@ def _produce(bootstrap: str, topic: str, count: int) -> list[bytes]:
                 "ts": 1_735_689_600_000 + n,
             }
         )
-        for n, user in enumerate(users)
-    ]
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "acks": "all"})
-    for user, body in zip(users, bodies, strict=True):
-        while True:
-            try:
-                producer.produce(topic, body, key=str(user).encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(120):
-        raise RuntimeError(f"producing to {topic} did not finish")
-    return bodies
+        yield str(user).encode(), body
 
 
 if __name__ == "__main__":  # the server process: python -m shunter.bench.http_fanout serve PORT
