@@ -183,6 +183,8 @@ class Service:
                 ),
                 timeout=sub.timeout,
                 settle_many=settler.succeeded,
+                # An HTTP request or a worker process's answer is always waited for.
+                eager=sub.http is None and sub.isolation != "process",
             )
         return runtimes
 

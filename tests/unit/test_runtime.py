@@ -69,6 +69,7 @@ def keyed(keys: list[int]) -> list[shunter.Message]:
 
 # -- ordering and the concurrency limit -----------------------------------------------------
 
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "awaited"])
 @settings(max_examples=150, deadline=None)
 @given(
     keys=st.lists(st.integers(0, 5), min_size=1, max_size=60),
@@ -77,13 +78,14 @@ def keyed(keys: list[int]) -> list[shunter.Message]:
     sync_every=st.integers(2, 7),
 )
 def test_each_key_is_delivered_in_order_and_concurrency_never_exceeds_its_limit(
-    keys: list[int], steps: list[int], concurrency: int, sync_every: int
+    keys: list[int], steps: list[int], concurrency: int, sync_every: int, eager: bool
 ) -> None:
     """Given messages of a few keys interleaved at random, and a handler that suspends a
     random number of times per message (sometimes not at all),
     when they are delivered with a concurrency limit, then each key's messages start and
     finish in their sequence order, every message is settled once, and no more deliveries
-    are ever suspended at once than the limit allows."""
+    are ever suspended at once than the limit allows. The same whether the runtime steps
+    a coroutine's first step at once (``eager``) or awaits it whole (HTTP, processes)."""
 
     async def scenario() -> None:
         settled = Settled()
@@ -112,7 +114,7 @@ def test_each_key_is_delivered_in_order_and_concurrency_never_exceeds_its_limit(
                 return None
             return handler(msg)
 
-        rt = runtime(mixed, settled, concurrency=concurrency)
+        rt = runtime(mixed, settled, concurrency=concurrency, eager=eager)
         messages = keyed(keys)
         half = len(messages) // 2
         submit_all(rt, messages[:half])
@@ -222,7 +224,10 @@ def test_sync_and_async_handlers_succeed() -> None:
     asyncio.run(scenario())
 
 
-def test_every_kind_of_exception_becomes_an_outcome_and_the_runtime_carries_on() -> None:
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "awaited"])
+def test_every_kind_of_exception_becomes_an_outcome_and_the_runtime_carries_on(
+    eager: bool,
+) -> None:
     """Given handlers that raise before and after suspending, raise RetryLater and
     DeadLetter, or call sys.exit, when each is delivered, then each becomes an outcome
     value handed to settle, with the error type, message and a traceback naming the
@@ -252,7 +257,7 @@ def test_every_kind_of_exception_becomes_an_outcome_and_the_runtime_carries_on()
                 raise shunter.DeadLetter("bad user")
             asyncio.get_running_loop()  # runs on the loop thread
 
-        rt = runtime(handler, settled)
+        rt = runtime(handler, settled, eager=eager)
         kinds = ["raise-at-once", "raise-later", "retry", "dead", "exit", "ok"]
         submit_all(rt, [make_message(k, offset=i) for i, k in enumerate(kinds)])
         rt_sync = runtime(sync_handler, settled)
@@ -347,7 +352,8 @@ def test_a_settle_callback_that_raises_does_not_stop_the_runtime() -> None:
 
 # -- timeouts and the task a handler runs in ------------------------------------------------
 
-def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout() -> None:
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "awaited"])
+def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout(eager: bool) -> None:
     """Given an async handler that would take 30 s and a timeout of 50 ms,
     when it is delivered, then the handler observes its cancellation, the delivery
     settles as a DeliveryTimeout failure, and messages behind it keep flowing."""
@@ -365,7 +371,7 @@ def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout() -> None:
                     raise
             await asyncio.sleep(0.001)
 
-        rt = runtime(handler, settled, timeout=0.05, concurrency=2)
+        rt = runtime(handler, settled, timeout=0.05, concurrency=2, eager=eager)
         submit_all(rt, [make_message("hang", key=b"a", offset=0)]
                    + [make_message(i, key=f"k{i}".encode(), offset=i + 1) for i in range(20)])
         await settled.wait(21, timeout=5)
@@ -380,8 +386,9 @@ def test_a_timed_out_handler_is_cancelled_and_reported_as_a_timeout() -> None:
     assert all(settled.of(i) is SUCCEEDED for i in range(20))
 
 
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "awaited"])
 def test_a_handler_that_swallows_its_timeout_does_not_hold_its_key_for_ever(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, eager: bool
 ) -> None:
     """Given an async handler that catches the cancellation of its 50 ms timeout and
     goes on waiting (a bare ``except:`` in a loop), when it is delivered with two more
@@ -404,7 +411,7 @@ def test_a_handler_that_swallows_its_timeout_does_not_hold_its_key_for_ever(
 
     async def scenario() -> Settled:
         settled = Settled()
-        rt = runtime(handler, settled, timeout=0.05, concurrency=4)
+        rt = runtime(handler, settled, timeout=0.05, concurrency=4, eager=eager)
         submit_all(rt, [make_message("stubborn", key=b"a", offset=0),
                         make_message("next", key=b"a", offset=1),
                         make_message("last", key=b"a", offset=2)])

@@ -37,7 +37,7 @@ from ..config import SubscriberConfig
 from ..errors import ConfigError, DeadLetter
 from ..message import Message
 from ..observe.stats import Stats
-from .http_breaker import STATE_VALUE, CircuitBreaker, RateLimiter, Refused
+from .http_breaker import CLOSED, STATE_VALUE, CircuitBreaker, RateLimiter, Refused
 from .http_contract import CircuitOpen, HttpFailure, Redactor, read_bounded, status_error
 from .http_guard import AddressPolicy, AddressRefused, GuardedResolver, guarded_socket, safe_url
 
@@ -128,8 +128,8 @@ class HttpSubscriber:
     async def deliver(self, msg: Message) -> None:
         """One delivery: returns on success, raises ``RetryLater`` or ``DeadLetter``."""
         breaker = self.breaker
-        try:
-            generation = await breaker.admit()
+        try:  # closed, the common case: no coroutine of admit's to run
+            generation = breaker.generation if breaker.state == CLOSED else await breaker.admit()
         except Refused as refused:
             self.answers["circuit-open"] += 1
             raise CircuitOpen(

@@ -47,6 +47,7 @@ log = logging.getLogger("shunter.deliver")
 _FIRST_BUCKET = BUCKETS[0]  # seconds: the latency histogram's first bucket
 
 _BUSY = None  # a lane with a delivery in flight and nothing queued behind it
+_NOT_STEPPED = object()  # a coroutine a runtime without eager steps did not start
 
 
 def _key_lane(msg: Message) -> Hashable:
@@ -120,6 +121,7 @@ class SubscriberRuntime:
         concurrency: int = 64,
         timeout: float = 30.0,
         settle_many: SettleMany | None = None,
+        eager: bool = True,
     ) -> None:
         self.caller = caller
         self._invoke = invoke
@@ -151,6 +153,11 @@ class SubscriberRuntime:
         # Chosen once: the lane function runs twice per delivery (inlined for keys).
         self._lane: Callable[[Message], Hashable] = _LANES[ordering]
         self._by_key = ordering == "key"
+        # Step a coroutine's first step at once (``eager.py``): for handlers that mostly
+        # complete in it. A caller whose deliveries always wait (HTTP, a worker process)
+        # is awaited directly instead: no first step to save, and its every resumption
+        # would pass through ``Resumed``'s Python-level forwarding.
+        self._eager = eager
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -200,6 +207,7 @@ class SubscriberRuntime:
         # Whether a delivery may start: changed only by a settle (the flood guard pauses)
         # or an await, so it is looked at again only after one.
         room = self._room()
+        eager = self._eager
         try:
             while (runnable or released) and room:
                 if released:  # owns its open lane
@@ -220,10 +228,13 @@ class SubscriberRuntime:
                 try:
                     result = invoke(msg)
                     if type(result) is CoroutineType:
-                        try:
-                            step = result.send(None)
-                        except StopIteration:
-                            result = None
+                        if not eager:  # awaited whole by _finish below
+                            step = _NOT_STEPPED
+                        else:
+                            try:
+                                step = result.send(None)
+                            except StopIteration:
+                                result = None
                     if result is None:  # done in its first step: the common case, inlined
                         if owner:  # _next_in_lane, inlined (no lane was opened otherwise)
                             lane = msg._record.key if by_key else lane_of(msg)
@@ -242,7 +253,7 @@ class SubscriberRuntime:
                             batch_start = last
                             room = self._room()
                         continue
-                    if type(result) is CoroutineType:
+                    if type(result) is CoroutineType and step is not _NOT_STEPPED:
                         result = Resumed(result, step)
                     elif not hasattr(result, "__await__"):
                         self._settle_succeeded(succeeded, last - batch_start, slow)
