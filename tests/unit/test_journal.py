@@ -245,3 +245,36 @@ def test_a_lease_past_the_batch_is_re_run_but_gives_no_crash_count() -> None:
     state = recover(dead, committed=100)
     assert state.suspects_hi == 174
     assert [state.crashes(o) for o in (100, 110, 111, 174)] == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        b'{"mode":"clean","lo":0,"hi":0,"single":[]}',  # .items() of a list
+        b'{"mode":"batch","lo":0,"hi":5,"runs":[[1,2]]}',  # a run of two numbers
+        b'{"mode":"batch","lo":0,"hi":5,"runs":7}',
+        b'{"mode":"batch","lo":0,"hi":5,"single":{"x":1}}',
+        b'{"mode":"batch","lo":[],"hi":5}',
+        b'{"mode":"batch","lo":0,"hi":1e400}',
+        b"[1,2,3]",
+        b'"batch"',
+        b"\xff\xfe",
+        b"",
+    ],
+)
+def test_a_record_on_the_journal_topic_that_is_no_journal_entry_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, hostile: bytes
+) -> None:
+    """Given whatever a hostile producer writes under a partition's journal key, when the
+    journal is read at assignment, then that key reads as having no entry and the other
+    keys read as written: nothing raises (an exception there held every partition of the
+    assignment for as long as the record stayed the last of its key)."""
+    import shunter.crashguard.journal as journal_module
+
+    good = record(9)
+    monkeypatch.setattr(
+        journal_module, "read_table", lambda *a, **kw: {b"gifts:0": hostile, b"gifts:1": good}
+    )
+    found = journal_module.read_latest({}, "journal", {b"gifts:0", b"gifts:1"})
+    assert set(found) == {b"gifts:1"}
+    assert found[b"gifts:1"].hi == 9

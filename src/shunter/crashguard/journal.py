@@ -189,13 +189,22 @@ def recover(entry: Entry | None, committed: int) -> PartitionState:
 def read_latest(
     settings: dict[str, Any], topic: str, keys: set[bytes], timeout: float = 30.0
 ) -> dict[bytes, Entry]:
-    """The last journal entry of each key."""
+    """The last journal entry of each key.
+
+    A record that is not a journal entry (anyone who may write to the topic could have
+    written it) is ignored with an error, whatever its decoding raises: an exception
+    from here would make the whole assignment's journal unreadable, and the partitions
+    would be held for as long as the record stays the last of its key."""
     found: dict[bytes, Entry] = {}
     for key, value in read_table(settings, topic, keys, timeout).items():
         try:
             found[key] = Entry.decode(value)
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        except Exception as exc:
             log.error(
-                "the journal record of %s is unreadable; ignored", key.decode(errors="replace")
+                "the journal record of %s is unreadable (%s: %s); ignored, as if the "
+                "partition had none",
+                key.decode(errors="replace"),
+                type(exc).__name__,
+                exc,
             )
     return found
