@@ -199,17 +199,34 @@ class Message:
     ``topic``/``partition``/``offset``/``timestamp`` are the record's origin: for a
     delivery read back from a retry tier they still name the source topic, so a handler
     sees the same message on every attempt. ``attempt`` starts at 1.
+
+    Read-only, as everything a handler is given of it: ``caller``, ``category`` and
+    ``attempt`` say where a failed delivery goes next (the retry tier, the dead-letter
+    topic) and whose it is, so a handler that assigned them and then failed would send
+    its delivery nowhere. Assigning one raises AttributeError in the handler.
     """
 
-    __slots__ = ("_own", "_record", "attempt", "caller", "category")
+    __slots__ = ("_attempt", "_caller", "_category", "_own", "_record")
 
     _own: Any  # this delivery's copy of the value, once read (see ``value``)
 
     def __init__(self, record: Record, caller: str, category: str, attempt: int = 1) -> None:
         self._record = record
-        self.caller = caller
-        self.category = category
-        self.attempt = attempt
+        self._caller = caller
+        self._category = category
+        self._attempt = attempt
+
+    @property
+    def caller(self) -> str:
+        return self._caller
+
+    @property
+    def category(self) -> str:
+        return self._category
+
+    @property
+    def attempt(self) -> int:
+        return self._attempt
 
     @property
     def topic(self) -> str:
@@ -247,7 +264,7 @@ class Message:
         first read (``Record.copy_value``)."""
         record = self._record
         owner = record.owner
-        if owner is None or owner == self.caller:  # callers are unique in a configuration
+        if owner is None or owner == self._caller:  # callers are unique in a configuration
             return record.value
         try:
             return self._own

@@ -349,8 +349,8 @@ class Pipeline:
         if msg.caller == skip:
             self.skipper.dead_letter(msg)
             self.skipper.report(tp, offset, skip, "dead-lettered unrun when read")
-        elif outcome is not None:
-            self.settler(msg, outcome, 0.0)
+        elif outcome is not None:  # no handler ran: not the caller's failure
+            self.settler(msg, outcome, 0.0, by_handler=False)
         elif runtime is not None and runtime.paused:
             self.settler.park(msg, "caller paused")
         elif divert is not None and divert(msg):

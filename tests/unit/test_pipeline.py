@@ -832,3 +832,148 @@ def test_a_partition_revoked_while_its_journal_is_unreadable_is_dropped_unrun(
         assert gate._rereading is not None and gate._rereading.done()
 
     asyncio.run(scenario())
+
+
+# -- retry records no handler can take, and handlers that meddle ---------------------------
+
+
+class FastKMsg(RetryKMsg):
+    """A record of the fast retry tier, due now, for ``caller``, with ``value`` as payload."""
+
+    def __init__(self, offset: int, topic: str, caller: str, value: bytes = b'{"n":1}') -> None:
+        super().__init__(offset, topic, 0)
+        self._value = value
+        self._headers = [
+            (k, caller.encode() if k == h.CALLER else v) for k, v in self._headers
+        ]
+
+    def value(self) -> bytes:
+        return self._value
+
+
+def test_a_retry_record_of_a_caller_no_longer_configured_is_dead_lettered_once() -> None:
+    """Given retry records of a caller since removed from the configuration (or named by a
+    hostile producer) among retries of a configured one, when they are read, then each is
+    written once to the dead-letter topic as UnknownCaller, and the retry partition's
+    commit passes them all: nothing holds it (their offset was held twice, released once)."""
+
+    async def scenario() -> None:
+        pipeline, delivered, errors = build(None)
+        fast = pipeline.config.fast_topic
+        tp = (fast, 0)
+        await pipeline.assigned([tp], {tp: 0})
+        pipeline.handle_batch([FastKMsg(0, fast, "removed"), FastKMsg(1, fast, "medal"),
+                               FastKMsg(2, fast, "removed")])
+        await settle()
+        producer = pipeline.settler._producer
+        dead = [dict(hs) for topic, hs in producer.sent if topic == pipeline.config.dlq_topic]
+        assert [d[h.ERROR_TYPE] for d in dead] == [b"UnknownCaller", b"UnknownCaller"]
+        assert [o for _, o in delivered] == [1001]  # medal's retry: origin offset 1000 + 1
+        tracker = pipeline.tracker.partitions[tp]
+        assert not tracker.pending and tracker.committable() == 3
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
+def test_retry_records_no_handler_ran_do_not_trip_the_callers_flood_guard() -> None:
+    """Given the flood guard on (window 10, more than half dead-lettered trips it) and 30
+    fast-tier records naming ``medal`` whose payload is no JSON (a hostile producer), when
+    they are read, then all 30 are dead-lettered unrun and medal is not paused: no
+    handler of medal's ran, so none of it is medal's failure."""
+    from shunter.config import FloodGuardConfig
+    from shunter.observe.flood import FloodGuard
+
+    async def scenario() -> None:
+        pipeline, _, errors = build(None)
+        flood = FloodGuard(FloodGuardConfig(window=10, max_share=0.5))
+        paused: list[str] = []
+        flood.pause = lambda caller, reason: paused.append(caller)
+        pipeline.settler._flood = flood
+        fast = pipeline.config.fast_topic
+        tp = (fast, 0)
+        await pipeline.assigned([tp], {tp: 0})
+        pipeline.handle_batch([FastKMsg(o, fast, "medal", b"\xff not json") for o in range(30)])
+        await settle()
+        producer = pipeline.settler._producer
+        assert len([t for t, _ in producer.sent if t == pipeline.config.dlq_topic]) == 30
+        assert paused == [] and not flood.tripped
+        assert pipeline.tracker.partitions[tp].committable() == 30
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
+def test_a_handler_cannot_reroute_its_delivery_by_assigning_to_its_message() -> None:
+    """Given a handler that assigns ``msg.category = None`` (or caller, or attempt) and
+    then fails, when it is delivered, then the assignment itself raises AttributeError in
+    the handler, its delivery goes to the fast tier under its own caller and category,
+    and the offset is released: before, the settler's write raised on the changed
+    category, nothing was written and the partition's commit stopped there for good."""
+
+    async def scenario() -> None:
+        def meddle(msg: Message) -> None:
+            name = ("category", "caller", "attempt")[msg.offset % 3]
+            setattr(msg, name, None)
+            raise RuntimeError("not reached")
+
+        pipeline, _, errors = build(None, hook=meddle)
+        await pipeline.assigned([TP], {TP: 0})
+        pipeline.handle_batch(batch(range(3)))
+        await settle()
+        producer = pipeline.settler._producer
+        fast = [dict(hs) for t, hs in producer.sent if t == pipeline.config.fast_topic]
+        assert len(fast) == 3
+        assert {(d[h.CALLER], d[h.CATEGORY], d[h.ATTEMPT]) for d in fast} == {
+            (b"medal", b"revenue", b"2")
+        }
+        assert {d[h.ERROR_TYPE] for d in fast} == {b"AttributeError"}
+        assert pipeline.tracker.partitions[TP].committable() == 3
+        assert not errors, errors
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_whose_counting_or_writing_breaks_is_still_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given the failure statistics raising (a bug) for one failed delivery and the
+    retry record's header encoding raising for another, when both are settled, then the
+    first is written to the fast tier all the same and the second to the dead-letter
+    topic with stage internal; both offsets are released."""
+    from shunter.settle import settler as settler_module
+
+    async def scenario() -> None:
+        def fail(msg: Message) -> None:
+            raise RuntimeError(f"boom {msg.offset}")
+
+        pipeline, _, errors = build(None, hook=fail)
+        stats = pipeline.settler._stats
+        real_failed, real_encode = stats.failed, h.encode
+        calls = {"failed": 0, "encode": 0}
+
+        def failed_once(*args: Any) -> None:
+            calls["failed"] += 1
+            if calls["failed"] == 1:
+                raise KeyError("a bug in the statistics")
+            real_failed(*args)
+
+        def encode_second(info: h.FailureInfo) -> list[tuple[str, bytes]]:
+            calls["encode"] += 1
+            if calls["encode"] == 2:
+                raise TypeError("a header no one foresaw")
+            return real_encode(info)
+
+        monkeypatch.setattr(stats, "failed", failed_once)
+        monkeypatch.setattr(settler_module.h, "encode", encode_second)
+        await pipeline.assigned([TP], {TP: 0})
+        pipeline.handle_batch(batch(range(2)))
+        await settle()
+        producer = pipeline.settler._producer
+        written = [(t, dict(hs)) for t, hs in producer.sent]
+        assert [t for t, _ in written] == [pipeline.config.fast_topic, pipeline.config.dlq_topic]
+        assert written[1][1][h.STAGE] == b"internal"
+        assert pipeline.tracker.partitions[TP].committable() == 2
+        assert not errors, errors
+
+    asyncio.run(scenario())

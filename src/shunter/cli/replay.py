@@ -162,7 +162,7 @@ def _build(
         known = ", ".join(callers) or "none"
         hint = did_you_mean(caller, callers)
         raise ReadError(f"unknown caller {caller!r} (callers: {known}){hint}") from None
-    message.caller, message.category = caller, sub.category
+    message = Message(message._record, caller, sub.category, message.attempt)
     note = ""
     if all(r.caller != caller for r in routes):
         note = f"the dispatcher would not deliver this message to {caller!r} (category or filter)"

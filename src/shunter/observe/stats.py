@@ -88,7 +88,9 @@ class Stats:
 
     def failed(self, topic: str, caller: str, elapsed: float, tier: str) -> None:
         self._outcomes[(topic, caller, tier)] += 1
-        self.latency[caller].observe(elapsed)
+        latency = self.latency.get(caller)
+        if latency is not None:  # None: a retry record of a caller no longer configured
+            latency.observe(elapsed)
 
     def parked(self, topic: str, caller: str) -> None:
         self._outcomes[(topic, caller, "parked")] += 1

@@ -99,11 +99,17 @@ class Settler:
         if self._flood is not None:
             self._flood.succeeded(caller, len(done))
 
-    def __call__(self, msg: Message, outcome: Outcome, elapsed: float) -> None:
+    def __call__(
+        self, msg: Message, outcome: Outcome, elapsed: float, *, by_handler: bool = True
+    ) -> None:
         """Settle one delivery (the runtime's ``Settle`` callback).
 
         Never raises and never drops: if describing the failure fails (a bug, or a value
-        no one foresaw), the delivery is dead-lettered with stage ``internal`` instead."""
+        no one foresaw), the delivery is dead-lettered with stage ``internal`` instead,
+        and what only counts or logs it (statistics, fingerprints, the flood guard) can
+        never keep it from its write. ``by_handler`` False: no handler ran (a retry record
+        that cannot be delivered), so the flood guard, which watches what a caller's
+        handler dead-letters, does not count it."""
         record = msg._record
         if outcome is SUCCEEDED:
             caller = msg.caller
@@ -120,15 +126,25 @@ class Settler:
             dest = Destination("dlq", msg.attempt, 0.0)
             info = self._internal_info(msg, exc)
             outcome = DeadLettered(info.error, info.error_type, info.traceback, "internal")
-        self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
-        # A failure seen before (same caller, error type and failing line: a fingerprint,
-        # observe/fingerprints.py) is counted and logged in one line, its traceback not
-        # repeated: the night's log was thousands of identical crashes.
-        new = self._stats.fingerprints.observe(msg.caller, outcome, record)
-        self._log_failure(msg, outcome, dest, new)
-        if self._flood is not None:
-            self._flood.observe(msg.caller, dest.tier == "dlq")
-        self._write(record, info, dest.tier)
+        try:
+            self._stats.failed(record.topic, msg.caller, elapsed, dest.tier)
+            # A failure seen before (same caller, error type and failing line: a
+            # fingerprint, observe/fingerprints.py) is counted and logged in one line, its
+            # traceback not repeated: the night's log was thousands of identical crashes.
+            new = self._stats.fingerprints.observe(msg.caller, outcome, record)
+            self._log_failure(msg, outcome, dest, new)
+            if self._flood is not None and by_handler:
+                self._flood.observe(msg.caller, dest.tier == "dlq")
+        except Exception:  # a bug: the delivery is written all the same
+            log.critical("counting the failure of %r failed; it is written", msg, exc_info=True)
+        try:
+            self._write(record, info, dest.tier)
+        except Exception as exc:  # a bug, or headers no one foresaw: dead-lettered instead
+            self._internal_write(msg, exc)
+
+    def _internal_write(self, msg: Message, exc: Exception) -> None:
+        info = self._internal_info(msg, exc)
+        self._write(msg._record, info, "dlq")
 
     def park(self, msg: Message, reason: str = "") -> None:
         """A paused caller's delivery: handed to ``set_aside`` (``CallerPauses.set_aside``,
