@@ -185,6 +185,7 @@ class Service:
                 settle_many=settler.succeeded,
                 # An HTTP request or a worker process's answer is always waited for.
                 eager=sub.http is None and sub.isolation != "process",
+                threaded=sub.isolation == "thread",
             )
         return runtimes
 

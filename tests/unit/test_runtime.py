@@ -457,7 +457,8 @@ def test_a_thread_past_its_timeout_keeps_its_slot_so_the_next_delivery_is_not_ti
 
     async def scenario() -> Settled:
         settled = Settled()
-        rt = runtime(invoke, settled, concurrency=1, timeout=0.2, ordering="none")
+        rt = runtime(invoke, settled, concurrency=1, timeout=0.2, ordering="none",
+                     threaded=True)
         submit_all(rt, [make_message("blocks", offset=0), make_message("quick", offset=1)])
         await settled.wait(2, timeout=5)
         await asyncio.sleep(0.8)  # whatever still runs on the thread has finished
@@ -471,6 +472,48 @@ def test_a_thread_past_its_timeout_keeps_its_slot_so_the_next_delivery_is_not_ti
     assert isinstance(blocked, Failed) and blocked.error_type == "shunter.errors.DeliveryTimeout"
     assert settled.of("quick") is SUCCEEDED, settled.of("quick")
     assert ran.count("quick") == 1
+
+
+@pytest.mark.parametrize("returns", ["task", "future"])
+def test_a_task_or_future_a_handler_returns_is_cancelled_at_its_timeout_not_taken_for_a_thread(
+    returns: str,
+) -> None:
+    """Given a sync handler that hands its work to a Task of its own (or returns a bare
+    future) that never finishes, with concurrency 2 and a 0.1 s timeout, when four
+    deliveries arrive, then each is cancelled at its timeout and settled as one, and no
+    slot is lost: only a threaded invoke's futures are threads that keep their slot past
+    a timeout (before, two such deliveries took both slots for good)."""
+
+    async def scenario() -> tuple[Settled, SubscriberRuntime, list[str]]:
+        settled = Settled()
+        cancelled: list[str] = []
+        never = asyncio.Event()
+
+        async def work(msg: shunter.Message) -> None:
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                cancelled.append(msg.value)
+                raise
+
+        def handler(msg: shunter.Message) -> Any:
+            if returns == "task":
+                return asyncio.ensure_future(work(msg))
+            return asyncio.get_running_loop().create_future()
+
+        rt = runtime(handler, settled, concurrency=2, timeout=0.1, ordering="none")
+        submit_all(rt, [make_message(f"m{i}", offset=i) for i in range(4)])
+        await settled.wait(4, timeout=5)
+        return settled, rt, cancelled
+
+    settled, rt, cancelled = asyncio.run(scenario())
+    for i in range(4):
+        outcome = settled.of(f"m{i}")
+        assert isinstance(outcome, Failed)
+        assert outcome.error_type == "shunter.errors.DeliveryTimeout"
+    assert rt.lost_slots == 0 and rt.may_start()
+    if returns == "task":
+        assert sorted(cancelled) == ["m0", "m1", "m2", "m3"]
 
 
 def test_a_handler_using_asyncio_timeout_in_its_first_step_runs_in_its_own_task() -> None:

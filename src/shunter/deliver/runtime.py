@@ -122,6 +122,7 @@ class SubscriberRuntime:
         timeout: float = 30.0,
         settle_many: SettleMany | None = None,
         eager: bool = True,
+        threaded: bool = False,
     ) -> None:
         self.caller = caller
         self._invoke = invoke
@@ -158,6 +159,10 @@ class SubscriberRuntime:
         # is awaited directly instead: no first step to save, and its every resumption
         # would pass through ``Resumed``'s Python-level forwarding.
         self._eager = eager
+        # The invoke runs handlers on threads: a bare future it returns is a thread's,
+        # which a timeout cannot stop (``_finish``). Any other awaitable a handler returns
+        # (a Task of its own, a future) is cancelled at the timeout like a coroutine.
+        self._threaded = threaded
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -343,10 +348,18 @@ class SubscriberRuntime:
         task = asyncio.current_task()
         assert task is not None
         expiry = _Expiry()
-        timer = loop.call_later(self.timeout, self._expire, task, expiry, msg, pending)
-        # A bare future is a thread's: shielded, so that cancelling the wait leaves it
-        # telling whether the thread still runs.
-        thread = pending if isinstance(pending, asyncio.Future) else None
+        # A bare future of a threaded invoke is a thread's: shielded, so that cancelling
+        # the wait leaves it telling whether the thread still runs.
+        thread = (
+            pending
+            if self._threaded
+            and isinstance(pending, asyncio.Future)
+            and not isinstance(pending, asyncio.Task)
+            else None
+        )
+        timer = loop.call_later(
+            self.timeout, self._expire, task, expiry, msg, pending, thread is not None
+        )
         try:
             await (pending if thread is None else asyncio.shield(thread))
         except asyncio.CancelledError as exc:
@@ -367,11 +380,11 @@ class SubscriberRuntime:
         return SUCCEEDED
 
     def _expire(
-        self, task: asyncio.Task[None], expiry: _Expiry, msg: Message, pending: Any
+        self, task: asyncio.Task[None], expiry: _Expiry, msg: Message, pending: Any, thread: bool
     ) -> None:
         expiry.fired = True
         task.cancel()
-        if not isinstance(pending, asyncio.Future):  # a thread's future: _finish returns now
+        if not thread:  # a thread's future: _finish returns now
             expiry.abandon = asyncio.get_running_loop().call_later(
                 CANCEL_GRACE, self._abandon, msg, pending
             )
