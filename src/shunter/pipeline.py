@@ -86,7 +86,6 @@ class Pipeline:
         self.retry_topics = {config.fast_topic, config.slow_topic}
         # How far ahead a retry record may be due and still hold its partition: twice
         # its tier's delay, which is how far ahead the tier's own records are due.
-        self._waited: set[tuple[TP, int]] = set()  # slow-tier records held one horizon
         self._horizon_ms = {
             config.fast_topic: 2000 * max(config.retry.fast.delay, 1.0),
             config.slow_topic: 2000 * max(config.retry.slow.delay, 1.0),
@@ -303,22 +302,28 @@ class Pipeline:
         # A paused caller's retry is set aside at once (keeping its not-before time),
         # rather than holding its retry partition until it is due.
         owner = self.runtimes.get(info.caller)
-        now = time.time()
-        wait_ms = info.not_before_ms - now * 1000
+        now_ms = time.time() * 1000
+        wait_ms = info.not_before_ms - now_ms
         paused = owner is not None and owner.paused
         horizon = self._horizon_ms[topic]
-        slow_first = topic != self.config.fast_topic and (tp, offset) not in self._waited
-        if wait_ms > 0 and not paused and (wait_ms <= horizon or slow_first):
-            # Due within its tier's rhythm: the partition waits for it. A slow-tier record
-            # due much later holds it one horizon at most, then goes to the back (below).
-            if wait_ms > horizon:
-                self._waited.add((tp, offset))
-            until = min(info.not_before_ms, now * 1000 + horizon) / 1000
+        # A record due far later than its tier's rhythm goes to the back of the slow tier
+        # (below) rather than hold every retry behind it; written back at most once per
+        # horizon: a copy read again sooner than that (a partition of such records, read
+        # round and round) holds its partition until its horizon is over. So K of them
+        # in a row hold the records behind them one horizon in all, not K.
+        until_ms = float(info.not_before_ms)
+        if wait_ms > horizon:
+            written = info.requeued_ms  # a stamp ahead of the clock is no one's: ignored
+            recent = topic != self.config.fast_topic and 0 < written <= now_ms
+            until_ms = written + horizon if recent else 0.0
+        if wait_ms > 0 and not paused and until_ms > now_ms:
+            # Due within its tier's rhythm, or written back too recently: the partition
+            # waits for it.
+            until = min(until_ms, now_ms + horizon) / 1000
             self.held.hold(tp, kmsg, until, NOT_DUE)
             if skip is not None:  # read again when due: the skip waits for it
                 self.skipper.later.setdefault(tp, {})[offset] = skip
             return
-        self._waited.discard((tp, offset))
         record = Record.from_kafka(kmsg, ptrack)
         _name_origin(record, info)
         record.first_failure = info.first_failure_ms
@@ -439,7 +444,6 @@ class Pipeline:
         # must not reach a later owner's tracker (this instance may get it back).
         self.held.forget(gone)
         self.gate.leaving(gone)
-        self._waited = {w for w in self._waited if w[0] not in gone}
         trackers = [self.tracker.partitions[tp] for tp in tps if tp in self.tracker.partitions]
         if not lost:
             timeout = self.config.kafka.drain_timeout

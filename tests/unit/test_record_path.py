@@ -671,14 +671,69 @@ def test_a_retry_due_in_days_goes_to_the_back_of_the_slow_tier_instead_of_holdin
     asyncio.run(scenario())
 
 
-def test_a_slow_tier_record_due_in_days_waits_one_horizon_then_goes_to_the_back() -> None:
-    """In the slow tier itself, a record due in days holds its partition for one horizon
-    (twice slow.delay) at most, then is written to the back: no rewrite loop."""
+def test_slow_tier_records_due_in_days_go_to_the_back_once_per_horizon_holding_one_horizon(
+) -> None:
+    """In the slow tier itself, records due in days go to the back at once, stamped; when
+    their copies come round again sooner than a horizon (twice slow.delay) after that,
+    the partition waits until that horizon is over, then writes them back again: one
+    write per horizon each, no rewrite loop, and the retries behind two such copies wait
+    one horizon in all (each copy, a new offset, used to hold it a whole horizon anew)."""
+
+    async def scenario() -> None:
+        seen: list[int] = []
+
+        def keep(msg: Message) -> None:
+            seen.append(msg.offset)
+
+        pipeline, broker, _ = build({"medal": keep})
+        slow = pipeline.config.slow_topic
+        pipeline._horizon_ms[slow] = 300.0  # a 0.3 s horizon for the test
+        await pipeline.assigned([(slow, 0)], {(slow, 0): -1})
+        now = int(time.time() * 1000)
+
+        def retry(offset: int, origin: int, due: int, requeued: int = 0) -> KMsg:
+            info = h.FailureInfo(
+                caller="medal", category="revenue", attempt=3, stage="deliver",
+                error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
+                not_before_ms=due, origin_topic=TOPIC, origin_partition=0,
+                origin_offset=origin, origin_timestamp_ms=now, tier="slow",
+                requeued_ms=requeued,
+            )
+            return KMsg(offset, headers=list(h.encode(info)), topic=slow)
+
+        days = now + 86_400_000
+        pipeline.handle_batch([retry(0, 7, days), retry(1, 8, days), retry(2, 9, now)])
+        await settle(2)
+        assert seen == [9], "the due retry behind them ran at once"
+        stamps = [int(headers[h.REQUEUED]) for _, _, _, headers in broker.sent]
+        assert [hs[h.ORIGIN_OFFSET] for _, _, _, hs in broker.sent] == [b"7", b"8"]
+        assert all(now <= s <= now + 1000 for s in stamps)
+        # Their copies come round again at once, with another due retry behind them.
+        started = time.monotonic()
+        pipeline.handle_batch([retry(3, 7, days, stamps[0]), retry(4, 8, days, stamps[1]),
+                               retry(5, 10, now)])
+        await settle(2)
+        assert len(broker.sent) == 2 and (slow, 0) in pipeline.source.paused
+        while 10 not in seen and time.monotonic() - started < 5:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - started
+        assert seen == [9, 10]
+        assert 0.2 <= waited < 0.55, f"waited {waited:.2f}s: one horizon in all, not two"
+        assert [hs[h.ORIGIN_OFFSET] for _, _, _, hs in broker.sent[2:]] == [b"7", b"8"]
+        await settle()
+        assert pipeline.tracker.partitions[(slow, 0)].committable() == 6
+
+    asyncio.run(scenario())
+
+
+def test_a_requeue_stamp_ahead_of_the_clock_holds_nothing() -> None:
+    """A slow-tier record due in days whose requeue stamp is in the future (no shunter
+    wrote it) is written to the back at once with a true stamp, rather than holding its
+    partition one horizon after another."""
 
     async def scenario() -> None:
         pipeline, broker, _ = build({"medal": ok})
         slow = pipeline.config.slow_topic
-        pipeline._horizon_ms[slow] = 100.0  # a 0.1 s horizon for the test
         await pipeline.assigned([(slow, 0)], {(slow, 0): -1})
         now = int(time.time() * 1000)
         info = h.FailureInfo(
@@ -686,13 +741,13 @@ def test_a_slow_tier_record_due_in_days_waits_one_horizon_then_goes_to_the_back(
             error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
             not_before_ms=now + 86_400_000, origin_topic=TOPIC, origin_partition=0,
             origin_offset=7, origin_timestamp_ms=now, tier="slow",
+            requeued_ms=now + 10 * 86_400_000,
         )
         pipeline.handle_batch([KMsg(0, headers=list(h.encode(info)), topic=slow)])
         await settle(2)
-        assert broker.sent == [] and (slow, 0) in pipeline.source.paused
-        await asyncio.sleep(0.3)
         [(topic, _, _, headers)] = broker.sent
-        assert topic == "g.retry.slow" and headers[h.ORIGIN_OFFSET] == b"7"
+        assert topic == "g.retry.slow" and int(headers[h.REQUEUED]) <= now + 1000
+        assert (slow, 0) not in pipeline.source.paused
         assert pipeline.tracker.partitions[(slow, 0)].committable() == 1
 
     asyncio.run(scenario())

@@ -27,6 +27,9 @@ ORIGIN_KEY = PREFIX + "origin-key"
 TIER = PREFIX + "tier"  # fast | slow | dlq
 SIGNAL = PREFIX + "signal"
 PAYLOAD_OMITTED = PREFIX + "payload-omitted"  # bytes of a payload too large to keep
+# When a retry due far later than its tier's rhythm was last written to the back of the
+# slow tier (ms since the epoch): it is written again at most once per horizon.
+REQUEUED = PREFIX + "requeued-ms"
 
 MAX_TRACEBACK = 8_192
 MAX_ERROR = 2_048
@@ -63,6 +66,7 @@ class FailureInfo:
     tier: str
     origin_key: bytes | None = None
     signal: str = ""
+    requeued_ms: int = 0  # see REQUEUED; 0: never requeued
 
 
 def encode(info: FailureInfo) -> list[tuple[str, bytes]]:
@@ -86,6 +90,8 @@ def encode(info: FailureInfo) -> list[tuple[str, bytes]]:
         headers.append((ORIGIN_KEY, info.origin_key))
     if info.signal:
         headers.append((SIGNAL, info.signal.encode()))
+    if info.requeued_ms:
+        headers.append((REQUEUED, str(info.requeued_ms).encode()))
     return headers
 
 
@@ -118,4 +124,5 @@ def decode(headers: Sequence[tuple[str, bytes | None]] | None) -> FailureInfo:
         tier=text(TIER, ""),
         origin_key=found.get(ORIGIN_KEY),
         signal=text(SIGNAL, ""),
+        requeued_ms=int(text(REQUEUED, "0")),
     )

@@ -155,8 +155,11 @@ class Settler:
 
     def requeue(self, record: Record, info: h.FailureInfo) -> None:
         """A retry due far later than its tier's delay: written again at the back of the
-        slow tier with its headers as they were (same due time, same attempt)."""
-        self._write(record, dataclasses.replace(info, tier="slow"), "slow")
+        slow tier with its headers as they were (same due time, same attempt), stamped
+        with the time of this write (``shunter-requeued-ms``)."""
+        self._write(
+            record, dataclasses.replace(info, tier="slow", requeued_ms=_now_ms()), "slow"
+        )
 
     def write_parked(self, msg: Message, info: h.FailureInfo) -> None:
         """Write a paused caller's delivery to the parked topic, unrun; its share of the
