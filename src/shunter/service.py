@@ -327,6 +327,7 @@ class Service:
                 "and will be redelivered",
                 timeout,
             )
+        pipeline.settler.flush_repeats()  # failures counted but not logged yet
         # Commit synchronously on the way out of the group: forget what the periodic
         # (asynchronous) commits claimed, since they may not have reached the broker.
         for tracker in pipeline.tracker.partitions.values():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+import pytest
 from confluent_kafka import KafkaError
 
 from shunter.commit.tracker import PartitionTracker
 from shunter.config import parse_config
+from shunter.deliver.failure import failure
 from shunter.message import Message, Record
 from shunter.observe.stats import Stats
 from shunter.outcome import DeadLettered, Failed
@@ -89,3 +92,62 @@ def test_a_failed_write_keeps_the_offset_held_until_a_write_succeeds() -> None:
         assert ("trace", b"t1") in headers, "the record's own headers travel with it"
 
     asyncio.run(scenario())
+
+
+def test_repeats_of_a_known_failure_are_logged_once_per_interval_with_how_many_were_not(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given one handler failing the same way on 12 deliveries, when they are settled,
+    then the first is logged with its traceback, the first repeat in a line, and the
+    others within the interval only counted; the next repeat after the interval says how
+    many were not logged, and at shutdown the rest are said in one line. Every failure
+    is still counted (/stats) and written (its record carries its traceback): only the
+    log is quieter. The demo's digest, counting failures from the log, adds up to 12."""
+    import time
+
+    from shunter.demo.logdigest import LogDigest
+    from shunter.settle import settler as settler_module
+
+    monkeypatch.setattr(settler_module, "REPEAT_LOG_EVERY", 0.2)
+    digest = LogDigest()
+    logging.getLogger().addHandler(digest)
+
+    async def scenario() -> tuple[Stats, FlakyProducer]:
+        producer = FlakyProducer(failures=0)
+        stats = Stats({"medal": "revenue"})
+        settler = Settler(CONFIG, producer, stats)  # type: ignore[arg-type]
+        tracker = PartitionTracker(("gift", 0))
+
+        def fail(offset: int) -> None:
+            record = Record("gift", 0, offset, b"k", b"{}", 1, None, tracker, offset)
+            tracker.hold(offset, 1)
+            try:
+                raise KeyError("effect")
+            except KeyError as exc:
+                outcome = failure(exc)
+            settler(Message(record, "medal", "revenue"), outcome, 0.001)
+
+        for offset in range(10):
+            fail(offset)
+        time.sleep(0.25)
+        fail(10)
+        fail(11)
+        settler.flush_repeats()
+        await asyncio.sleep(0.05)
+        return stats, producer
+
+    with caplog.at_level(logging.INFO, logger="shunter.settle"):
+        try:
+            stats, producer = asyncio.run(scenario())
+        finally:
+            logging.getLogger().removeHandler(digest)
+    lines = [r for r in caplog.records if r.name == "shunter.settle"]
+    assert [r.levelname for r in lines] == ["ERROR", "WARNING", "WARNING", "WARNING"]
+    assert "Traceback" in lines[0].getMessage()
+    assert "gift[0]@1 " in lines[1].getMessage() and "more like it" not in lines[1].getMessage()
+    assert "gift[0]@10 " in lines[2].getMessage()
+    assert "8 more like it since its last line" in lines[2].getMessage()
+    assert "failed 1 more times with KeyError at" in lines[3].getMessage()
+    assert len(producer.sent) == 12
+    assert stats.deliveries[("gift", "medal", "fast")] == 12
+    assert digest.failures["medal"] == 12

@@ -43,7 +43,8 @@ class LogDigest(logging.Handler):
         with self._mutex:
             # a first failure is an ERROR with its traceback, a repeat a WARNING line
             if record.name == "shunter.settle" and record.levelno >= logging.WARNING and caller:
-                self.failures[caller] += 1
+                # a logged repeat stands for those not logged since the last one
+                self.failures[caller] += getattr(record, "failures", 1)
                 self.first_failure.setdefault(caller, text)
                 return
             kind = (record.name, str(record.msg))

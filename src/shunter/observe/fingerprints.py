@@ -155,27 +155,27 @@ class Fingerprints:
         self._groups: dict[Key, Fingerprint] = {}
         self._per_caller: dict[str, int] = {}
 
-    def observe(self, caller: str, outcome: Outcome, record: Record) -> bool:
-        """One failed delivery (the settler's call); True when its fingerprint is new, so
-        that a caller logging every failure can log repeats more quietly. Deferrals that
-        use up no attempt are not failures and are ignored."""
+    def observe(self, caller: str, outcome: Outcome, record: Record) -> Fingerprint | None:
+        """One failed delivery (the settler's call): its fingerprint, counted (a count of
+        1: new), so that a caller logging every failure can log repeats more quietly.
+        Deferrals that use up no attempt are not failures: ignored (None)."""
         from ..outcome import DeadLettered, Failed
 
         if isinstance(outcome, Failed):
             if not outcome.counts:
-                return False
+                return None
             error = outcome.error
         elif isinstance(outcome, DeadLettered):
             error = outcome.reason
         else:
-            return False
+            return None
         example = {
             "topic": record.topic,
             "partition": record.partition,
             "offset": record.offset,
             "error": error[:500],
         }
-        return self.add(caller, outcome.error_type, outcome.traceback, example).count == 1
+        return self.add(caller, outcome.error_type, outcome.traceback, example)
 
     def add(
         self,

@@ -20,6 +20,7 @@ from ..config import Config
 from ..deliver.failure import error_type, format_traceback
 from ..errors import RejectedMessage
 from ..message import Message, Record
+from ..observe.fingerprints import Fingerprint, label
 from ..observe.flood import FloodGuard
 from ..observe.stats import Stats
 from ..outcome import SUCCEEDED, DeadLettered, Failed, Outcome
@@ -34,6 +35,11 @@ _BACKOFF_MAX = 30.0
 _STUB_ERROR = 512  # characters of the error kept in a dead-letter stub
 _STUB_TRACEBACK = 2_048
 _FAILED = "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s"
+# Seconds between two log lines of one failure fingerprint's repeats: a handler failing
+# on 1 % of 100,000 messages a second would otherwise log a thousand lines a second. The
+# first failure of a fingerprint is logged whole, with its traceback; each repeat is
+# counted in /stats and its record carries its own traceback in its headers.
+REPEAT_LOG_EVERY = 10.0
 _TOO_LARGE = {
     KafkaError.MSG_SIZE_TOO_LARGE,
     KafkaError._INVALID_ARG,  # what ReliableProducer reports when produce() refuses
@@ -68,6 +74,9 @@ class Settler:
         # A write of theirs being retried is given up: the skip's record stands for it.
         self._abandoned: set[tuple[tuple[str, int], int, str]] = set()
         self.set_aside: Callable[[Message], None] | None = None  # set by the service
+        # Per fingerprint (caller, error type, failing line): when its repeats were last
+        # logged (monotonic seconds), and how many were not logged since.
+        self._repeats: dict[tuple[str, str, str], list[float]] = {}
 
     def succeeded(self, done: list[Message], seconds: float, slow: list[float]) -> None:
         """Settle successful deliveries of one caller that took ``seconds`` together,
@@ -131,8 +140,11 @@ class Settler:
             # A failure seen before (same caller, error type and failing line: a
             # fingerprint, observe/fingerprints.py) is counted and logged in one line, its
             # traceback not repeated: the night's log was thousands of identical crashes.
-            new = self._stats.fingerprints.observe(msg.caller, outcome, record)
-            self._log_failure(msg, outcome, dest, new)
+            group = self._stats.fingerprints.observe(msg.caller, outcome, record)
+            if group is None or group.count == 1:  # a deferral, or a new fingerprint
+                self._log_failure(msg, outcome, dest)
+            elif (unlogged := self._repeat_unlogged(group)) is not None:
+                self._log_failure(msg, outcome, dest, new=False, unlogged=unlogged)
             if self._flood is not None and by_handler:
                 self._flood.observe(msg.caller, dest.tier == "dlq")
         except Exception:  # a bug: the delivery is written all the same
@@ -371,8 +383,40 @@ class Settler:
         self._abandoned.add((tp, offset, caller))
         return (tp, offset) in self.failing
 
+    def _repeat_unlogged(self, group: Fingerprint) -> int | None:
+        """None when this repeat of ``group`` is only counted; else it is logged, and this
+        is how many were not since the last line: a repeat is logged at most once per
+        REPEAT_LOG_EVERY seconds."""
+        key = (group.caller, group.error_type, group.line)
+        now = time.monotonic()
+        seen = self._repeats.get(key)
+        if seen is not None and now - seen[0] < REPEAT_LOG_EVERY:
+            seen[1] += 1
+            return None
+        self._repeats[key] = [now, 0.0]
+        return 0 if seen is None else int(seen[1])
+
+    def flush_repeats(self) -> None:
+        """Log the repeats counted but not logged yet (at shutdown)."""
+        for (caller, kind, line), (_, unlogged) in self._repeats.items():
+            if unlogged:
+                log.warning(
+                    "caller %s failed %d more times with %s since its last line (counted "
+                    "in /stats)",
+                    caller,
+                    unlogged,
+                    label(kind, line),
+                    extra={"caller": caller, "failures": int(unlogged)},
+                )
+        self._repeats.clear()
+
     def _log_failure(
-        self, msg: Message, outcome: Failed | DeadLettered, dest: Destination, new: bool = True
+        self,
+        msg: Message,
+        outcome: Failed | DeadLettered,
+        dest: Destination,
+        new: bool = True,
+        unlogged: int = 0,
     ) -> None:
         record = msg._record
         if isinstance(outcome, Failed) and not outcome.counts:
@@ -411,11 +455,13 @@ class Settler:
             "next": dest.tier,
         }
         if not new:
+            more = f", {unlogged} more like it since its last line" if unlogged else ""
             log.warning(
-                _FAILED + " (a repeat of a known failure: its traceback is in the first "
+                _FAILED + " (a repeat of a known failure%s: its traceback is in the first "
                 "report and its count in /stats)",
                 *args,
-                extra=extra,
+                more,
+                extra={**extra, "failures": 1 + unlogged},
             )
             return
         log.error(_FAILED + "\n%s", *args, outcome.traceback.rstrip(), extra=extra)
