@@ -105,6 +105,9 @@ def test_retry_after() -> None:
     assert retry_after(email.utils.formatdate(now - 30, usegmt=True), 300, now) == 0.0
     assert retry_after("soon", 300, now) is None
     assert retry_after(None, 300, now) is None
+    # Anyone's text: digits float() refuses, dates beyond any calendar, never an exception.
+    for hostile in ("²", "٣", "-1", "1e309", "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"):
+        assert retry_after(hostile, 300, now) is None, hostile
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 599])

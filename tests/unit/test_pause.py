@@ -205,3 +205,17 @@ def test_namespaces_split_on_the_first_slash() -> None:
     assert namespace("fan.medal-2") == ""
     assert namespace("skip/gift/0/5") == "skip/"
     assert namespace("parked/medal") == "parked/"
+
+
+def test_unpark_reads_a_records_caller_as_its_re_drive_will() -> None:
+    """A parked record with two caller headers (a hostile producer's) is selected for the
+    caller its re-drive goes to: the last one, as the retry tier reads it."""
+    from shunter.settle.unpark import caller_of
+
+    info = h.FailureInfo(
+        caller="medal", category="revenue", attempt=1, stage="deliver", error_type="",
+        error="", traceback="", first_failure_ms=0, not_before_ms=0, origin_topic="gift",
+        origin_partition=0, origin_offset=1, origin_timestamp_ms=0, tier="parked",
+    )
+    headers = [(h.CALLER, b"rank"), *h.encode(info)]
+    assert caller_of(headers) == b"medal" == h.decode(headers).caller.encode()

@@ -68,20 +68,21 @@ async def read_bounded(resp: ClientResponse, limit: int) -> bytes:
 
 
 def retry_after(value: str | None, cap: float, now: float | None = None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), at most ``cap``."""
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), at most ``cap``;
+    None for anything else (the endpoint's header is anyone's text: never raises)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return min(float(value), cap)
     try:
+        if value.isascii() and value.isdigit():  # "²".isdigit() too, which float refuses
+            return min(float(value), cap)
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        if when.tzinfo is None:
+            return None
+        now = time.time() if now is None else now
+        return min(max(0.0, when.timestamp() - now), cap)
+    except (TypeError, ValueError, IndexError, OverflowError):  # e.g. the year 99999999999
         return None
-    if when.tzinfo is None:
-        return None
-    now = time.time() if now is None else now
-    return min(max(0.0, when.timestamp() - now), cap)
 
 
 def excerpt(body: bytes, redact: Redactor) -> str:

@@ -41,10 +41,13 @@ class Unparked:
 
 
 def caller_of(headers: list[tuple[str, bytes]] | None) -> bytes | None:
+    """The record's caller header; of several, the last, as ``headers.decode`` reads it
+    (the caller its re-drive goes to must be the one it was selected for)."""
+    found = None
     for key, value in headers or ():
         if key == h.CALLER:
-            return value
-    return None
+            found = value
+    return found
 
 
 def unpark(
