@@ -152,3 +152,30 @@ def test_rate_limit_must_fit_the_delivery_timeout() -> None:
         _check_budget(sub(concurrency=64, timeout="30s"), "subscribers[0]", 5.0)
     assert "subscribers[0].concurrency" in str(refused.value)
     assert "set concurrency to at most 50, or timeout to at least 37s" in str(refused.value)
+
+
+def test_a_json_body_carries_what_the_decoder_keeps_and_orjson_refuses() -> None:
+    """Integers wider than 64 bits and nesting deeper than orjson's 254 levels are valid
+    JSON the decoder keeps: they are sent as JSON (not dead-lettered), and read back the
+    same; a value no JSON can carry is still a DeadLetter."""
+    import json
+    from types import SimpleNamespace
+
+    import pytest
+
+    from shunter.deliver.http import HttpSubscriber
+    from shunter.errors import DeadLetter
+    from shunter.testing import make_message
+
+    deep: object = 1
+    for _ in range(300):
+        deep = [deep]
+    sub = SimpleNamespace(raw=False, content_type="application/octet-stream")
+    for value in ({"amount": 2**70, "id": -(2**65)}, {"deep": deep}):
+        msg = make_message(value, raw=b"{}")  # the payload is not what is sent
+        body, content_type = HttpSubscriber._body(sub, msg)  # type: ignore[arg-type]
+        assert content_type == "application/json" and json.loads(body) == value
+    unsendable = make_message({"x": 1})
+    unsendable._record.value = {"x": {1, 2}}  # a set: a decoder of the user's own made it
+    with pytest.raises(DeadLetter, match="cannot be sent as JSON"):
+        HttpSubscriber._body(sub, unsendable)  # type: ignore[arg-type]

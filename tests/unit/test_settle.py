@@ -103,7 +103,6 @@ def test_repeats_of_a_known_failure_are_logged_once_per_interval_with_how_many_w
     many were not logged, and at shutdown the rest are said in one line. Every failure
     is still counted (/stats) and written (its record carries its traceback): only the
     log is quieter. The demo's digest, counting failures from the log, adds up to 12."""
-    import time
 
     from shunter.demo.logdigest import LogDigest
     from shunter.settle import settler as settler_module
@@ -129,7 +128,7 @@ def test_repeats_of_a_known_failure_are_logged_once_per_interval_with_how_many_w
 
         for offset in range(10):
             fail(offset)
-        time.sleep(0.25)
+        await asyncio.sleep(0.25)
         fail(10)
         fail(11)
         settler.flush_repeats()
@@ -151,3 +150,15 @@ def test_repeats_of_a_known_failure_are_logged_once_per_interval_with_how_many_w
     assert len(producer.sent) == 12
     assert stats.deliveries[("gift", "medal", "fast")] == 12
     assert digest.failures["medal"] == 12
+
+
+def test_an_attempt_header_below_one_reads_as_the_first_attempt() -> None:
+    """A retry record claiming attempt -5 (a hostile producer's) counts as attempt 1, so
+    its retries still end in the dead-letter topic after the configured attempts."""
+    info = h.FailureInfo(
+        caller="medal", category="revenue", attempt=1, stage="deliver", error_type="",
+        error="", traceback="", first_failure_ms=0, not_before_ms=0, origin_topic="gift",
+        origin_partition=0, origin_offset=1, origin_timestamp_ms=0, tier="fast",
+    )
+    headers = [(k, b"-5" if k == h.ATTEMPT else v) for k, v in h.encode(info)]
+    assert h.decode(headers).attempt == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import ssl
 import weakref
@@ -229,8 +230,17 @@ class HttpSubscriber:
             return msg.raw, self.content_type
         try:
             return orjson.dumps(value, default=_plain), JSON
-        except TypeError as exc:
-            raise DeadLetter(f"the value cannot be sent as JSON: {exc}") from None
+        except TypeError as orjson_refused:
+            # orjson refuses what the decoder keeps: integers wider than 64 bits, nesting
+            # deeper than 254. The standard library writes both (to its recursion limit).
+            try:
+                text = json.dumps(value, default=_plain, separators=(",", ":"),
+                                  ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError, RecursionError):
+                raise DeadLetter(
+                    f"the value cannot be sent as JSON: {orjson_refused}"
+                ) from None
+            return text.encode(), JSON
 
     async def close(self) -> None:
         await self.session.close()

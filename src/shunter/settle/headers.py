@@ -110,7 +110,8 @@ def decode(headers: Sequence[tuple[str, bytes | None]] | None) -> FailureInfo:
     return FailureInfo(
         caller=text(CALLER),
         category=text(CATEGORY, ""),
-        attempt=int(text(ATTEMPT)),
+        attempt=max(1, int(text(ATTEMPT))),  # never below the first: a negative one
+        # would retry on the fast tier for ever, never reaching the dead-letter topic
         stage=text(STAGE, "deliver"),
         error_type=text(ERROR_TYPE, ""),
         error=text(ERROR, ""),
