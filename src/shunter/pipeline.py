@@ -327,7 +327,7 @@ class Pipeline:
         record = Record.from_kafka(kmsg, ptrack)
         _name_origin(record, info)
         record.first_failure = info.first_failure_ms
-        if wait_ms > 0 and not paused and skip is None:
+        if wait_ms > 0 and not paused and skip != info.caller:
             # Due far later than this tier's own delay (a long RetryLater): holding the
             # partition on it would hold every retry behind it. It goes to the back of
             # the slow tier instead, keeping its due time (``Settler.requeue``): at most
@@ -340,27 +340,48 @@ class Pipeline:
         decoder = self.decoders.get(info.origin_topic)
         outcome: DeadLettered | None = None
         if runtime is None:
-            reason = f"caller {info.caller!r} is no longer configured"
-            outcome = DeadLettered(reason, "UnknownCaller")
-        else:
-            try:
-                record.value = decoder(record.raw) if decoder is not None else record.raw
-            except RejectedMessage as exc:
-                outcome = DeadLettered(exc.reason, "RejectedMessage", stage=exc.stage)
-            except DecodeUnavailable as exc:
-                self._decode_later(kmsg, exc, skip)
-                return
+            # Removed from the configuration, or named by anyone who can write the topic:
+            # dead-lettered unrun under its name (in the record's headers only: a name
+            # from a header never becomes a statistics label, whose number it would grow).
+            ptrack.hold(offset, 1)
+            log.warning(
+                "retry record %s[%d]@%d names caller %r, which is not configured; "
+                "dead-lettered unrun",
+                *tp,
+                offset,
+                info.caller,
+                extra={"topic": tp[0], "partition": tp[1], "offset": offset},
+            )
+            self.settler.unrun(
+                record,
+                "deliver",
+                "UnknownCaller",
+                f"caller {info.caller!r} is no longer configured",
+                caller=info.caller,
+                category=info.category,
+                attempt=info.attempt,
+            )
+            if skip == info.caller:
+                self.skipper.report(tp, offset, skip, "dead-lettered unrun when read")
+            return
+        try:
+            record.value = decoder(record.raw) if decoder is not None else record.raw
+        except RejectedMessage as exc:
+            outcome = DeadLettered(exc.reason, "RejectedMessage", stage=exc.stage)
+        except DecodeUnavailable as exc:
+            self._decode_later(kmsg, exc, skip)
+            return
         ptrack.hold(offset, 1)
         if msg.caller == skip:
             self.skipper.dead_letter(msg)
             self.skipper.report(tp, offset, skip, "dead-lettered unrun when read")
         elif outcome is not None:  # no handler ran: not the caller's failure
             self.settler(msg, outcome, 0.0, by_handler=False)
-        elif runtime is not None and runtime.paused:
+        elif runtime.paused:
             self.settler.park(msg, "caller paused")
         elif divert is not None and divert(msg):
             pass
-        elif runtime is not None:
+        else:
             runtime.submit(msg)
 
     def _decode_later(self, kmsg: KafkaRecord, exc: DecodeUnavailable, skip: str | None) -> None:

@@ -217,5 +217,5 @@ def test_unpark_reads_a_records_caller_as_its_re_drive_will() -> None:
         error="", traceback="", first_failure_ms=0, not_before_ms=0, origin_topic="gift",
         origin_partition=0, origin_offset=1, origin_timestamp_ms=0, tier="parked",
     )
-    headers = [(h.CALLER, b"rank"), *h.encode(info)]
+    headers: list[Any] = [(h.CALLER, b"rank"), *h.encode(info), (h.CALLER, None)]
     assert caller_of(headers) == b"medal" == h.decode(headers).caller.encode()

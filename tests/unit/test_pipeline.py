@@ -671,6 +671,37 @@ def test_retry_suspects_not_yet_due_wait_unrun_and_lose_nothing() -> None:
     asyncio.run(scenario())
 
 
+def test_retry_suspects_due_in_an_hour_go_to_the_back_unrun_and_lose_nothing() -> None:
+    """Given the slow tier's partition with suspects 10..12 due in an hour, far beyond the
+    tier's rhythm, and 13 behind them, when they arrive, then none of them runs or is
+    quarantined: each is written once to the back of the slow tier with its due time and
+    origin, and the partition's commit passes them only after those writes."""
+
+    async def scenario() -> None:
+        journal = FakeJournal()
+        journal.quarantine_after = 1  # a blamed suspect would be quarantined at once
+        pipeline, delivered, errors = build(journal)
+        slow = pipeline.config.slow_topic
+        tp = (slow, 0)
+        later = int(time.time() * 1000) + 3_600_000
+        journal.recovered[tp] = PartitionState(runs=[[10, 12, 1]], suspects_hi=12)
+        await pipeline.assigned([tp, TP], {tp: 10})
+        pipeline.handle_batch([RetryKMsg(o, slow, later) for o in range(10, 14)]
+                              + batch(range(0, 5)))
+        await settle()
+        assert {o for p, o in delivered} == set(range(5)), "only the source ran"
+        producer = pipeline.settler._producer
+        written = [dict(hs) for topic, hs in producer.sent if topic == slow]
+        assert [d[h.ORIGIN_OFFSET] for d in written] == [b"1010", b"1011", b"1012", b"1013"]
+        assert {d[h.NOT_BEFORE] for d in written} == {str(later).encode()}
+        assert not [t for t, _ in producer.sent if t == pipeline.config.dlq_topic]
+        assert pipeline.tracker.partitions[tp].committable() == 14
+        assert not errors, errors
+        assert not journal.uncovered, journal.uncovered
+
+    asyncio.run(scenario())
+
+
 def test_a_quarantined_offset_keeps_its_count_until_the_partition_is_committed_past_it() -> None:
     """Given suspects 10..12 where 10 has died twice (quarantine_after 2), when 10 is
     quarantined and 11 and 12 then run alone and live, then every record written since
@@ -868,6 +899,9 @@ def test_a_retry_record_of_a_caller_no_longer_configured_is_dead_lettered_once()
         producer = pipeline.settler._producer
         dead = [dict(hs) for topic, hs in producer.sent if topic == pipeline.config.dlq_topic]
         assert [d[h.ERROR_TYPE] for d in dead] == [b"UnknownCaller", b"UnknownCaller"]
+        assert [d[h.CALLER] for d in dead] == [b"removed", b"removed"]
+        # A name from a header is no statistics label: their number would be anyone's.
+        assert "removed" not in {caller for _, caller, _ in pipeline.stats.deliveries}
         assert [o for _, o in delivered] == [1001]  # medal's retry: origin offset 1000 + 1
         tracker = pipeline.tracker.partitions[tp]
         assert not tracker.pending and tracker.committable() == 3

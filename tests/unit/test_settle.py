@@ -99,11 +99,11 @@ def test_repeats_of_a_known_failure_are_logged_once_per_interval_with_how_many_w
 ) -> None:
     """Given one handler failing the same way on 12 deliveries, when they are settled,
     then the first is logged with its traceback, the first repeat in a line, and the
-    others within the interval only counted; the next repeat after the interval says how
-    many were not logged, and at shutdown the rest are said in one line. Every failure
-    is still counted (/stats) and written (its record carries its traceback): only the
-    log is quieter. The demo's digest, counting failures from the log, adds up to 12."""
-
+    others within the interval only counted, their number said when the interval is over;
+    a repeat after that is logged again, and at shutdown the ones not said yet are said.
+    Every failure is still counted (/stats) and written (its record carries its
+    traceback): only the log is quieter. The demo's digest, counting failures from the
+    log, adds up to 12."""
     from shunter.demo.logdigest import LogDigest
     from shunter.settle import settler as settler_module
 
@@ -128,10 +128,11 @@ def test_repeats_of_a_known_failure_are_logged_once_per_interval_with_how_many_w
 
         for offset in range(10):
             fail(offset)
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.3)  # the interval is over: the 8 not logged are said
+        await asyncio.sleep(0.25)  # and the next one is over, with nothing in it
         fail(10)
         fail(11)
-        settler.flush_repeats()
+        settler.flush_repeats()  # shutdown
         await asyncio.sleep(0.05)
         return stats, producer
 
@@ -140,16 +141,47 @@ def test_repeats_of_a_known_failure_are_logged_once_per_interval_with_how_many_w
             stats, producer = asyncio.run(scenario())
         finally:
             logging.getLogger().removeHandler(digest)
-    lines = [r for r in caplog.records if r.name == "shunter.settle"]
-    assert [r.levelname for r in lines] == ["ERROR", "WARNING", "WARNING", "WARNING"]
-    assert "Traceback" in lines[0].getMessage()
-    assert "gift[0]@1 " in lines[1].getMessage() and "more like it" not in lines[1].getMessage()
-    assert "gift[0]@10 " in lines[2].getMessage()
-    assert "8 more like it since its last line" in lines[2].getMessage()
-    assert "failed 1 more times with KeyError at" in lines[3].getMessage()
+    lines = [r.getMessage() for r in caplog.records if r.name == "shunter.settle"]
+    assert len(lines) == 5, lines
+    assert "Traceback" in lines[0] and "gift[0]@0 " in lines[0]
+    assert "gift[0]@1 " in lines[1] and "more" not in lines[1]
+    assert "failed 8 more times with KeyError at" in lines[2]
+    assert "gift[0]@10 " in lines[3]
+    assert "failed 1 more times with KeyError at" in lines[4]
     assert len(producer.sent) == 12
     assert stats.deliveries[("gift", "medal", "fast")] == 12
     assert digest.failures["medal"] == 12
+
+
+def test_a_failure_whose_write_breaks_every_time_is_dead_lettered_as_a_stub(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Given a record whose own headers make every full write raise (a bug, or headers
+    no one foresaw) and a trace-context hook that always raises, when its delivery fails,
+    then a dead-letter stub naming it is written (no payload, no record headers) and its
+    offset released once the broker has it: settling never raises, nothing stays held."""
+
+    def hook() -> list[tuple[str, bytes]]:
+        raise RuntimeError("a bug in the tracing hook")
+
+    async def scenario() -> tuple[PartitionTracker, FlakyProducer]:
+        producer = FlakyProducer(failures=0)
+        settler = Settler(CONFIG, producer, Stats({"medal": "revenue"}),  # type: ignore[arg-type]
+                          extra_headers=hook)
+        tracker = PartitionTracker(("gift", 0))
+        bad_headers: Any = [(b"not-a-str", b"v")]  # startswith(str) raises on bytes
+        record = Record("gift", 0, 5, b"k", b"{}", 1, bad_headers, tracker, 5)
+        tracker.hold(5, 1)
+        settler(Message(record, "medal", "revenue"), Failed("KeyError", "'x'", "tb"), 0.01)
+        await asyncio.sleep(0.05)
+        return tracker, producer
+
+    tracker, producer = asyncio.run(scenario())
+    [(topic, headers)] = producer.sent
+    found = dict(headers)
+    assert topic == CONFIG.dlq_topic
+    assert found[h.STAGE] == b"internal" and h.PAYLOAD_OMITTED in found
+    assert tracker.committable() == 6
 
 
 def test_an_attempt_header_below_one_reads_as_the_first_attempt() -> None:

@@ -19,6 +19,7 @@ is given); ``shunter bench`` calls ``run(ctx)`` with its ``BenchContext``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import random
@@ -210,6 +211,9 @@ async def _raw_loop(
     )
     consumer.subscribe([topic])
     loop = asyncio.get_running_loop()
+    # One thread for the consumer: its close (below) waits for a consume still running
+    # there when a failed request ends the loop, rather than racing it.
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bench-raw-consumer")
 
     async def worker(
         session: aiohttp.ClientSession, url: str, work: asyncio.Queue[bytes | None]
@@ -223,7 +227,7 @@ async def _raw_loop(
         seen = 0
         deadline = time.monotonic() + 300
         while seen < count:
-            batch = await loop.run_in_executor(None, consumer.consume, BATCH_SIZE, BATCH_TIMEOUT)
+            batch = await loop.run_in_executor(reader, consumer.consume, BATCH_SIZE, BATCH_TIMEOUT)
             if not batch and time.monotonic() > deadline:
                 raise TimeoutError(f"raw loop read {seen} of {count} records in 300s")
             for msg in batch:
@@ -256,7 +260,8 @@ async def _raw_loop(
                     tasks.create_task(worker(session, server.url(caller), work))
             tasks.create_task(feed(queues))
     finally:
-        consumer.close()
+        await loop.run_in_executor(reader, consumer.close)
+        reader.shutdown()
 
 
 _JSON = {"Content-Type": "application/json"}

@@ -236,11 +236,11 @@ class HttpSubscriber:
             try:
                 text = json.dumps(value, default=_plain, separators=(",", ":"),
                                   ensure_ascii=False, allow_nan=False)
-            except (TypeError, ValueError, RecursionError):
+                return text.encode(), JSON  # a lone surrogate raises here: no UTF-8
+            except (TypeError, ValueError, RecursionError):  # UnicodeEncodeError included
                 raise DeadLetter(
                     f"the value cannot be sent as JSON: {orjson_refused}"
                 ) from None
-            return text.encode(), JSON
 
     async def close(self) -> None:
         await self.session.close()

@@ -10,9 +10,10 @@ and the lane hands its deliveries on one at a time, in order, as each is settled
 
 Concurrency counts deliveries that are suspended (awaiting I/O or running
 in a thread or worker process); a delivery that completes in its first step never holds a
-slot. A thread cannot be stopped: one still running past its timeout keeps its slot
-(``lost_slots``) until it returns, so no later delivery waits for a thread while its own
-timeout runs.
+slot. A thread cannot be stopped: one of a caller with ``isolation: thread`` still running
+past its timeout keeps its slot (``lost_slots``) until it returns, so no later delivery
+waits for a thread while its own timeout runs. Anything else a handler returns to wait
+on (a Task, a future) is cancelled at the timeout.
 Isolation: every exception a handler raises becomes an outcome value here; nothing
 a handler does reaches the dispatcher's own control flow.
 """
@@ -384,7 +385,7 @@ class SubscriberRuntime:
     ) -> None:
         expiry.fired = True
         task.cancel()
-        if not thread:  # a thread's future: _finish returns now
+        if not thread:  # (a thread's future: _finish returns now, keeping it in lost_slots)
             expiry.abandon = asyncio.get_running_loop().call_later(
                 CANCEL_GRACE, self._abandon, msg, pending
             )

@@ -37,8 +37,9 @@ _STUB_TRACEBACK = 2_048
 _FAILED = "caller %s failed on %s[%d]@%d (category %s, attempt %d) -> %s: %s: %s"
 # Seconds between two log lines of one failure fingerprint's repeats: a handler failing
 # on 1 % of 100,000 messages a second would otherwise log a thousand lines a second. The
-# first failure of a fingerprint is logged whole, with its traceback; each repeat is
-# counted in /stats and its record carries its own traceback in its headers.
+# first failure of a fingerprint is logged whole, with its traceback; then one repeat at
+# most per interval, and at the end of an interval with repeats not logged, their count.
+# Each repeat is counted in /stats and its record carries its own traceback.
 REPEAT_LOG_EVERY = 10.0
 _TOO_LARGE = {
     KafkaError.MSG_SIZE_TOO_LARGE,
@@ -155,8 +156,11 @@ class Settler:
             self._internal_write(msg, exc)
 
     def _internal_write(self, msg: Message, exc: Exception) -> None:
+        """The write of a failure raised (a bug, or headers no one foresaw): a dead-letter
+        stub instead, which carries none of what the record brought (its key, payload and
+        own headers), only shunter's headers naming it, so cannot fail the same way."""
         info = self._internal_info(msg, exc)
-        self._write(msg._record, info, "dlq")
+        self._write(msg._record, info, "dlq", stub=True)
 
     def park(self, msg: Message, reason: str = "") -> None:
         """A paused caller's delivery: handed to ``set_aside`` (``CallerPauses.set_aside``,
@@ -316,7 +320,10 @@ class Settler:
             encoded += [(k, v) for k, v in record.headers or [] if not k.startswith(h.PREFIX)]
             key, value = record.key, record.raw
         if self._extra_headers is not None:  # hook: the failed delivery's trace context
-            encoded += self._extra_headers()
+            try:
+                encoded += self._extra_headers()
+            except Exception:  # a bug in the hook: the record goes without them
+                log.critical("adding headers to a record for %s failed", topic, exc_info=True)
 
         def done(err: KafkaError | None) -> None:
             if err is None:
@@ -392,22 +399,35 @@ class Settler:
         seen = self._repeats.get(key)
         if seen is not None and now - seen[0] < REPEAT_LOG_EVERY:
             seen[1] += 1
+            if seen[1] == 1:  # said when the interval is over, even if no repeat follows
+                asyncio.get_running_loop().call_later(
+                    seen[0] + REPEAT_LOG_EVERY - now, self._say_repeats, key
+                )
             return None
         self._repeats[key] = [now, 0.0]
         return 0 if seen is None else int(seen[1])
 
+    def _say_repeats(self, key: tuple[str, str, str]) -> None:
+        seen = self._repeats.get(key)
+        if seen is not None and seen[1]:
+            self._say_unlogged(key, int(seen[1]))
+            self._repeats[key] = [time.monotonic(), 0.0]
+
+    def _say_unlogged(self, key: tuple[str, str, str], unlogged: int) -> None:
+        caller, kind, line = key
+        log.warning(
+            "caller %s failed %d more times with %s since its last line (counted in /stats)",
+            caller,
+            unlogged,
+            label(kind, line),
+            extra={"caller": caller, "failures": unlogged},
+        )
+
     def flush_repeats(self) -> None:
         """Log the repeats counted but not logged yet (at shutdown)."""
-        for (caller, kind, line), (_, unlogged) in self._repeats.items():
+        for key, (_, unlogged) in self._repeats.items():
             if unlogged:
-                log.warning(
-                    "caller %s failed %d more times with %s since its last line (counted "
-                    "in /stats)",
-                    caller,
-                    unlogged,
-                    label(kind, line),
-                    extra={"caller": caller, "failures": int(unlogged)},
-                )
+                self._say_unlogged(key, int(unlogged))
         self._repeats.clear()
 
     def _log_failure(

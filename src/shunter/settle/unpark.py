@@ -45,7 +45,7 @@ def caller_of(headers: list[tuple[str, bytes]] | None) -> bytes | None:
     (the caller its re-drive goes to must be the one it was selected for)."""
     found = None
     for key, value in headers or ():
-        if key == h.CALLER:
+        if key == h.CALLER and value is not None:
             found = value
     return found
 
