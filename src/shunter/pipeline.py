@@ -327,7 +327,7 @@ class Pipeline:
         record = Record.from_kafka(kmsg, ptrack)
         _name_origin(record, info)
         record.first_failure = info.first_failure_ms
-        if wait_ms > 0 and not paused and skip != info.caller:
+        if wait_ms > 0 and not paused and skip != info.caller and owner is not None:
             # Due far later than this tier's own delay (a long RetryLater): holding the
             # partition on it would hold every retry behind it. It goes to the back of
             # the slow tier instead, keeping its due time (``Settler.requeue``): at most

@@ -910,6 +910,29 @@ def test_a_retry_record_of_a_caller_no_longer_configured_is_dead_lettered_once()
     asyncio.run(scenario())
 
 
+def test_a_retry_due_in_days_of_a_caller_no_longer_configured_is_dead_lettered_not_cycled(
+) -> None:
+    """A slow-tier retry due in days for a removed caller is dead-lettered when read, not
+    written to the back of the slow tier horizon after horizon until it is due."""
+
+    async def scenario() -> None:
+        pipeline, delivered, errors = build(None)
+        slow = pipeline.config.slow_topic
+        tp = (slow, 0)
+        await pipeline.assigned([tp], {tp: 0})
+        record = RetryKMsg(0, slow, int(time.time() * 1000) + 3 * 86_400_000)
+        record._headers = [(k, b"removed" if k == h.CALLER else v) for k, v in record._headers]
+        pipeline.handle_batch([record])
+        await settle()
+        sent = pipeline.settler._producer.sent
+        assert [t for t, _ in sent] == [pipeline.config.dlq_topic]
+        assert dict(sent[0][1])[h.ERROR_TYPE] == b"UnknownCaller"
+        assert pipeline.tracker.partitions[tp].committable() == 1
+        assert not delivered and not errors, errors
+
+    asyncio.run(scenario())
+
+
 def test_retry_records_no_handler_ran_do_not_trip_the_callers_flood_guard() -> None:
     """Given the flood guard on (window 10, more than half dead-lettered trips it) and 30
     fast-tier records naming ``medal`` whose payload is no JSON (a hostile producer), when
