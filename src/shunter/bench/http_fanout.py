@@ -54,7 +54,8 @@ CALLERS = [f"hook-{i}" for i in range(SUBSCRIBERS)]
 def run(
     messages: Any = None, *, concurrency: int = CONCURRENCY, bootstrap: str | None = None
 ) -> dict[str, Any]:
-    """Measure the raw loop, then shunter; ``messages`` is a count or a BenchContext."""
+    """Measure the raw loop and shunter (raw first, but in even runs of ``shunter bench``);
+    ``messages`` is a count or a BenchContext."""
     ctx = None if messages is None or isinstance(messages, int) else messages
     count = ctx.count(MESSAGES) if ctx is not None else messages or MESSAGES
     bootstrap = ctx.bootstrap if ctx is not None else bootstrap
