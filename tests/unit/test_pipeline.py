@@ -644,6 +644,24 @@ def test_suspects_whose_window_the_stream_has_passed_do_not_stall_the_instance()
     asyncio.run(scenario())
 
 
+async def slow_suspects(
+    later: int,
+) -> tuple[Pipeline, list[tuple[int, int]], list[BaseException], FakeJournal]:
+    """The slow tier's partition with crash suspects 10..12 (a blamed one would be
+    quarantined at once) and 13 behind them, all due at ``later`` (ms), read with five
+    records of the source partition; settled."""
+    journal = FakeJournal()
+    journal.quarantine_after = 1
+    pipeline, delivered, errors = build(journal)
+    slow = pipeline.config.slow_topic
+    tp = (slow, 0)
+    journal.recovered[tp] = PartitionState(runs=[[10, 12, 1]], suspects_hi=12)
+    await pipeline.assigned([tp, TP], {tp: 10})
+    pipeline.handle_batch([RetryKMsg(o, slow, later) for o in range(10, 14)] + batch(range(0, 5)))
+    await settle()
+    return pipeline, delivered, errors, journal
+
+
 def test_retry_suspects_not_yet_due_wait_unrun_and_lose_nothing() -> None:
     """Given the slow tier's partition with suspects 10..12 not due for five minutes (its
     dead owner held them, never ran them) and 13 behind them, when they arrive, then none of
@@ -651,17 +669,9 @@ def test_retry_suspects_not_yet_due_wait_unrun_and_lose_nothing() -> None:
     in order, none skipped past by the commit."""
 
     async def scenario() -> None:
-        journal = FakeJournal()
-        journal.quarantine_after = 1  # a blamed suspect would be quarantined at once
-        pipeline, delivered, errors = build(journal)
-        slow = pipeline.config.slow_topic
-        tp = (slow, 0)
         later = int(time.time() * 1000) + 300_000  # within the tier's rhythm: held
-        journal.recovered[tp] = PartitionState(runs=[[10, 12, 1]], suspects_hi=12)
-        await pipeline.assigned([tp, TP], {tp: 10})
-        pipeline.handle_batch([RetryKMsg(o, slow, later) for o in range(10, 14)]
-                              + batch(range(0, 5)))
-        await settle()
+        pipeline, delivered, errors, journal = await slow_suspects(later)
+        tp = (pipeline.config.slow_topic, 0)
         assert {o for p, o in delivered} == set(range(5)), "the source partition goes on"
         assert [m.offset() for m in pipeline.held.messages(tp) or []] == [10, 11, 12, 13]
         assert pipeline.tracker.partitions[tp].committable() <= 10
@@ -678,17 +688,10 @@ def test_retry_suspects_due_in_an_hour_go_to_the_back_unrun_and_lose_nothing() -
     origin, and the partition's commit passes them only after those writes."""
 
     async def scenario() -> None:
-        journal = FakeJournal()
-        journal.quarantine_after = 1  # a blamed suspect would be quarantined at once
-        pipeline, delivered, errors = build(journal)
+        later = int(time.time() * 1000) + 3_600_000
+        pipeline, delivered, errors, journal = await slow_suspects(later)
         slow = pipeline.config.slow_topic
         tp = (slow, 0)
-        later = int(time.time() * 1000) + 3_600_000
-        journal.recovered[tp] = PartitionState(runs=[[10, 12, 1]], suspects_hi=12)
-        await pipeline.assigned([tp, TP], {tp: 10})
-        pipeline.handle_batch([RetryKMsg(o, slow, later) for o in range(10, 14)]
-                              + batch(range(0, 5)))
-        await settle()
         assert {o for p, o in delivered} == set(range(5)), "only the source ran"
         producer = pipeline.settler._producer
         written = [dict(hs) for topic, hs in producer.sent if topic == slow]

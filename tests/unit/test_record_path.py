@@ -633,6 +633,20 @@ def test_a_record_that_cannot_be_decoded_yet_waits_in_order_and_is_never_dead_le
     asyncio.run(scenario())
 
 
+def retry_record(offset: int, topic: str, origin: int, due: int, attempt: int = 2,
+                 requeued: int = 0) -> KMsg:
+    """A record of a retry tier for medal (a RetryLater due at ``due``), read at ``offset``
+    of ``topic``; ``requeued``: when it was last written to the back (0: never)."""
+    now = int(time.time() * 1000)
+    info = h.FailureInfo(
+        caller="medal", category="revenue", attempt=attempt, stage="deliver",
+        error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
+        not_before_ms=due, origin_topic=TOPIC, origin_partition=0, origin_offset=origin,
+        origin_timestamp_ms=now, tier=topic.rsplit(".", 1)[-1], requeued_ms=requeued,
+    )
+    return KMsg(offset, headers=list(h.encode(info)), topic=topic)
+
+
 def test_a_retry_due_in_days_goes_to_the_back_of_the_slow_tier_instead_of_holding_its_own() -> None:
     """Given a fast-tier record due in 7 days (a RetryLater from a payload) ahead of one
     due now, the first is written again to the slow tier with the same due time and
@@ -648,18 +662,8 @@ def test_a_retry_due_in_days_goes_to_the_back_of_the_slow_tier_instead_of_holdin
         fast = pipeline.config.fast_topic
         await pipeline.assigned([(fast, 0)], {(fast, 0): -1})
         now = int(time.time() * 1000)
-
-        def retry(offset: int, origin: int, due: int) -> KMsg:
-            info = h.FailureInfo(
-                caller="medal", category="revenue", attempt=2, stage="deliver",
-                error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
-                not_before_ms=due, origin_topic=TOPIC, origin_partition=0,
-                origin_offset=origin, origin_timestamp_ms=now, tier="fast",
-            )
-            return KMsg(offset, headers=list(h.encode(info)), topic=fast)
-
         week = now + 7 * 86_400_000
-        pipeline.handle_batch([retry(0, 40, week), retry(1, 41, now)])
+        pipeline.handle_batch([retry_record(0, fast, 40, week), retry_record(1, fast, 41, now)])
         await settle()
         assert seen == [41]
         [(topic, _, _, headers)] = broker.sent
@@ -692,14 +696,7 @@ def test_slow_tier_records_due_in_days_go_to_the_back_once_per_horizon_holding_o
         now = int(time.time() * 1000)
 
         def retry(offset: int, origin: int, due: int, requeued: int = 0) -> KMsg:
-            info = h.FailureInfo(
-                caller="medal", category="revenue", attempt=3, stage="deliver",
-                error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
-                not_before_ms=due, origin_topic=TOPIC, origin_partition=0,
-                origin_offset=origin, origin_timestamp_ms=now, tier="slow",
-                requeued_ms=requeued,
-            )
-            return KMsg(offset, headers=list(h.encode(info)), topic=slow)
+            return retry_record(offset, slow, origin, due, attempt=3, requeued=requeued)
 
         days = now + 86_400_000
         pipeline.handle_batch([retry(0, 7, days), retry(1, 8, days), retry(2, 9, now)])
@@ -736,14 +733,8 @@ def test_a_requeue_stamp_ahead_of_the_clock_holds_nothing() -> None:
         slow = pipeline.config.slow_topic
         await pipeline.assigned([(slow, 0)], {(slow, 0): -1})
         now = int(time.time() * 1000)
-        info = h.FailureInfo(
-            caller="medal", category="revenue", attempt=3, stage="deliver",
-            error_type="RetryLater", error="later", traceback="", first_failure_ms=now,
-            not_before_ms=now + 86_400_000, origin_topic=TOPIC, origin_partition=0,
-            origin_offset=7, origin_timestamp_ms=now, tier="slow",
-            requeued_ms=now + 10 * 86_400_000,
-        )
-        pipeline.handle_batch([KMsg(0, headers=list(h.encode(info)), topic=slow)])
+        ahead = now + 10 * 86_400_000
+        pipeline.handle_batch([retry_record(0, slow, 7, now + 86_400_000, 3, requeued=ahead)])
         await settle(2)
         [(topic, _, _, headers)] = broker.sent
         assert topic == "g.retry.slow" and int(headers[h.REQUEUED]) <= now + 1000

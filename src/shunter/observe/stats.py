@@ -88,9 +88,7 @@ class Stats:
 
     def failed(self, topic: str, caller: str, elapsed: float, tier: str) -> None:
         self._outcomes[(topic, caller, tier)] += 1
-        latency = self.latency.get(caller)
-        if latency is not None:  # None: a retry record of a caller no longer configured
-            latency.observe(elapsed)
+        self.latency[caller].observe(elapsed)
 
     def parked(self, topic: str, caller: str) -> None:
         self._outcomes[(topic, caller, "parked")] += 1
