@@ -301,9 +301,12 @@ class SubscriberRuntime:
                     self.active -= 1
                     del self._running[msg]
                 self._done(msg, outcome, started)
-                if self._runners:  # another task is draining the queue
-                    return
-                self._runners += 1  # carry on as the runner: no new task per delivery
+                # Carry on as a runner, whether or not another task drains the queue too:
+                # a task per slot, not per delivery. (A delivery that suspends kicks a new
+                # runner only while none is draining and a slot is free, so the tasks
+                # grow to ``concurrency`` at most and are then reused, delivery after
+                # delivery; runners take from the queue only between awaits, in order.)
+                self._runners += 1
                 runner = True
                 last = batch_start = clock()
                 room = self._room()
