@@ -303,9 +303,10 @@ class SubscriberRuntime:
                 self._done(msg, outcome, started)
                 # Carry on as a runner, whether or not another task drains the queue too:
                 # a task per slot, not per delivery. (A delivery that suspends kicks a new
-                # runner only while none is draining and a slot is free, so the tasks
-                # grow to ``concurrency`` at most and are then reused, delivery after
-                # delivery; runners take from the queue only between awaits, in order.)
+                # runner only while none is draining and a slot is free, so there are at
+                # most ``concurrency`` tasks in deliveries and one runner besides, reused
+                # delivery after delivery; runners take from the queue only between
+                # awaits, in order.)
                 self._runners += 1
                 runner = True
                 last = batch_start = clock()
