@@ -290,3 +290,21 @@ class Message:
             f"Message({self.topic}[{self.partition}]@{self.offset}, caller={self.caller!r}, "
             f"category={self.category!r}, attempt={self.attempt})"
         )
+
+
+_new = object.__new__
+
+
+def deliveries(record: Record, pairs: list[tuple[str, str]]) -> list[Message]:
+    """A first attempt's ``Message`` for each (caller, category) of ``record``: every
+    record's path, so built without a call of ``Message.__init__`` per delivery (a frame
+    each: about a third of their cost)."""
+    out = []
+    for caller, category in pairs:
+        msg = _new(Message)
+        msg._record = record
+        msg._caller = caller
+        msg._category = category
+        msg._attempt = 1
+        out.append(msg)
+    return out

@@ -39,7 +39,7 @@ from .crashguard.sandbox import SandboxSpec
 from .decode import Decoder
 from .deliver import SubscriberRuntime
 from .errors import DecodeUnavailable, RejectedMessage
-from .message import KafkaRecord, Message, Record, read_headers
+from .message import KafkaRecord, Message, Record, deliveries, read_headers
 from .observe.stalls import StallWatch
 from .observe.stats import Stats
 from .observe.status import CallerStatus, PartitionStatus, snapshot, watch
@@ -256,7 +256,7 @@ class Pipeline:
             pairs = [(r.caller, r.category) for r in routes]
         # Everything that can fail is done before the offset is held: a failure up to
         # here holds it once, for its dead-letter record (see _failed_internally).
-        messages = [Message(record, caller, category) for caller, category in pairs]
+        messages = deliveries(record, pairs)
         left = record.left = len(messages) + (1 if filter_errors else 0)
         if left > 1:  # subscribers are isolated: each of the others decodes its own value
             record.owner = messages[0].caller if messages else None

@@ -15,12 +15,13 @@ import orjson
 import pytest
 
 from shunter.classify import Router
+from shunter.commit.tracker import PartitionTracker
 from shunter.config import parse_config
 from shunter.crashguard.guard import CrashGuard
 from shunter.crashguard.journal import Entry, PartitionState
 from shunter.decode import build_decoders
 from shunter.deliver import SubscriberRuntime
-from shunter.message import Message
+from shunter.message import Message, Record, deliveries
 from shunter.observe.stats import Stats
 from shunter.pipeline import Pipeline
 from shunter.settle import Settler
@@ -992,6 +993,25 @@ def test_a_handler_cannot_reroute_its_delivery_by_assigning_to_its_message() -> 
         assert not errors, errors
 
     asyncio.run(scenario())
+
+
+def test_a_records_deliveries_are_the_messages_its_constructor_would_build() -> None:
+    """The pipeline builds a record's deliveries without ``Message.__init__`` (its hot
+    path): each must read, print and refuse assignment as a constructed one does."""
+    tracker = PartitionTracker(("gifts", 4))
+    record = Record("gifts", 4, 17, b"u1", b'{"n":1}', 1_700, [("h", b"v")], tracker, 17)
+    record.value = {"n": 1}
+    pairs = [("medal", "revenue"), ("rank", "revenue"), ("task", "chores")]
+    built = deliveries(record, pairs)
+    assert [(m.caller, m.category) for m in built] == pairs
+    for msg, (caller, category) in zip(built, pairs, strict=True):
+        ref = Message(record, caller, category)
+        for name in ("caller", "category", "attempt", "topic", "partition", "offset", "key",
+                     "headers", "timestamp", "raw", "value"):
+            assert getattr(msg, name) == getattr(ref, name), name
+        assert repr(msg) == repr(ref) and msg.header("h") == b"v"
+        with pytest.raises(AttributeError):
+            msg.attempt = 2  # type: ignore[misc]
 
 
 def test_a_failure_whose_counting_or_writing_breaks_is_still_written(
