@@ -60,3 +60,62 @@ def test_an_exception_group_keeps_every_failure_in_it() -> None:
     except ExceptionGroup as exc:
         text = format_traceback(exc)
     assert "KeyError: 'effect'" in text and "ValueError: x" in text
+
+
+class Hostile(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no description for you")
+
+
+class Empty(Exception):
+    def __str__(self) -> str:
+        return ""
+
+
+def with_notes() -> BaseException:
+    exc = ValueError("noted")
+    exc.add_note("first note")
+    exc.add_note("second\nnote")
+    return exc
+
+
+def odd_notes() -> BaseException:
+    exc = ValueError("odd")
+    exc.__notes__ = "not a list"  # type: ignore[attr-defined]
+    return exc
+
+
+def syntax_error() -> BaseException:
+    try:
+        compile("def broken(:\n", "handler.py", "exec")
+    except SyntaxError as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+KINDS: list[BaseException] = [
+    KeyError("effect"),
+    KeyError(),
+    ValueError(""),
+    RuntimeError("two\nlines"),
+    Hostile(),
+    Empty("ignored"),
+    __import__("json").JSONDecodeError("bad", "{", 0),
+    TimeoutError(),
+    KeyboardInterrupt(),
+    SystemExit(3),
+    with_notes(),
+    odd_notes(),
+    syntax_error(),
+    type("Local", (Exception,), {"__module__": "__main__"})("main's own"),
+]
+
+
+def test_the_exception_line_is_what_python_prints_for_every_kind_of_exception() -> None:
+    for kind in KINDS:
+        try:
+            raise kind
+        except BaseException as exc:
+            exc.__context__ = None
+            expected = "".join(traceback.format_exception(exc))
+            assert format_traceback(exc) == expected, repr(kind)

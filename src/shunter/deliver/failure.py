@@ -68,10 +68,24 @@ def format_traceback(exc: BaseException) -> str:
             if len(_STACKS) >= _STACKS_MAX:
                 _STACKS.clear()
             _STACKS[key] = stack
-        text = stack + "".join(traceback.format_exception_only(exc))
+        text = stack + _exception_line(exc)
     if len(text) > _MAX_TRACEBACK:  # keep the end: the failing line is there
         text = "...\n" + text[-_MAX_TRACEBACK:]
     return text
+
+
+def _exception_line(exc: BaseException) -> str:
+    """``traceback.format_exception_only(exc)`` joined, without the ~3 µs of building a
+    ``TracebackException`` for the common case: no notes, not a ``SyntaxError`` (whose
+    line, caret and notes Python's own code formats)."""
+    if isinstance(exc, SyntaxError) or getattr(exc, "__notes__", None) is not None:
+        return "".join(traceback.format_exception_only(exc))
+    try:
+        value = str(exc)
+    except Exception:
+        value = "<exception str() failed>"
+    name = error_type(exc)
+    return f"{name}: {value}\n" if value else f"{name}\n"
 
 
 def failure(exc: BaseException) -> Failed | DeadLettered:
