@@ -134,7 +134,7 @@ class Pipeline:
         self.processed += len(batch)
         accepted: dict[str, int] = {}
         held, gate, skipper, decoders = self.held, self.gate, self.skipper, self.decoders
-        holding = held.partitions  # a dict: its truth is tested at C speed, per record
+        holding = held.topics  # topics with a held partition (a dict, tested per record)
         busy = gate.busy  # crash suspects start on an assignment, never during a batch
         for kmsg in batch:
             if kmsg.error() is not None:
@@ -142,8 +142,10 @@ class Pipeline:
                 continue
             topic = kmsg.topic()
             # Checked per record: a retry record holds its partition mid-batch, and the
-            # rest of that partition in this batch must then wait behind it.
-            if holding or busy or not named:
+            # rest of that partition in this batch must then wait behind it. A record of
+            # a topic none of whose partitions is held passes by (a retry waiting in the
+            # fast tier must not slow every source record down).
+            if busy or not named or (holding and topic in holding):
                 tp = (topic, kmsg.partition())
                 if held.takes(tp, kmsg) or not gate.admit(tp, kmsg, named):
                     continue

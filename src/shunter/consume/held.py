@@ -39,9 +39,12 @@ class HeldPartitions:
         self._reprocess = reprocess  # what a release does with the messages, in order
         self._count = count  # messages taken (+) or given back (-) by the pipeline
         self._messages: dict[TP, list[Any]] = {}
-        # Read-only for others: the partitions holding anything (the pipeline tests it
-        # per record, where a call to __bool__ would cost more than the test).
-        self.partitions: Mapping[TP, list[Any]] = self._messages
+        # Read-only for others: topic -> how many of its partitions hold anything. The
+        # pipeline looks a record up by its topic, which it has, rather than by its
+        # partition, whose tuple it would build for every record: while a retry waits in
+        # the fast tier, the source topics' records pass by at the cost of one lookup.
+        self._topics: dict[str, int] = {}
+        self.topics: Mapping[str, int] = self._topics
         self._why: dict[TP, str] = {}
 
     def __bool__(self) -> bool:
@@ -69,6 +72,8 @@ class HeldPartitions:
         partition, whose successors past the window wait there)."""
         held = self._messages.get(tp)
         self._messages[tp] = [kmsg, *(held or ())]
+        if held is None:
+            self._topics[tp[0]] = self._topics.get(tp[0], 0) + 1
         self._why[tp] = why
         self._count(-1)  # taken again when released
         if held is None and self.source is not None:
@@ -88,6 +93,7 @@ class HeldPartitions:
         self._why.pop(tp, None)
         if held is None:
             return
+        self._untopic(tp)
         if self.source is not None:
             self.source.resume_partition(tp)
         self._reprocess(held)
@@ -95,8 +101,18 @@ class HeldPartitions:
     def forget(self, tps: set[TP]) -> None:
         """Drop what the partitions hold (they left: their next owner reads it)."""
         for tp in tps:
-            self._count(len(self._messages.pop(tp, ())))
+            held = self._messages.pop(tp, None)
             self._why.pop(tp, None)
+            if held is not None:
+                self._count(len(held))
+                self._untopic(tp)
+
+    def _untopic(self, tp: TP) -> None:
+        left = self._topics[tp[0]] - 1
+        if left:
+            self._topics[tp[0]] = left
+        else:
+            del self._topics[tp[0]]
 
     def waiting(self) -> dict[TP, str]:
         """Held partitions whose wait must end (all but retries not yet due), and why."""
