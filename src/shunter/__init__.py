@@ -5,10 +5,15 @@ and delivers it to every subscriber of those categories, each isolated from the 
 with tiered retries, a dead-letter topic and a crash guard.
 """
 
-from .app import Dispatcher
-from .config import Config, load_config
-from .errors import ConfigError, DeadLetter, RetryLater, ShunterError
-from .message import Message
+from ._native import choose
+
+# Before anything imports the record path: compiled (mypyc, see setup.py) or from source.
+BUILD = choose()
+
+from .app import Dispatcher  # noqa: E402
+from .config import Config, load_config  # noqa: E402
+from .errors import ConfigError, DeadLetter, RetryLater, ShunterError  # noqa: E402
+from .message import Message  # noqa: E402
 
 __all__ = [
     "Config",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import Field
 
-from shunter import __version__
+from shunter import BUILD, __version__
 from shunter.cli import reference
 from shunter.cli.main import main
 from shunter.config import Config, KafkaConfig, parse_config
@@ -207,7 +207,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0
-    assert capsys.readouterr().out.strip() == f"shunter {__version__}"
+    assert capsys.readouterr().out.strip() == f"shunter {__version__} ({BUILD})"
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
@@ -239,7 +239,7 @@ def test_bash_completion_completes_commands_and_options(
 def test_the_console_script_prints_its_version() -> None:
     out = subprocess.run([sys.executable, "-m", "shunter.cli.main", "--version"],
                          capture_output=True, text=True, check=True, timeout=60)
-    assert out.stdout.strip() == f"shunter {__version__}"
+    assert out.stdout.strip() == f"shunter {__version__} ({BUILD})"
 
 
 

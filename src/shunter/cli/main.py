@@ -9,7 +9,7 @@ import shutil
 import sys
 import textwrap
 
-from .. import __version__
+from .. import BUILD, __version__
 from ..errors import ConfigError
 
 COMMANDS = {
@@ -29,7 +29,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object], dict[str
     """The whole command line: the parser, each command's module, and the commands whose
     module failed to import (name → why)."""
     parser = argparse.ArgumentParser(prog="shunter", description="Kafka message dispatcher.")
-    parser.add_argument("--version", action="version", version=f"shunter {__version__}")
+    parser.add_argument("--version", action="version", version=f"shunter {__version__} ({BUILD})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     modules: dict[str, object] = {}
     broken: dict[str, str] = {}
