@@ -64,7 +64,7 @@ def extensions() -> list[Any]:
         return []
     try:
         built = list(mypycify(COMPILED, opt_level="3", group_name="shunter"))
-    except Exception as exc:  # noqa: BLE001 - mypy could not compile: pure Python
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - mypyc exits on a type error
         print(f"shunter: not compiled ({exc}); installing pure Python", file=sys.stderr)
         return []
     write_manifest()

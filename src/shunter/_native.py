@@ -66,11 +66,13 @@ def choose(here: Path = HERE) -> str:
     present = {m for m in modules if _has_extension(here, m)}
     if not present:
         return "python"
-    stale = sorted(
-        m for m in present
-        if _source(here, m).exists() and digest(_source(here, m).read_bytes()) != modules[m]
-    )
-    if stale:
+    if os.environ.get("SHUNTER_PURE_PYTHON", "") in ("", "0"):
+        stale = sorted(
+            m for m in present
+            if _source(here, m).exists() and digest(_source(here, m).read_bytes()) != modules[m]
+        )
+        if not stale:
+            return "compiled"
         warnings.warn(
             f"shunter: the compiled record path was built from other source than "
             f"{_source(here, stale[0])}{' and others' if len(stale) > 1 else ''}; running it "
@@ -78,7 +80,5 @@ def choose(here: Path = HERE) -> str:
             RuntimeWarning,
             stacklevel=2,
         )
-    elif os.environ.get("SHUNTER_PURE_PYTHON", "") in ("", "0"):
-        return "compiled"
     sys.meta_path.insert(0, _FromSource(here, set(modules)))
     return "python"

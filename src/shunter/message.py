@@ -109,7 +109,7 @@ class Record:
         partition: int,
         offset: int,
         key: bytes | None,
-        raw: bytes,
+        raw: bytes | None,  # None: a tombstone, which decode rejects
         timestamp: int,
         headers: Headers | None,
         ptrack: PartitionTracker,
@@ -138,7 +138,7 @@ class Record:
         # for the garbage collector), and how the others get a copy of their own
         # (``copy_value``). None: one delivery, or the value is shared as is.
         self.owner: str | None = None
-        self.decode: Callable[[bytes], Any] | None = None
+        self.decode: Callable[[bytes | None], Any] | None = None
 
     def copy_value(self) -> Any:
         """The decoded value again, for another subscriber's delivery: decoded anew from
@@ -162,7 +162,7 @@ class Record:
             partition,
             offset,
             kmsg.key(),
-            kmsg.value(),  # type: ignore[arg-type]  # None: a tombstone, which decode rejects
+            kmsg.value(),
             kmsg.timestamp()[1],
             read_headers(kmsg),
             ptrack,
@@ -179,7 +179,7 @@ class Record:
             kmsg.partition(),
             offset,
             _read(kmsg.key, None),
-            _read(kmsg.value, None),  # type: ignore[arg-type]
+            _read(kmsg.value, None),
             _read(lambda: kmsg.timestamp()[1], 0),
             _read(lambda: read_headers(kmsg), None),
             ptrack,
@@ -275,7 +275,8 @@ class Message:
     @property
     def raw(self) -> bytes:
         """The payload bytes exactly as they were on the source topic."""
-        return self._record.raw
+        raw = self._record.raw
+        return b"" if raw is None else raw  # None: a tombstone, which never reaches a handler
 
     def header(self, name: str) -> bytes | None:
         """The last header called ``name``, or None."""

@@ -232,7 +232,7 @@ class Pipeline:
             partition,
             offset,
             kmsg.key(),
-            kmsg.value(),  # type: ignore[arg-type]  # None: a tombstone, which decode rejects
+            kmsg.value(),  # None: a tombstone, which decode rejects
             kmsg.timestamp()[1],
             read_headers(kmsg),
             ptrack,

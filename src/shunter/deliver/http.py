@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import ssl
-import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
@@ -291,14 +290,11 @@ def _check_budget(sub: SubscriberConfig, where: str, request_timeout: float) -> 
 
 # -- metrics -------------------------------------------------------------------------------
 
-_SUBSCRIBERS: weakref.WeakKeyDictionary[Stats, list[HttpSubscriber]] = weakref.WeakKeyDictionary()
-
-
 def _register(stats: Stats, subscriber: HttpSubscriber) -> None:
     """One metrics source per Stats object, listing all of its HTTP subscribers."""
-    subscribers = _SUBSCRIBERS.get(stats)
+    subscribers: list[HttpSubscriber] | None = stats.extras.get("http")
     if subscribers is None:
-        subscribers = _SUBSCRIBERS[stats] = []
+        subscribers = stats.extras["http"] = []
         stats.gauges.append(lambda: _families(subscribers))
     subscribers.append(subscriber)
 

@@ -49,6 +49,7 @@ _FIRST_BUCKET = BUCKETS[0]  # seconds: the latency histogram's first bucket
 
 _BUSY = None  # a lane with a delivery in flight and nothing queued behind it
 _NOT_STEPPED = object()  # a coroutine a runtime without eager steps did not start
+_FINISHED = object()  # a coroutine that returned in its first step
 
 
 def _key_lane(msg: Message) -> Hashable:
@@ -237,9 +238,11 @@ class SubscriberRuntime:
                         if not eager:  # awaited whole by _finish below
                             step = _NOT_STEPPED
                         else:
-                            try:
-                                step = result.send(None)
-                            except StopIteration:
+                            # Its first step. A coroutine iterator's ``next`` with a
+                            # default says "finished" without raising StopIteration, whose
+                            # traceback a compiled caller would build each time.
+                            step = next(result.__await__(), _FINISHED)
+                            if step is _FINISHED:
                                 result = None
                     if result is None:  # done in its first step: the common case, inlined
                         if owner:  # _next_in_lane, inlined (no lane was opened otherwise)

@@ -55,7 +55,7 @@ class Init(TypedDict):
 
 
 # topic, partition, offset, key, headers, timestamp, raw, value, caller, category, attempt
-Job = tuple[str, int, int, bytes | None, Headers | None, int, bytes, Any,
+Job = tuple[str, int, int, bytes | None, Headers | None, int, bytes | None, Any,
             str, str, int]
 Raised = tuple[str, bytes | None, str, str, str]
 

@@ -73,6 +73,9 @@ class Stats:
         self.latency: dict[str, Latency] = {c: Latency() for c in categories}
         self.gauges: list[Callable[[], Iterator[GaugeMetricFamily]]] = []
         self.fingerprints = Fingerprints()  # fed by the settler for every failed delivery
+        # What another module keeps for this Stats (``"http"``: the HTTP subscribers that
+        # its metrics list), held here since a compiled Stats cannot be a weak key.
+        self.extras: dict[str, Any] = {}
 
     @property
     def deliveries(self) -> Counter[tuple[str, str, str]]:

@@ -183,7 +183,7 @@ def _origin_record(dead: DeadLetterRecord, info: h.FailureInfo) -> Record:
         info.origin_partition,
         info.origin_offset,
         dead.record.key,
-        dead.record.value,  # type: ignore[arg-type]  # None: a tombstone, which decode rejects
+        dead.record.value,  # None: a tombstone, which decode rejects
         info.origin_timestamp_ms,
         own or None,
         PartitionTracker(tp),
