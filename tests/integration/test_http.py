@@ -36,7 +36,8 @@ from kafkatools import Broker, config
 from shunter.broker.embedded import free_port
 from shunter.config import SubscriberConfig
 from shunter.deliver.http import http_invoke
-from shunter.observe.stats import Stats, StatsCollector
+from shunter.observe.collector import StatsCollector
+from shunter.observe.stats import Stats
 from shunter.settle import headers as h
 from shunter.testing import DispatcherThread, make_message
 

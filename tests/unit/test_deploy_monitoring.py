@@ -15,8 +15,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from shunter.observe.admin import instance_gauges
+from shunter.observe.collector import StatsCollector
 from shunter.observe.lag import caller_families, partition_families
-from shunter.observe.stats import Stats, StatsCollector
+from shunter.observe.stats import Stats
 from shunter.observe.status import CallerStatus, PartitionStatus
 from shunter.outcome import Failed
 from shunter.testing import make_message

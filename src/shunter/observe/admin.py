@@ -35,10 +35,10 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ..crashguard.guard import LAST_EXIT_ENV
 from ..settle.skip import SkipRequest
+from .collector import StatsCollector
 from .deadletters import DLQ_READERS, BadRequest, DeadLetters, read_body, run_blocking
 from .httpguard import AdminSite, HostCheck, bearer_ok, guard, json_answer
 from .lag import backlog_parts, lag_gauges
-from .stats import StatsCollector
 from .statusread import read_status
 
 if TYPE_CHECKING:

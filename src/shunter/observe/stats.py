@@ -2,8 +2,8 @@
 
 A prometheus_client Counter takes a lock on every ``inc``; at several deliveries per
 message that alone would cost more than the handlers. Here a delivery costs one dict
-update and one bisect, and the collector turns the numbers into metric families when
-Prometheus asks.
+update and one bisect, and the collector (``collector.py``) turns the numbers into metric
+families when Prometheus asks.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
-from prometheus_client.registry import Collector
+from prometheus_client.core import GaugeMetricFamily
 
-from .fingerprints import MAX_PER_CALLER, Fingerprints
+from .fingerprints import Fingerprints
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -115,74 +110,3 @@ class Stats:
             row = out.setdefault(caller, {})
             row[outcome] = row.get(outcome, 0) + n
         return out
-
-
-class StatsCollector(Collector):
-    """Prometheus view of a Stats object."""
-
-    def __init__(self, stats: Stats) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[Any]:
-        stats = self._stats
-        deliveries = CounterMetricFamily(
-            "shunter_deliveries",
-            "Deliveries by topic, category, caller and outcome "
-            "(ok, fast, slow, dlq = where the delivery went; parked = caller paused).",
-            labels=["topic", "category", "caller", "outcome"],
-        )
-        for (topic, caller, outcome), n in sorted(stats.deliveries.items()):
-            deliveries.add_metric([topic, stats.categories.get(caller, ""), caller, outcome], n)
-        yield deliveries
-        messages = CounterMetricFamily(
-            "shunter_messages",
-            "Consumed source messages by topic and outcome (accepted, or the stage that "
-            "rejected them).",
-            labels=["topic", "outcome"],
-        )
-        for (topic, outcome), n in sorted(stats.messages.items()):
-            messages.add_metric([topic, outcome], n)
-        yield messages
-        writes = CounterMetricFamily(
-            "shunter_tier_writes",
-            "Records acknowledged in a retry tier or the dead-letter topic.",
-            labels=["tier"],
-        )
-        for tier, n in sorted(stats.writes.items()):
-            writes.add_metric([tier], n)
-        yield writes
-        failures = CounterMetricFamily(
-            "shunter_tier_write_failures",
-            "Writes to a retry tier or the dead-letter topic the broker refused (each is "
-            "written again after a backoff; its offset stays held meanwhile).",
-            labels=["tier"],
-        )
-        for tier, n in sorted(stats.write_failures.items()):
-            failures.add_metric([tier], n)
-        yield failures
-        latency = HistogramMetricFamily(
-            "shunter_handler_seconds", "Handler latency per caller.", labels=["category", "caller"]
-        )
-        for caller, lat in sorted(stats.latency.items()):
-            cumulative, buckets = 0, []
-            for bound, n in zip((*BUCKETS, float("inf")), lat.counts, strict=True):
-                cumulative += n
-                buckets.append((_bound(bound), cumulative))
-            latency.add_metric([stats.categories.get(caller, ""), caller], buckets, lat.total)
-        yield latency
-        failures = CounterMetricFamily(
-            "shunter_failure_fingerprint",
-            "Failed deliveries by caller and fingerprint (error type at the failing line of "
-            f"the caller's code); at most {MAX_PER_CALLER} fingerprints per caller, the rest "
-            "under 'other'.",
-            labels=["caller", "fingerprint"],
-        )
-        for group in stats.fingerprints.rows():
-            failures.add_metric([group.caller, group.label], group.count)
-        yield failures
-        for gauges in stats.gauges:
-            yield from gauges()
-
-
-def _bound(value: float) -> str:
-    return "+Inf" if value == float("inf") else repr(value)
