@@ -31,6 +31,7 @@ from setuptools.command.build_ext import build_ext
 # Any, and such a class builds but breaks at run time (tests/unit/test_native.py checks).
 COMPILED = [
     "src/shunter/message.py",
+    "src/shunter/decode/decoder.py",
     "src/shunter/pipeline.py",
     "src/shunter/commit/tracker.py",
     "src/shunter/crashguard/gate.py",

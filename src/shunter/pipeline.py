@@ -36,7 +36,7 @@ from .consume.held import NOT_DUE, HeldPartitions
 from .crashguard.gate import JournalGate, OpenGate
 from .crashguard.guard import CrashGuard
 from .crashguard.sandbox import SandboxSpec
-from .decode import Decoder
+from .decode.decoder import Decode
 from .deliver import SubscriberRuntime
 from .errors import DecodeUnavailable, RejectedMessage
 from .message import KafkaRecord, Message, Record, deliveries, read_headers
@@ -65,7 +65,7 @@ class Pipeline:
     def __init__(
         self,
         config: Config,
-        decoders: dict[str, Decoder],
+        decoders: dict[str, Decode],
         router: Router,
         runtimes: dict[str, SubscriberRuntime],
         settler: Settler,

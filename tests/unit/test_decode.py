@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shunter.config import parse_config
 from shunter.decode import build_decoders
-from shunter.decode.decoder import Decoder
+from shunter.decode.decoder import Decode, Decoder
 from shunter.errors import ConfigError, RejectedMessage
 
 SCHEMA = {
@@ -24,7 +26,7 @@ SCHEMA = {
 }
 
 
-def decoder(tmp_path: Path, schema: object = SCHEMA) -> Decoder:
+def decoder(tmp_path: Path, schema: object = SCHEMA) -> Decode:
     (tmp_path / "gift.json").write_text(json.dumps(schema))
     config = parse_config(
         {
@@ -81,6 +83,34 @@ def test_integers_beyond_64_bits_stay_exact_and_are_still_integers(tmp_path: Pat
     for small in (-(2**63) - 1, -9999999999999999999):
         value = decoder(tmp_path)(b'{"user_id": 1, "price": 1, "n": %d}' % small)["n"]
         assert value == small and isinstance(value, int)
+
+
+# Integers around and far beyond 64 bits, floats up to the largest, at any depth: what
+# orjson alone would round (compiled, the decoded value is walked for such floats; pure
+# Python, the bytes are scanned for long digit runs: both must agree with the standard
+# library's exact decoding).
+_NUMBERS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(min_value=2**63 - 4, max_value=2**64 + 4),
+    st.integers(min_value=-(2**63) - 4, max_value=-(2**63) + 4),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_JSON = st.recursive(
+    st.one_of(_NUMBERS, st.text(max_size=30), st.booleans(), st.none()),
+    lambda inner: st.lists(inner, max_size=5)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON)
+def test_any_json_value_decodes_exactly_as_the_standard_library_decodes_it(value: object) -> None:
+    raw = json.dumps(value).encode()
+    decoded = Decoder("t", True, None)(raw)
+    assert decoded == json.loads(raw)
+    assert repr(decoded) == repr(json.loads(raw))  # the same types too: 1 is not 1.0
 
 
 def test_an_unusable_schema_file_is_refused_at_start_with_its_key_path(tmp_path: Path) -> None:
