@@ -51,8 +51,12 @@ def start(port: int) -> subprocess.Popen[str]:
 def test_a_stop_signal_stops_the_broker_and_frees_the_port(sig: signal.Signals) -> None:
     port = free_port()
     proc = start(port)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=30)
+    with proc:  # a hang fails this test alone: leaving, the process is killed and reaped
+        try:
+            proc.send_signal(sig)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
     assert proc.returncode == 0, out
     assert f"{sig.name}: broker on 127.0.0.1:{port} stopped" in out
     assert wait(lambda: port_free(port)), "the broker still holds its port"
@@ -62,6 +66,7 @@ def test_a_stop_signal_stops_the_broker_and_frees_the_port(sig: signal.Signals) 
 def test_a_killed_wrapper_takes_its_broker_with_it() -> None:
     port = free_port()
     proc = start(port)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=10)
+    with proc:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
     assert wait(lambda: port_free(port)), "the broker outlived shunter broker"

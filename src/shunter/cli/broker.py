@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import signal
-import threading
+import socket
 from types import FrameType
 
 from ..broker.embedded import EmbeddedBroker
@@ -19,25 +19,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        received.append(signum)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    # The handlers do nothing: the C-level handler writes each signal's number to the
+    # wakeup socket, which the main thread blocks on. Setting a threading.Event from a
+    # handler instead can deadlock: the handler runs in the main thread, which may hold
+    # the Event's lock at that instant (entering or leaving its wait).
+    wakeup, wakeup_writer = socket.socketpair()
+    wakeup_writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(wakeup_writer.fileno(), warn_on_full_buffer=False)
+    previous = {sig: signal.signal(sig, _record) for sig in STOP_SIGNALS}
     try:
         with EmbeddedBroker(port=args.port) as broker:
             print(
                 f"embedded broker listening on {broker.bootstrap} (memory only); Ctrl-C stops it",
                 flush=True,
             )
-            while not stop.wait(3600):
-                pass
-        name = signal.Signals(received[0]).name if received else "a signal"
-        print(f"{name}: broker on {broker.bootstrap} stopped", flush=True)
+            signum = _first_stop_signal(wakeup)
+        print(f"{signal.Signals(signum).name}: broker on {broker.bootstrap} stopped", flush=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(previous_fd)
+        wakeup.close()
+        wakeup_writer.close()
     return 0
+
+
+def _record(_signum: int, _frame: FrameType | None) -> None:
+    """The Python half of a stop signal: nothing; the wakeup socket carries it."""
+
+
+def _first_stop_signal(wakeup: socket.socket) -> int:
+    """Block until a stop signal arrives (one received during start-up counts) and
+    return its number; other signals that reach the wakeup socket are skipped."""
+    while True:
+        for signum in wakeup.recv(64):
+            if signum in STOP_SIGNALS:
+                return signum
