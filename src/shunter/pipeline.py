@@ -80,9 +80,9 @@ class Pipeline:
         self.settler = settler
         self.stats = stats
         self.tracker = OffsetTracker()
-        self.skipper = Skipper(self.tracker, runtimes, settler)
-        self.stalls = StallWatch(config.kafka.stall_after)
         self.started_at: dict[TP, int] = {}  # the group's committed offset at assignment
+        self.skipper = Skipper(self.tracker, runtimes, settler, self.started_at)
+        self.stalls = StallWatch(config.kafka.stall_after)
         self.retry_topics = {config.fast_topic, config.slow_topic}
         # How far ahead a retry record may be due and still hold its partition: twice
         # its tier's delay, which is how far ahead the tier's own records are due.
@@ -174,6 +174,14 @@ class Pipeline:
         except Exception as exc:
             self._failed_internally(kmsg, exc)
         self._kick()
+
+    def committed_past(self, tp: TP, offset: int) -> bool:
+        """Whether the group's commit of ``tp``, owned here, has passed ``offset``: as of
+        assignment, or handed to the committer since."""
+        ptrack = self.tracker.partitions.get(tp)
+        if ptrack is None:
+            return False
+        return max(ptrack.committed, self.started_at.get(tp, -1)) > offset
 
     def delivering(self) -> bool:
         """Whether a delivery is in a handler or queued to start now (not at a paused
@@ -455,6 +463,7 @@ class Pipeline:
         for tp in tps:
             self.tracker.get(*tp)
             self.started_at[tp] = committed.get(tp, -1)
+            self.skipper.assigned(tp)
         await self.gate.assigned(tps, committed)
 
     async def revoked(self, tps: list[TP], lost: bool) -> list[tuple[TP, int]]:

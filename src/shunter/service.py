@@ -402,7 +402,12 @@ class Service:
 
     def _skip_requested(self, key: str, value: bytes | None) -> None:
         request = skip.SkipRequest.parse(key)
-        if value is None or request is None or self.pipeline is None:
+        if request is None or self.pipeline is None:
+            return
+        if value is None:  # applied by its partition's owner, and withdrawn
+            self._skip_asked_ms.pop(request, None)
+            self.pipeline.skipper.forget((request.topic, request.partition), request.offset,
+                                         request.caller)
             return
         try:
             self._skip_asked_ms[request] = int(orjson.loads(value).get("requested_ms", 0))
@@ -416,10 +421,39 @@ class Service:
         asked = self._skip_asked_ms.pop(request, 0)
         if self.control is None:
             return
-        put = self.control.put(request.result_key, skip.result_value(said, asked))
-        task = asyncio.get_running_loop().create_task(put)
+        task = asyncio.get_running_loop().create_task(self._answer_skip(request, said, asked))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _answer_skip(self, request: skip.SkipRequest, said: str, asked_ms: int) -> None:
+        """Write what a skip did (unless this request has its answer already), then, once
+        the group's commit has passed the record, withdraw the request (settle/skip.py).
+        Not before: until then a crash would have the next owner read the record again,
+        and the request must still be there to skip it again."""
+        assert self.control is not None and self.pipeline is not None
+        tp = (request.topic, request.partition)
+        try:
+            if not self._answered(request, asked_ms):
+                await self.control.put(request.result_key, skip.result_value(said, asked_ms))
+            while not self.pipeline.committed_past(tp, request.offset):
+                if tp not in self.pipeline.started_at:  # revoked: its next owner withdraws it
+                    return
+                await asyncio.sleep(1.0)
+            await self.control.put(request.key, None)
+        except Exception:  # the request stays: it is applied again at the next assignment
+            log.exception("answering the skip request %s failed", request.key)
+
+    def _answered(self, request: skip.SkipRequest, asked_ms: int) -> bool:
+        """Whether the control topic holds an answer to this request already (one applied
+        before a restart, and now found committed past): the first answer stands."""
+        assert self.control is not None
+        answer = self.control.table.get(request.result_key)
+        if answer is None or asked_ms <= 0:
+            return False
+        try:
+            return int(orjson.loads(answer).get("requested_ms", 0)) >= asked_ms
+        except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+            return False
 
     async def request_skip(self, request: skip.SkipRequest, by: str, wait: float) -> str | None:
         """Ask the group to skip a record; what its owner did, or None if no owner said

@@ -129,6 +129,16 @@ def test_skip_moves_a_partition_wedged_by_a_handler_that_never_returns(
             running.wait_for(lambda: sorted(stuck_seen) == list(range(10)), timeout=30)
             running.wait_for(lambda: get(base + "/ready")[0] == 200, timeout=30)
             running.wait_for(lambda: broker.committed(group, topic, 1) == [10], timeout=30)
+
+            # Committed past, the request is withdrawn (a tombstone), so no later start
+            # applies it again and no instance waits for it; the answer stays.
+            request, answer = f"skip/{topic}/0/3/stuck", f"skipped/{topic}/0/3/stuck"
+
+            def control() -> dict[str, bytes | None]:
+                return {r.key().decode(): r.value() for r in broker.read_all(f"{group}.control")}
+
+            running.wait_for(lambda: control().get(request, b"") is None, timeout=30, interval=1.0)
+            assert b"skipped (1 deliveries dead-lettered)" in (control()[answer] or b"")
     finally:
         never.set()
     [dead] = broker.read_all(f"{group}.dlq", expect=1)

@@ -536,6 +536,41 @@ def test_skip_of_a_record_not_read_yet_dead_letters_it_unrun_when_it_arrives() -
     asyncio.run(scenario())
 
 
+def test_a_skip_the_group_committed_past_waits_for_nothing() -> None:
+    """Given skips read from the control topic before their partition was assigned here
+    (as every start reads them), one below the group's committed offset and one above,
+    when the partition is assigned with its commit at 5,
+    then the one below is answered as committed past and forgotten, the other still
+    waits for its record; and once that one is withdrawn, nothing waits: every record
+    takes the common path again."""
+
+    async def scenario() -> None:
+        pipeline, broker, received = build({"medal": ok})
+        answers: list[tuple[int, str]] = []
+        pipeline.skipper.applied = lambda request, said: answers.append((request.offset, said))
+        assert "not read here yet" in pipeline.skipper.skip(TP, 2)
+        assert "not read here yet" in pipeline.skipper.skip(TP, 7)
+        await pipeline.assigned([TP], {TP: 5})
+        [(offset, said)] = answers
+        assert offset == 2 and "committed past it" in said, said
+        assert pipeline.skipper.later == {TP: {7: ""}}
+        assert pipeline.committed_past(TP, 4) and not pipeline.committed_past(TP, 5)
+        # A request arriving now for a record below the commit is answered at once.
+        assert "committed past it" in pipeline.skipper.skip(TP, 3)
+        assert pipeline.skipper.later == {TP: {7: ""}}
+
+        pipeline.skipper.forget(TP, 7, "medal")  # not this request: another caller's
+        assert pipeline.skipper.later == {TP: {7: ""}}
+        pipeline.skipper.forget(TP, 7, "")
+        assert pipeline.skipper.later == {}
+        pipeline.handle_batch([KMsg(o) for o in range(5, 9)])
+        await settle()
+        assert sorted(o for _, o in received) == [5, 6, 7, 8]
+        assert broker.dead_letters() == []
+
+    asyncio.run(scenario())
+
+
 def test_skip_gives_up_a_write_the_broker_keeps_refusing() -> None:
     async def scenario() -> None:
         def failing(msg: Message) -> None:

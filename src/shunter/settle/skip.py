@@ -9,7 +9,8 @@ its partition moves on. Whatever of the record waits on this instance is taken a
   its outcome is ignored, its lane moves on);
 - a write of it to a retry tier that the broker keeps refusing is given up;
 - a record not read yet (or on a partition not assigned here yet) is remembered, and
-  dead-lettered unrun when it is read.
+  dead-lettered unrun when it is read; one the group has committed past (settled before
+  it could be read here) is reported as such and forgotten.
 
 Each taken delivery is settled by its dead-letter record: the offset is released only
 when the broker has that record, like any other settlement.
@@ -38,9 +39,16 @@ TP = tuple[str, int]
 
 class Skipper:
     def __init__(
-        self, tracker: OffsetTracker, runtimes: Mapping[str, SubscriberRuntime], settler: Settler
+        self,
+        tracker: OffsetTracker,
+        runtimes: Mapping[str, SubscriberRuntime],
+        settler: Settler,
+        committed: Mapping[TP, int] | None = None,
     ) -> None:
         self._tracker = tracker
+        # The group's committed offset of each partition assigned here, as of assignment
+        # (the pipeline's ``started_at``): no record below it is read here again.
+        self._committed: Mapping[TP, int] = {} if committed is None else committed
         self._runtimes = runtimes
         self._settler = settler
         # Skips of records not read yet: tp -> offset -> caller ("" for every caller).
@@ -54,6 +62,10 @@ class Skipper:
         if caller and caller not in self._runtimes:
             return f"{where}: unknown caller {caller!r}"
         ptrack = self._tracker.partitions.get(tp)
+        if ptrack is not None and offset < self._committed.get(tp, -1):
+            said = f"{where}: the group committed past it before it was read here; nothing to skip"
+            self.report(tp, offset, caller, said)
+            return said
         if ptrack is None or offset >= ptrack.high:
             self.later.setdefault(tp, {})[offset] = caller
             return f"{where}: not read here yet; it is dead-lettered unrun when it is"
@@ -98,6 +110,33 @@ class Skipper:
         if self.applied is not None:
             self.applied(SkipRequest(tp[0], tp[1], offset, caller), said)
 
+    def assigned(self, tp: TP) -> None:
+        """``tp`` is assigned here: a skip waiting for one of its records below the
+        group's committed offset waits for nothing (no one reads that record again): it
+        is reported as such and forgotten, so that it holds nothing and every record of
+        the group takes the common path again (``Pipeline.process``)."""
+        waiting = self.later.get(tp)
+        committed = self._committed.get(tp, -1)
+        if not waiting or committed < 0:
+            return
+        for offset in [o for o in waiting if o < committed]:
+            caller = waiting.pop(offset)
+            where = f"{tp[0]}[{tp[1]}]@{offset}" + (f" for caller {caller}" if caller else "")
+            self.report(tp, offset, caller, f"{where}: the group committed past it before "
+                        "it was read here; nothing to skip")
+        if not waiting:
+            del self.later[tp]
+
+    def forget(self, tp: TP, offset: int, caller: str) -> None:
+        """A skip request withdrawn (its partition's owner applied it and removed it from
+        the control topic): no longer waited for here."""
+        waiting = self.later.get(tp)
+        if waiting is None or waiting.get(offset) != caller:
+            return
+        del waiting[offset]
+        if not waiting:
+            del self.later[tp]
+
     def due(self, tp: TP, offset: int) -> str | None:
         """A skip waiting for this record: the caller ("" for all), or None."""
         waiting = self.later.get(tp)
@@ -126,8 +165,13 @@ class Skipper:
 # ``shunter skip`` and the admin API write ``skip/<topic>/<partition>/<offset>[/<caller>]``
 # to the group's control topic; every instance follows it live (observe/control.py) and
 # the one that owns the partition applies it, now or when it reads the record, and writes
-# what it did under ``skipped/...`` (same rest of the key). Topic and caller names never
-# contain "/", so the key parses back unambiguously.
+# what it did under ``skipped/...`` (same rest of the key); once the group's commit has
+# passed the record, it withdraws the request with a tombstone (service.py): a request
+# stays only while a record may still need it, so no start re-applies an old one and
+# every instance stops waiting for it (a waiting skip sends every record down
+# ``Pipeline._one``, the slower path). One found committed past at assignment is
+# withdrawn the same way. Topic and caller names never contain "/", so the
+# key parses back unambiguously.
 
 REQUEST = "skip/"
 RESULT = "skipped/"
