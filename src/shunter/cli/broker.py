@@ -52,6 +52,9 @@ def _first_stop_signal(wakeup: socket.socket) -> int:
     """Block until a stop signal arrives (one received during start-up counts) and
     return its number; other signals that reach the wakeup socket are skipped."""
     while True:
-        for signum in wakeup.recv(64):
+        received = wakeup.recv(64)
+        if not received:  # closed: nothing can signal a stop any more
+            raise RuntimeError("the signal wakeup socket was closed")
+        for signum in received:
             if signum in STOP_SIGNALS:
                 return signum
