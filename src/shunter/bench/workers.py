@@ -60,6 +60,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         "one_calls_per_message": round(one["calls"] / (3 * data.count), 4),
         "n_calls_per_message": round(many["calls"] / (3 * data.count), 4),
         "n_processes_that_delivered": many["processes"],
+        # How long after the first worker's first handler call the last one made its
+        # first: the group forming while the backlog is read.
+        "n_last_worker_lag_s": round(many["lag"], 3),
     }
 
 
@@ -82,5 +85,6 @@ def _one(ctx: BenchContext, data: Any, workers: int) -> dict[str, Any]:
         "seconds": seconds,
         "calls": calls,
         "processes": len(reports),
+        "lag": max(r["first"] for r in reports) - first,
         "steady": procs.steady_rate(reports),
     }
