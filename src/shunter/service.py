@@ -433,7 +433,7 @@ class Service:
         assert self.control is not None and self.pipeline is not None
         tp = (request.topic, request.partition)
         try:
-            if not self._answered(request, asked_ms):
+            if self._answer(request, asked_ms) is None:  # else the first answer stands
                 await self.control.put(request.result_key, skip.result_value(said, asked_ms))
             while not self.pipeline.committed_past(tp, request.offset):
                 if tp not in self.pipeline.started_at:  # revoked: its next owner withdraws it
@@ -443,17 +443,20 @@ class Service:
         except Exception:  # the request stays: it is applied again at the next assignment
             log.exception("answering the skip request %s failed", request.key)
 
-    def _answered(self, request: skip.SkipRequest, asked_ms: int) -> bool:
-        """Whether the control topic holds an answer to this request already (one applied
-        before a restart, and now found committed past): the first answer stands."""
+    def _answer(self, request: skip.SkipRequest, asked_ms: int) -> str | None:
+        """What the control topic answers to this request (asked at ``asked_ms``), or None
+        while it holds no answer as recent (or none that can be read)."""
         assert self.control is not None
         answer = self.control.table.get(request.result_key)
         if answer is None or asked_ms <= 0:
-            return False
+            return None
         try:
-            return int(orjson.loads(answer).get("requested_ms", 0)) >= asked_ms
+            result = orjson.loads(answer)
+            if int(result.get("requested_ms", 0)) >= asked_ms:
+                return str(result.get("result", ""))
         except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
-            return False
+            pass
+        return None
 
     async def request_skip(self, request: skip.SkipRequest, by: str, wait: float) -> str | None:
         """Ask the group to skip a record; what its owner did, or None if no owner said
@@ -464,11 +467,9 @@ class Service:
         asked_ms = int(orjson.loads(asked)["requested_ms"])
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            answer = self.control.table.get(request.result_key)
+            answer = self._answer(request, asked_ms)
             if answer is not None:
-                result = orjson.loads(answer)
-                if int(result.get("requested_ms", 0)) >= asked_ms:
-                    return str(result.get("result", ""))
+                return answer
             await asyncio.sleep(0.1)
         return None
 

@@ -34,7 +34,12 @@ from .settler import Settler
 log = logging.getLogger("shunter.skip")
 
 SKIPPED = "skipped by operator"
+COMMITTED_PAST = "the group committed past it before it was read here; nothing to skip"
 TP = tuple[str, int]
+
+
+def _where(tp: TP, offset: int, caller: str) -> str:
+    return f"{tp[0]}[{tp[1]}]@{offset}" + (f" for caller {caller}" if caller else "")
 
 
 class Skipper:
@@ -43,12 +48,12 @@ class Skipper:
         tracker: OffsetTracker,
         runtimes: Mapping[str, SubscriberRuntime],
         settler: Settler,
-        committed: Mapping[TP, int] | None = None,
+        committed: Mapping[TP, int],
     ) -> None:
         self._tracker = tracker
         # The group's committed offset of each partition assigned here, as of assignment
         # (the pipeline's ``started_at``): no record below it is read here again.
-        self._committed: Mapping[TP, int] = {} if committed is None else committed
+        self._committed = committed
         self._runtimes = runtimes
         self._settler = settler
         # Skips of records not read yet: tp -> offset -> caller ("" for every caller).
@@ -58,12 +63,12 @@ class Skipper:
 
     def skip(self, tp: TP, offset: int, caller: str = "") -> str:
         """Skip ``tp@offset`` (for ``caller`` only, if given); say what was done."""
-        where = f"{tp[0]}[{tp[1]}]@{offset}" + (f" for caller {caller}" if caller else "")
+        where = _where(tp, offset, caller)
         if caller and caller not in self._runtimes:
             return f"{where}: unknown caller {caller!r}"
         ptrack = self._tracker.partitions.get(tp)
         if ptrack is not None and offset < self._committed.get(tp, -1):
-            said = f"{where}: the group committed past it before it was read here; nothing to skip"
+            said = f"{where}: {COMMITTED_PAST}"
             self.report(tp, offset, caller, said)
             return said
         if ptrack is None or offset >= ptrack.high:
@@ -121,9 +126,7 @@ class Skipper:
             return
         for offset in [o for o in waiting if o < committed]:
             caller = waiting.pop(offset)
-            where = f"{tp[0]}[{tp[1]}]@{offset}" + (f" for caller {caller}" if caller else "")
-            self.report(tp, offset, caller, f"{where}: the group committed past it before "
-                        "it was read here; nothing to skip")
+            self.report(tp, offset, caller, f"{_where(tp, offset, caller)}: {COMMITTED_PAST}")
         if not waiting:
             del self.later[tp]
 
