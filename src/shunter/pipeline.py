@@ -39,7 +39,20 @@ from .crashguard.sandbox import SandboxSpec
 from .decode.decoder import Decode
 from .deliver import SubscriberRuntime
 from .errors import DecodeUnavailable, RejectedMessage
-from .message import KafkaRecord, Message, Record, deliveries, read_headers
+from .message import (
+    KafkaRecord,
+    Message,
+    Record,
+    deliveries,
+    error_of,
+    key_of,
+    offset_of,
+    partition_of,
+    read_headers,
+    timestamp_of,
+    topic_of,
+    value_of,
+)
 from .observe.stalls import StallWatch
 from .observe.stats import Stats
 from .observe.status import CallerStatus, PartitionStatus, snapshot, watch
@@ -137,16 +150,16 @@ class Pipeline:
         holding = held.topics  # topics with a held partition (a dict, tested per record)
         busy = gate.busy  # crash suspects start on an assignment, never during a batch
         for kmsg in batch:
-            if kmsg.error() is not None:
+            if error_of(kmsg) is not None:
                 self._consumer_event(kmsg)
                 continue
-            topic = kmsg.topic()
+            topic = topic_of(kmsg)
             # Checked per record: a retry record holds its partition mid-batch, and the
             # rest of that partition in this batch must then wait behind it. A record of
             # a topic none of whose partitions is held passes by (a retry waiting in the
             # fast tier must not slow every source record down).
             if busy or not named or (holding and topic in holding):
-                tp = (topic, kmsg.partition())
+                tp = (topic, partition_of(kmsg))
                 if held.takes(tp, kmsg) or not gate.admit(tp, kmsg, named):
                     continue
             try:
@@ -224,8 +237,8 @@ class Pipeline:
         skip: str | None,
         divert: Callable[[Message], bool] | None = None,
     ) -> bool:
-        offset = kmsg.offset()
-        partition = kmsg.partition()
+        offset = offset_of(kmsg)
+        partition = partition_of(kmsg)
         ptrack = self.tracker.partitions.get((topic, partition))
         if ptrack is None:  # revoked while this batch waited: the next owner reads it
             return False
@@ -239,9 +252,9 @@ class Pipeline:
             topic,
             partition,
             offset,
-            kmsg.key(),
-            kmsg.value(),  # None: a tombstone, which decode rejects
-            kmsg.timestamp()[1],
+            key_of(kmsg),
+            value_of(kmsg),  # None: a tombstone, which decode rejects
+            timestamp_of(kmsg)[1],
             read_headers(kmsg),
             ptrack,
             offset,

@@ -116,7 +116,9 @@ def fanout_3(ctx: BenchContext) -> dict[str, Any]:
         "shunter_of_floor": round(shunter.rate / floor.rate, 3),
         "raw_seconds": round(raw.seconds, 3),
         "shunter_seconds": round(shunter.seconds, 3),
-        "shunter_settled_seconds": round(shunter.settled_seconds, 3),
+        # Until every offset was committed too (up to one commit interval later).
+        "shunter_committed_seconds": round(shunter.committed_seconds, 3),
+        "shunter_of_floor_committed": round(data.count / shunter.committed_seconds / floor.rate, 3),
         "raw_cpu": round(raw.cpu, 2),
         "shunter_cpu": round(shunter.cpu, 2),
         "deliveries": shunter.outcomes(),

@@ -107,6 +107,7 @@ class KafkaSource:
         self._stopping = threading.Event()
         self._fetching = True
         self.handed = 0  # messages handed to the loop (written by this thread only)
+        self.first_handed = 0.0  # perf_counter() when the first batch was (the bench's start)
         self.assignment: set[TP] = set()
         self._parked: set[TP] = set()  # held by the loop until released
         self._throttled = False  # paused for back-pressure
@@ -228,6 +229,8 @@ class KafkaSource:
                     continue
                 if not self._fetching:  # paused since; the next owner re-reads these
                     continue
+                if not self.handed:
+                    self.first_handed = time.perf_counter()
                 self.handed += len(batch)
                 self._loop.call_soon_threadsafe(self._handler.handle_batch, batch)
         except Exception:

@@ -31,7 +31,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..consume.held import UNTIL_RELEASED, HeldPartitions
-from ..message import KafkaRecord, Message, Record
+from ..message import KafkaRecord, Message, Record, error_of, offset_of, partition_of, topic_of
 from ..settle import headers as h
 from .guard import CrashGuard, JournalUnreadable
 from .sandbox import SandboxSpec
@@ -166,13 +166,13 @@ class JournalGate:
         firsts: dict[TP, Any] = {}
         lasts: dict[TP, Any] = {}
         for kmsg in batch:
-            if kmsg.error() is None:
-                tp = (kmsg.topic(), kmsg.partition())
+            if error_of(kmsg) is None:
+                tp = (topic_of(kmsg), partition_of(kmsg))
                 lasts[tp] = kmsg
                 if tp not in firsts:
                     firsts[tp] = kmsg
-        first = {tp: kmsg.offset() for tp, kmsg in firsts.items()}
-        last = {tp: kmsg.offset() for tp, kmsg in lasts.items()}
+        first = {tp: offset_of(kmsg) for tp, kmsg in firsts.items()}
+        last = {tp: offset_of(kmsg) for tp, kmsg in lasts.items()}
         waiting = _Waiting(batch, last)
         guard = self.guard
         for tp, hi in last.items():
