@@ -105,16 +105,22 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             by_scenario.setdefault(result["scenario"], []).append(result)
     medians: dict[str, dict[str, Any]] = {}
     for name, runs in by_scenario.items():
-        fields = [
-            k
-            for k, v in runs[0].items()
-            if k != "run" and isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        # A field may be None in some runs (``steady_speedup`` when a run had no steady
+        # span): its median is over the runs that measured it.
+        values: dict[str, list[float]] = {}
+        for run in runs:
+            for k, v in run.items():
+                if k != "run" and _numeric(v):
+                    values.setdefault(k, []).append(v)
         medians[name] = {"runs": len(runs)} | {
-            k: _round(statistics.median(r[k] for r in runs if k in r)) for k in fields
+            k: _round(statistics.median(found)) for k, found in values.items()
         }
     failed = sorted({r["scenario"] for r in results if "error" in r})
     return {"summary": "median", "scenarios": medians, "failed": failed}
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _round(value: float) -> float:
