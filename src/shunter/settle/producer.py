@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,8 @@ class ReliableProducer:
         }
         self._producer = Producer(conf)
         self._loop = loop
+        # Acknowledgements served by a poll, handed to the loop together (``_hand_over``).
+        self._answers: deque[tuple[Done, KafkaError | None]] = deque()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="shunter-producer", daemon=True)
         self._thread.start()
@@ -42,6 +45,20 @@ class ReliableProducer:
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.05)
+            self._hand_over()
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """The acknowledgements the last poll served, to the loop in one call: one wake-up
+        of the loop per poll rather than one per record (deque: appended by librdkafka's
+        callbacks on any thread that polls, taken here only)."""
+        answers = self._answers
+        if not answers:
+            return
+        served = []
+        while answers:
+            served.append(answers.popleft())
+        self._loop.call_soon_threadsafe(_answer, served)
 
     def send(
         self,
@@ -54,9 +71,10 @@ class ReliableProducer:
     ) -> None:
         """Write one record; ``done(error)`` runs on the loop when the broker answered."""
         loop = self._loop
+        answers = self._answers
 
         def report(err: KafkaError | None, _msg: Any) -> None:
-            loop.call_soon_threadsafe(done, err)
+            answers.append((done, err))
 
         kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers}
         if partition is not None:
@@ -100,3 +118,8 @@ class ReliableProducer:
             log.error("%d records were not acknowledged before shutdown", left)
         self._stop.set()
         self._thread.join()
+
+
+def _answer(served: list[tuple[Done, KafkaError | None]]) -> None:
+    for done, err in served:
+        done(err)
