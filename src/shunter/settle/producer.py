@@ -36,8 +36,10 @@ class ReliableProducer:
         }
         self._producer = Producer(conf)
         self._loop = loop
-        # Acknowledgements served by a poll, handed to the loop together (``_hand_over``).
+        # Acknowledgements not yet run on the loop, and whether a call of ``_answer`` is
+        # scheduled there to run them (see ``send``).
         self._answers: deque[tuple[Done, KafkaError | None]] = deque()
+        self._answering = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="shunter-producer", daemon=True)
         self._thread.start()
@@ -45,20 +47,6 @@ class ReliableProducer:
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.05)
-            self._hand_over()
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        """The acknowledgements the last poll served, to the loop in one call: one wake-up
-        of the loop per poll rather than one per record (deque: appended by librdkafka's
-        callbacks on any thread that polls, taken here only)."""
-        answers = self._answers
-        if not answers:
-            return
-        served = []
-        while answers:
-            served.append(answers.popleft())
-        self._loop.call_soon_threadsafe(_answer, served)
 
     def send(
         self,
@@ -74,7 +62,14 @@ class ReliableProducer:
         answers = self._answers
 
         def report(err: KafkaError | None, _msg: Any) -> None:
+            # The first acknowledgement since the loop last ran them wakes the loop; the
+            # others one poll serves meanwhile join it (one wake-up per poll, not one per
+            # record). Appended before the flag is read, and the flag cleared before the
+            # queue is drained (``_answer``), so none is ever left behind.
             answers.append((done, err))
+            if not self._answering:
+                self._answering = True
+                loop.call_soon_threadsafe(self._answer)
 
         kwargs: dict[str, Any] = {"key": key, "value": value, "headers": headers}
         if partition is not None:
@@ -88,6 +83,17 @@ class ReliableProducer:
             except Exception as exc:  # e.g. message too large: report like a broker error
                 loop.call_soon(done, KafkaError(KafkaError._INVALID_ARG, str(exc)))
                 return
+
+    def _answer(self) -> None:
+        """Run the acknowledgements that arrived, in order (on the loop)."""
+        self._answering = False
+        answers = self._answers
+        while answers:
+            done, err = answers.popleft()
+            try:
+                done(err)
+            except Exception:  # one callback's bug must not strand the others
+                log.exception("handling a write's acknowledgement failed")
 
     async def wait(
         self,
@@ -119,7 +125,3 @@ class ReliableProducer:
         self._stop.set()
         self._thread.join()
 
-
-def _answer(served: list[tuple[Done, KafkaError | None]]) -> None:
-    for done, err in served:
-        done(err)
