@@ -24,7 +24,8 @@ _POLL = 0.002  # how often the watcher looks at the trackers (a few µs each tim
 
 
 class Probe:
-    """Stamped by the first delivery: the start of the measured span."""
+    """Stamped by the first delivery: the start of the CPU measurement (and of the measured
+    span when no consumed batch was stamped, see ``_measure``)."""
 
     __slots__ = ("cpu", "wall")
 
