@@ -66,6 +66,28 @@ def test_a_real_handler_failure_names_the_handlers_line() -> None:
     assert line.endswith(" in on_revenue")
 
 
+def test_the_failing_line_is_read_from_the_stack_not_the_exception_message() -> None:
+    # A message may span lines and look like a frame (a hostile or careless one): the
+    # failing line is still the stack's, and repeats differing only in their message
+    # share it (the lookup is by the stack alone).
+    frames = (("/srv/app/myapp/medal.py", 12, "on_revenue"),)
+    spoof = 'ValueError: bad gift\n  File "/srv/app/myapp/other.py", line 99, in elsewhere'
+    assert failing_line(stack(*frames, error=spoof)) == "myapp/medal.py:12 in on_revenue"
+    for offset in range(3):
+        text = stack(*frames, error=f"ValueError: bad gift at offset {offset}")
+        assert failing_line(text) == "myapp/medal.py:12 in on_revenue"
+    # a chained failure: the last section's stack, whatever the earlier message says
+    chained = stack(("/srv/app/myapp/util.py", 3, "parse"), error="KeyError: 'x'") + (
+        "\nDuring handling of the above exception, another exception occurred:\n\n"
+        + stack(*frames, error='RuntimeError: wrapped\n  File "/x/y.py", line 1, in z')
+    )
+    assert failing_line(chained) == "myapp/medal.py:12 in on_revenue"
+    # a crash pill's dump has no Python header: read whole, as before
+    assert failing_line('  File "/srv/app/myapp/pill.py", line 9 in on_gift\n') == (
+        "myapp/pill.py:9 in on_gift"
+    )
+
+
 def test_failures_are_counted_by_fingerprint_and_a_new_one_is_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

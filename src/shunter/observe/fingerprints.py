@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from ..outcome import DeadLettered, Failed
+
 if TYPE_CHECKING:
     from ..message import Record
     from ..outcome import Outcome
@@ -91,10 +93,29 @@ def _is_stdlib(path: str) -> bool:
     )
 
 
-@lru_cache(maxsize=1024)
+_HEADER = "Traceback (most recent call last):\n"
+_UNINDENTED = re.compile(r"\n(?=[^ \n])")  # the end of a line before one at column 0
+
+
 def failing_line(traceback: str) -> str:
     """The innermost frame of ``traceback`` in the caller's own code, as ``dir/file.py:N in
-    func``; "" when the failure has no Python stack (a timeout, a rejected message)."""
+    func``; "" when the failure has no Python stack (a timeout, a rejected message).
+
+    Read from the stack only: the exception's own lines after it (its message, which
+    names the offset or the value and so differs on every failure) are left out, so the
+    thousands of repeats of one failing line are looked up, not parsed each time, and a
+    message that happens to look like a frame is not taken for one."""
+    start = traceback.rfind(_HEADER)
+    if start >= 0:
+        # (from the header's own newline on: a pattern led by a literal is a fast scan)
+        message = _UNINDENTED.search(traceback, start + len(_HEADER) - 1)
+        if message is not None:
+            traceback = traceback[: message.start() + 1]
+    return _stack_line(traceback)
+
+
+@lru_cache(maxsize=1024)
+def _stack_line(traceback: str) -> str:
     frames = [f for f in _frames(traceback) if not _is_shunter(f.path)]
     if not frames:
         return ""
@@ -159,8 +180,6 @@ class Fingerprints:
         """One failed delivery (the settler's call): its fingerprint, counted (a count of
         1: new), so that a caller logging every failure can log repeats more quietly.
         Deferrals that use up no attempt are not failures: ignored (None)."""
-        from ..outcome import DeadLettered, Failed
-
         if isinstance(outcome, Failed):
             if not outcome.counts:
                 return None

@@ -8,7 +8,7 @@ from ..config import RetryConfig
 from ..outcome import DeadLettered, Failed, Outcome, Succeeded
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every failure (see outcome.Failed)
 class Destination:
     tier: str  # done | fast | slow | dlq
     next_attempt: int
