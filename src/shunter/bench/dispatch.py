@@ -6,10 +6,11 @@ also committed is reported beside it: that adds up to one commit interval of wai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from ..app import Dispatcher
 from ..message import Message
@@ -52,6 +53,18 @@ class Subscriber:
 class DispatchTiming(Timing):
     committed_seconds: float = 0.0  # first batch → every offset committed (``seconds``: settled)
     deliveries: dict[str, dict[str, int]] = field(default_factory=dict)  # caller → outcome → n
+
+    def plus(self, other: Self) -> Self:
+        deliveries = {caller: dict(row) for caller, row in self.deliveries.items()}
+        for caller, row in other.deliveries.items():
+            mine = deliveries.setdefault(caller, {})
+            for outcome, n in row.items():
+                mine[outcome] = mine.get(outcome, 0) + n
+        return dataclasses.replace(
+            super().plus(other),
+            committed_seconds=self.committed_seconds + other.committed_seconds,
+            deliveries=deliveries,
+        )
 
     def outcomes(self) -> dict[str, int]:
         """outcome → deliveries, over all callers."""

@@ -11,30 +11,21 @@ from collections.abc import Callable
 from typing import Any
 
 from .context import BenchContext
-from .dispatch import DispatchTiming, Probe, run_dispatcher
-from .fanout import RETRY, gift_dataset, three
+from .dispatch import DispatchTiming
+from .fanout import gift_dataset, served
+from .raw import both_orders
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
     data = gift_dataset(ctx)
-    off_probe, on_probe = Probe(), Probe()
     sides: dict[str, Callable[[], DispatchTiming]] = {
-        "off": lambda: run_dispatcher(
-            ctx,
-            data,
-            "journaloff",
-            three(off_probe),
-            off_probe,
-            RETRY,
-            config={"crash_guard": {"enabled": False}},
-        ),
-        "on": lambda: run_dispatcher(ctx, data, "journalon", three(on_probe), on_probe, RETRY),
+        "off": lambda: served(ctx, data, "journaloff", config={"crash_guard": {"enabled": False}}),
+        "on": lambda: served(ctx, data, "journalon"),
     }
-    order = list(sides) if ctx.run % 2 else list(reversed(sides))  # alternate: no cold side
-    done = {name: sides[name]() for name in order}
+    order, done = both_orders(sides, ctx.run)  # each side twice, in both orders
     without, with_journal = done["off"], done["on"]
     return {
-        "order": "/".join(order),
+        "order": order,
         "messages": data.count,
         "partitions": len(data.ends),
         "subscribers": 3,
