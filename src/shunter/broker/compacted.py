@@ -28,6 +28,11 @@ def read_table(
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
+            # The end of a partition is known from a fetch the broker answers at its end:
+            # one it holds for fetch.wait.max.ms (librdkafka's default 500 ms) waiting for
+            # records that do not come. Each assignment waits for this read (the crash
+            # guard's journal) before its partitions run.
+            "fetch.wait.max.ms": 10,
         }
     )
     table: dict[bytes, bytes] = {}
@@ -41,7 +46,9 @@ def read_table(
         while pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic} took over {timeout:.0f}s")
-            for msg in consumer.consume(1000, 0.2):
+            # consume() returns at its timeout unless it filled the batch: short calls,
+            # so the end-of-partition events are seen as they come.
+            for msg in consumer.consume(1000, 0.01):
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
