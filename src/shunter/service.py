@@ -237,8 +237,9 @@ class Service:
             # handler's records, one acknowledgement each, would otherwise cost a request,
             # a compression and a wake-up of the loop apiece). The journal, which
             # deliveries do wait for, has its own producer that does not linger.
+            # (kafka.client's own settings come last: an operator's linger.ms wins.)
             producer = ReliableProducer(
-                {**self.client_settings(), "linger.ms": TIER_LINGER_MS}, loop
+                {"linger.ms": TIER_LINGER_MS, **self.client_settings()}, loop
             )
             flood = self.flood = FloodGuard(self.config.retry.flood_guard)
             self._start_tracing()
@@ -255,7 +256,7 @@ class Service:
             if self.config.crash_guard.enabled:
                 # Journal records are small: not compressed (see ReliableProducer).
                 journal_producer = ReliableProducer(
-                    {**self.client_settings(), "compression.type": "none"}, loop
+                    {"compression.type": "none", **self.client_settings()}, loop
                 )
                 self._producers.append(journal_producer)
                 guard = CrashGuard(
