@@ -42,11 +42,12 @@ def both_orders(sides: dict[str, Callable[[], T]], run: int) -> tuple[str, dict[
     """Every side measured twice, in one order and then in the reverse one (A B C C B A),
     the first order alternating between runs; each side's two passes taken together.
 
-    Which side goes first in a run matters: on this 2-core machine the first dispatcher
-    of a run measured ~4 % slower than the same side second, which a plain alternation
-    over an odd number of runs (two runs one way, one the other) leaves in the median.
-    Measured both ways in every run, no side is favoured by its place. Returns the order
-    (as "A/B/C+reversed") and each side's combined timing."""
+    The order of the sides within a run moved the ratios by more than the noise on this
+    2-core machine (fanout-3-failing over 12 runs: 0.81-0.85 with the failing side first,
+    0.87-0.95 with it second; the journal's cost 17 and 13 % with it second, 5 % first),
+    and a plain alternation over an odd number of runs (two runs one way, one the other)
+    leaves that in the median. Measured both ways in every run, no side is favoured by its
+    place. Returns the order (as "A/B/C+reversed") and each side's combined timing."""
     order = list(sides) if run % 2 else list(reversed(sides))
     done: dict[str, T] = {}
     for name in [*order, *reversed(order)]:
