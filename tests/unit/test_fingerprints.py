@@ -76,7 +76,7 @@ def test_the_failing_line_is_read_from_the_stack_not_the_exception_message() -> 
     for offset in range(3):
         text = stack(*frames, error=f"ValueError: bad gift at offset {offset}")
         assert failing_line(text) == "myapp/medal.py:12 in on_revenue"
-    # a chained failure: the last section's stack, whatever the earlier message says
+    # a chained failure: its last message's frame-like line is not read as a frame either
     chained = stack(("/srv/app/myapp/util.py", 3, "parse"), error="KeyError: 'x'") + (
         "\nDuring handling of the above exception, another exception occurred:\n\n"
         + stack(*frames, error='RuntimeError: wrapped\n  File "/x/y.py", line 1, in z')
