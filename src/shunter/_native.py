@@ -24,6 +24,11 @@ from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
+# What a compiled module's frames give as their file in a traceback: the path it was
+# compiled from, relative to setup.py (its COMPILED list), wherever the package was
+# installed since. Code that tells shunter's frames from a handler's checks this prefix
+# beside the package's own directory.
+COMPILED_SOURCE = "src/shunter/"
 
 
 def digest(source: bytes) -> str:

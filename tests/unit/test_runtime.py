@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import shunter
 from shunter.deliver import SubscriberRuntime
+from shunter.observe.fingerprints import failing_line
 from shunter.outcome import SUCCEEDED, DeadLettered, Failed, Outcome
 from shunter.testing import make_message
 
@@ -288,6 +289,38 @@ def test_every_kind_of_exception_becomes_an_outcome_and_the_runtime_carries_on(
     assert "in sync_handler" in sync_raise.traceback
     assert isinstance(settled.of("sync-dead"), DeadLettered)
     assert settled.of("sync-ok") is SUCCEEDED
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "awaited"])
+def test_a_failures_traceback_and_failing_line_leave_shunters_own_frames_out(
+    eager: bool,
+) -> None:
+    """Given a handler that raises, and one that is a C function raising (no Python frame
+    of its own), when each fails, then the traceback begins at the handler's own frame and
+    no frame of shunter's delivery code is named as the failing line: in the compiled
+    build too, whose frames carry the path the module was compiled from (``src/shunter/``),
+    not the installed one."""
+
+    async def handler(msg: shunter.Message) -> None:
+        raise KeyError("gift_id")
+
+    async def scenario() -> tuple[Outcome, Outcome]:
+        settled, c_settled = Settled(), Settled()
+        submit_all(runtime(handler, settled, eager=eager), [make_message("x")])
+        # int(msg) raises TypeError inside C: the traceback has shunter's frames only
+        submit_all(runtime(int, c_settled), [make_message("y")])
+        await settled.wait(1)
+        await c_settled.wait(1)
+        return settled.outcomes[0][1], c_settled.outcomes[0][1]
+
+    raised, in_c = asyncio.run(scenario())
+    assert isinstance(raised, Failed) and isinstance(in_c, Failed)
+    frames = [line for line in raised.traceback.splitlines() if line.startswith("  File ")]
+    assert "test_runtime.py" in frames[0] and "in handler" in frames[0], raised.traceback
+    assert not any("deliver" in f and "runtime.py" in f for f in frames), raised.traceback
+    assert failing_line(raised.traceback).startswith("unit/test_runtime.py:")
+    assert in_c.error_type == "TypeError"
+    assert failing_line(in_c.traceback) == "", in_c.traceback
 
 
 def test_a_handler_cancelled_from_inside_fails_instead_of_vanishing() -> None:

@@ -6,11 +6,13 @@ import os
 import traceback
 from types import TracebackType
 
+from .._native import COMPILED_SOURCE
 from ..errors import DeadLetter, DeliveryTimeout, RetryLater, WorkerDied, checked_delay
 from ..outcome import DeadLettered, Failed
 
 _MAX_TRACEBACK = 16_384
-_DELIVER = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# This package's frames: run from source, or compiled (runtime.py; see COMPILED_SOURCE).
+_DELIVER = (os.path.dirname(os.path.abspath(__file__)) + os.sep, COMPILED_SOURCE + "deliver/")
 
 
 def error_type(exc: BaseException) -> str:

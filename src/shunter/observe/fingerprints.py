@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
+from .._native import COMPILED_SOURCE
 from ..outcome import DeadLettered, Failed
 
 if TYPE_CHECKING:
@@ -83,6 +84,8 @@ def _frames(traceback: str) -> list[Frame]:
 
 
 def _is_shunter(path: str) -> bool:
+    if path.startswith(COMPILED_SOURCE):  # a compiled module's frame
+        return True
     return path.startswith(_SHUNTER) and _THIRD_PARTY[0] not in path[len(_SHUNTER) :]
 
 
