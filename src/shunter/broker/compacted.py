@@ -23,6 +23,10 @@ def read_table(
     """
     consumer = Consumer(
         {
+            # Its first request needs a new connection to the partition's leader, which
+            # librdkafka holds back for half this backoff after the bootstrap one (50 ms
+            # at the default 100 ms). A failed connection still backs off exponentially.
+            "reconnect.backoff.ms": 10,
             **settings,
             "group.id": "shunter-table-reader",
             "enable.auto.commit": False,
@@ -32,7 +36,7 @@ def read_table(
             # one it holds for fetch.wait.max.ms (librdkafka's default 500 ms) waiting for
             # records that do not come. Each assignment waits for this read (the crash
             # guard's journal) before its partitions run.
-            "fetch.wait.max.ms": 10,
+            "fetch.wait.max.ms": 1,
         }
     )
     table: dict[bytes, bytes] = {}
@@ -48,7 +52,7 @@ def read_table(
                 raise TimeoutError(f"reading {topic} took over {timeout:.0f}s")
             # consume() returns at its timeout unless it filled the batch: short calls,
             # so the end-of-partition events are seen as they come.
-            for msg in consumer.consume(1000, 0.01):
+            for msg in consumer.consume(1000, 0.002):
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
