@@ -29,7 +29,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 log = logging.getLogger("shunter.consume")
 
@@ -95,6 +102,10 @@ class KafkaSource:
             "on_commit": self._on_commit,
         }
         self._consumer = Consumer(conf)
+        self._reset = _RESET.get(str(conf["auto.offset.reset"]))
+        # librdkafka refuses to mix eager and cooperative assignors: one cooperative one
+        # means incremental assignment, any other means the whole assignment at once.
+        self._cooperative = "cooperative" in str(conf["partition.assignment.strategy"])
         self._topics = topics
         self._handler = handler
         self._loop = loop
@@ -378,10 +389,13 @@ class KafkaSource:
         log.info("assigned %s", _show(tps))
         committed: dict[TP, int] = {}
         try:
-            for tp in consumer.committed(partitions, timeout=30):
-                committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else -1
+            positions = consumer.committed(partitions, timeout=30)
         except KafkaException as exc:
             log.warning("reading committed offsets failed: %s", exc)
+        else:
+            for tp in positions:
+                committed[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else -1
+            self._start_at(consumer, partitions, positions)
         try:
             self._call_loop(self._handler.assigned(tps, committed))
         except Exception:
@@ -390,6 +404,33 @@ class KafkaSource:
         if self._throttled or not self._fetching:
             # librdkafka applies the assignment after this returns; pause then.
             self._commands.put(lambda: self._pause(set(tps)))
+
+    def _start_at(
+        self,
+        consumer: Consumer,
+        partitions: list[TopicPartition],
+        positions: list[TopicPartition],
+    ) -> None:
+        """Assign from the committed offsets just read (the ones the loop is told of), and
+        where there are none, from ``auto.offset.reset`` named as a logical offset.
+
+        Left to itself, librdkafka reads the same offsets again after this callback and,
+        for a partition with none, queries its reset offset after a fixed 100 ms backoff
+        (librdkafka treats "no committed offset" as an error to retry): every partition of
+        a new group, or a retry tier never committed, would start 100 ms late. Assigning
+        here also starts the fetches while the loop reads the crash-guard journal."""
+        if self._reset is None:  # auto.offset.reset=error: librdkafka's own path raises
+            return
+        for tp in positions:
+            if tp.offset < 0:
+                tp.offset = self._reset
+        assign = consumer.incremental_assign if self._cooperative else consumer.assign
+        try:
+            assign(positions)
+        except KafkaException as exc:
+            # After a refused call confluent-kafka no longer assigns by itself.
+            log.warning("assigning from the committed offsets failed: %s", exc)
+            assign(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._release(consumer, partitions, lost=False)
@@ -449,6 +490,14 @@ class KafkaSource:
             failed = [(p.topic, p.partition) for p in partitions]
         if failed:  # offer those offsets again rather than trust the failed commit
             self._loop.call_soon_threadsafe(self._handler.commit_failed, failed)
+
+
+# auto.offset.reset (librdkafka's names) → the logical offset a partition starts from when
+# it has no committed offset; "error" is left to librdkafka.
+_RESET = {
+    **dict.fromkeys(("smallest", "earliest", "beginning"), OFFSET_BEGINNING),
+    **dict.fromkeys(("largest", "latest", "end"), OFFSET_END),
+}
 
 
 def _show(tps: list[TP]) -> str:
