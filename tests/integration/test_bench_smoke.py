@@ -7,7 +7,7 @@ import argparse
 import importlib.util
 import io
 from collections.abc import Iterator
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,24 @@ def test_cli_prints_one_line_per_run_and_a_median_line(broker: Broker, tmp_path:
     assert summary["runs"] == 2
     assert set(summary) >= {"raw_msgs_per_s", "shunter_msgs_per_s", "ratio"}
     assert lines[-1]["failed"] == []
+
+
+def test_without_bootstrap_every_run_gets_an_embedded_broker_of_its_own(tmp_path: Path) -> None:
+    """Given no --bootstrap, when one scenario runs twice, then each run starts a broker
+    of its own (its dataset produced again) and both report their figures."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    out, err = io.StringIO(), io.StringIO()
+    args = ["--scenario", "fanout-3", "--messages", "200", "--runs", "2",
+            "--log", str(tmp_path / "bench.log")]
+    with redirect_stdout(out), redirect_stderr(err):
+        code = bench.run(parser.parse_args(args))
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert code == 0, lines
+    assert [line.get("run") for line in lines] == [1, 2, None]
+    notes = err.getvalue().splitlines()
+    assert sum("embedded broker 127.0.0.1:" in n for n in notes) == 2, notes
+    assert sum("producing gift" in n for n in notes) == 2, notes
 
 
 def test_workers_runs_shunter_with_one_and_with_several_worker_processes(

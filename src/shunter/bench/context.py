@@ -1,5 +1,6 @@
 """What every scenario is given: the broker, the consumer settings both sides share, the
-datasets produced once per invocation, and unique names for groups and topics."""
+datasets produced once per broker (see ``shunter bench``), and unique names for groups
+and topics."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class BenchContext:
     def dataset(
         self, name: str, partitions: int, records: Callable[[], Iterator[tuple[bytes, bytes]]]
     ) -> Dataset:
-        """The topic ``name`` filled once per invocation by ``records()``, then reused."""
+        """The topic ``name`` filled once per broker by ``records()``, then reused."""
         found = self._datasets.get(name)
         if found is not None:
             return found

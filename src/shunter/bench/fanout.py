@@ -32,7 +32,7 @@ RETRY = {"fast": {"attempts": 3, "delay": "1h"}}
 
 
 def gift_dataset(ctx: BenchContext) -> Dataset:
-    """The gift topic both fan-out scenarios read (produced once per invocation)."""
+    """The gift topic both fan-out scenarios read (produced once per broker)."""
     count = ctx.count(MESSAGES)
     return ctx.dataset(f"gift-{count}", PARTITIONS, lambda: events.gift_events(count, USERS))
 

@@ -66,7 +66,7 @@ def run(
             stack.callback(broker.stop)
             bootstrap = broker.bootstrap
         server = stack.enter_context(HookServerProcess())
-        if ctx is not None:  # produced once per invocation, read by every run
+        if ctx is not None:  # produced once per broker, read by every run on it
             topic = ctx.dataset(f"http-{count}", PARTITIONS, lambda: _gifts(count)).topic
             raw_group = ctx.group("httpraw", dispatcher=False)
             group = ctx.group("httpfanout")

@@ -2,8 +2,14 @@
 
 Each run of each scenario prints one JSON object on stdout; with ``--runs K`` (K > 1) a
 last line gives the median of every figure. Progress goes to stderr, shunter's own log to
-``--log`` (or a temporary file). The embedded broker is started unless ``--bootstrap`` is
-given; on a broker given with ``--bootstrap`` the bench deletes the topics it created.
+``--log`` (or a temporary file).
+
+Unless ``--bootstrap`` is given, every run of every scenario gets an embedded broker of its
+own, started for it and stopped after it (its datasets are produced again): what one run
+leaves in the broker (millions of records, dozens of groups and their retry topics) must
+not slow the next, or a scenario's figure would depend on its place in the order. On a
+broker given with ``--bootstrap`` all runs share it, and the bench deletes the topics it
+created.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..bench.runner import BY_NAME, SCENARIOS, run_scenario, summarize
+
+if TYPE_CHECKING:
+    from ..bench.context import BenchContext
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +69,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bench.context import BenchContext
     from ..bench.events import delete_topics
-    from ..broker.embedded import EmbeddedBroker
 
     chosen = (
         [BY_NAME[n] for n in args.scenario]
@@ -72,34 +80,46 @@ def run(args: argparse.Namespace) -> int:
         tempfile.TemporaryDirectory(prefix="shunter-bench-") as workdir,
         _logging_to(args.log or str(Path(workdir, "shunter.log"))),
     ):
-        broker = None if args.bootstrap else EmbeddedBroker().start()
+        shared = None  # the context of a --bootstrap broker: its datasets serve every run
+        if args.bootstrap:
+            _note(f"broker {args.bootstrap}")
+            shared = BenchContext(args.bootstrap, Path(workdir), args.messages, say=_note)
         try:
-            bootstrap = args.bootstrap or broker.bootstrap  # type: ignore[union-attr]
-            _note(f"broker {bootstrap}{' (embedded)' if broker else ''}")
-            ctx = BenchContext(
-                bootstrap,
-                Path(workdir),
-                messages=args.messages,
-                embedded=broker is not None,
-                say=_note,
-            )
-            try:
-                for ctx.run in range(1, args.runs + 1):
-                    for scenario in chosen:
-                        _note(f"run {ctx.run}/{args.runs}: {scenario.name}")
+            for run in range(1, args.runs + 1):
+                for scenario in chosen:
+                    _note(f"run {run}/{args.runs}: {scenario.name}")
+                    with _context(shared, Path(workdir), args.messages) as ctx:
+                        ctx.run = run
                         result = run_scenario(scenario, ctx)
-                        results.append(result)
-                        _emit(result)
-                if args.runs > 1:
-                    _emit(summarize(results))
-            finally:
-                if broker is None:  # a broker that outlives the bench: leave it clean
-                    delete_topics(bootstrap, ctx.created)
+                    results.append(result)
+                    _emit(result)
         finally:
-            if broker is not None:
-                gc.collect()  # clients of finished runs go first, not noisily after the broker
-                broker.stop()
+            if shared is not None:  # a broker that outlives the bench: leave it clean
+                delete_topics(shared.bootstrap, shared.created)
+        if args.runs > 1:
+            _emit(summarize(results))
     return 1 if any("error" in r for r in results) else 0
+
+
+@contextlib.contextmanager
+def _context(
+    shared: BenchContext | None, workdir: Path, messages: int | None
+) -> Iterator[BenchContext]:
+    """The context of one scenario run: ``shared`` if given, else one on a fresh embedded
+    broker, stopped after the run."""
+    from ..bench.context import BenchContext
+    from ..broker.embedded import EmbeddedBroker
+
+    if shared is not None:
+        yield shared
+        return
+    broker = EmbeddedBroker().start()
+    _note(f"embedded broker {broker.bootstrap}, for this run")
+    try:
+        yield BenchContext(broker.bootstrap, workdir, messages, embedded=True, say=_note)
+    finally:
+        gc.collect()  # clients of finished runs go first, not noisily after the broker
+        broker.stop()
 
 
 def _emit(obj: dict[str, Any]) -> None:
