@@ -424,13 +424,31 @@ class KafkaSource:
         for tp in positions:
             if tp.offset < 0:
                 tp.offset = self._reset
-        assign = consumer.incremental_assign if self._cooperative else consumer.assign
+        if not self._cooperative:  # eager: the whole assignment in one call
+            self._assign(consumer.assign, positions, partitions)
+            return
+        # Source partitions first: librdkafka's first fetch after an assignment holds the
+        # partitions started by then, and one of only empty retry-tier partitions waits
+        # out fetch.wait.max.ms (500 ms by default) before the next fetch can ask for the
+        # source's records.
+        for source in (True, False):
+            part = [tp for tp in positions if (tp.topic in self._source_topics) == source]
+            if part:
+                fallback = [p for p in partitions if (p.topic in self._source_topics) == source]
+                self._assign(consumer.incremental_assign, part, fallback)
+
+    @staticmethod
+    def _assign(
+        assign: Callable[[list[TopicPartition]], None],
+        positions: list[TopicPartition],
+        fallback: list[TopicPartition],
+    ) -> None:
         try:
             assign(positions)
         except KafkaException as exc:
             # After a refused call confluent-kafka no longer assigns by itself.
             log.warning("assigning from the committed offsets failed: %s", exc)
-            assign(partitions)
+            assign(fallback)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._release(consumer, partitions, lost=False)
