@@ -421,6 +421,10 @@ class KafkaSource:
         here also starts the fetches while the loop reads the crash-guard journal."""
         if self._reset is None:  # auto.offset.reset=error: librdkafka's own path raises
             return
+        if any(tp.error is not None for tp in positions):
+            # An offset not read is not "none": reset, it would skip (latest) or replay
+            # (earliest) a partition. librdkafka's own path reads it again until it can.
+            return
         for tp in positions:
             if tp.offset < 0:
                 tp.offset = self._reset
