@@ -9,7 +9,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from shunter.consume.source import KafkaSource
 
@@ -105,3 +111,23 @@ def test_an_offset_that_could_not_be_read_is_not_taken_for_none(source_for: Any)
     positions[1].error = KafkaError(KafkaError.COORDINATOR_LOAD_IN_PROGRESS)
     source._start_at(consumer, partitions, positions)
     assert consumer.calls == []
+
+
+class Refusing(Recorder):
+    """Refuses the first assign call, as librdkafka does when its state forbids it."""
+
+    def incremental_assign(self, tps: list[TopicPartition]) -> None:
+        if not self.calls:
+            self.calls.append(("refused", []))
+            raise KafkaException(KafkaError(KafkaError._STATE))
+        super().incremental_assign(tps)
+
+
+def test_a_refused_assignment_falls_back_to_the_partitions_as_given(source_for: Any) -> None:
+    """Given librdkafka refuses the positions, when they are assigned, then the partitions
+    are assigned as the callback got them (offsets unset: librdkafka's own start), since
+    confluent-kafka no longer assigns by itself after the callback called assign."""
+    source, consumer = source_for(), Refusing()
+    partitions, positions = read({("orders", 0): 12})
+    source._start_at(consumer, partitions, positions)
+    assert consumer.calls == [("refused", []), ("incremental", [("orders", 0, -1001)])]
