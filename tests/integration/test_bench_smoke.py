@@ -54,6 +54,10 @@ def test_fanout_3_compares_raw_and_shunter_over_every_message(ctx: BenchContext)
     assert 0 < result["shunter_seconds"] <= result["shunter_committed_seconds"]
     # the handlers' own counts, on both sides of the comparison
     assert result["handler_calls"] == result["floor_handler_calls"] == 2 * 3 * N
+    # where the time went, per thread group (no broker of its own here: not measured)
+    assert 0 < result["shunter_main_cpu"] <= 1.05
+    assert result["shunter_consumer_cpu"] >= 0  # alive at both ends of the span
+    assert "shunter_broker_cpu" not in result
 
 
 def test_journal_compares_the_crash_guard_on_and_off(ctx: BenchContext) -> None:
@@ -74,6 +78,9 @@ def test_fanout_3_failing_sends_one_percent_of_one_subscriber_to_the_fast_tier(
     }
     assert result["shunter_msgs_per_s"] > 0 and result["all_success_msgs_per_s"] > 0
     assert result["handler_calls"] == result["all_success_handler_calls"] == 2 * 3 * N
+    # what a failure cost on the main thread, from both sides' thread CPU
+    assert isinstance(result["main_cpu_us_per_failure"], float)
+    assert result["failing_main_cpu"] > 0 and result["all_success_main_cpu"] > 0
 
 
 def test_io_bound_reports_efficiency_against_the_concurrency_bound(ctx: BenchContext) -> None:

@@ -62,6 +62,7 @@ class BenchContext:
     messages: int | None = None  # --messages: overrides each scenario's default
     run: int = 1  # 1-based index of the current repetition
     embedded: bool = False  # the embedded development broker (no --bootstrap)
+    broker_pid: int | None = None  # the embedded broker's process: its CPU is measured too
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     consumer: dict[str, Any] = field(default_factory=lambda: dict(CONSUMER))
     created: list[str] = field(default_factory=list)  # topics to delete afterwards

@@ -15,6 +15,7 @@ from typing import Any, Self
 from ..app import Dispatcher
 from ..message import Message
 from ..pipeline import Pipeline
+from . import threads
 from .context import BATCH_SIZE, BenchContext, Dataset
 from .raw import Timing
 
@@ -53,6 +54,9 @@ class Subscriber:
 class DispatchTiming(Timing):
     committed_seconds: float = 0.0  # first batch → every offset committed (``seconds``: settled)
     deliveries: dict[str, dict[str, int]] = field(default_factory=dict)  # caller → outcome → n
+    # CPU seconds per thread group (``threads.snapshot``) from the first consumed batch
+    # (as the watcher saw it, within its poll) to every offset settled.
+    threads: dict[str, float] = field(default_factory=dict)
 
     def plus(self, other: Self) -> Self:
         deliveries = {caller: dict(row) for caller, row in self.deliveries.items()}
@@ -60,11 +64,25 @@ class DispatchTiming(Timing):
             mine = deliveries.setdefault(caller, {})
             for outcome, n in row.items():
                 mine[outcome] = mine.get(outcome, 0) + n
+        spent = dict(self.threads)
+        for group, seconds in other.threads.items():
+            spent[group] = spent.get(group, 0.0) + seconds
         return dataclasses.replace(
             super().plus(other),
             committed_seconds=self.committed_seconds + other.committed_seconds,
             deliveries=deliveries,
+            threads=spent,
         )
+
+    def cpu_shares(self, prefix: str = "") -> dict[str, float]:
+        """Each thread group's CPU over the measured span ÷ its wall time (1.0: a core),
+        as flat fields ``<prefix><group>_cpu`` (the bench's medians are of flat numbers)."""
+        if self.seconds <= 0:
+            return {}
+        return {
+            f"{prefix}{group}_cpu": round(seconds / self.seconds, 3)
+            for group, seconds in sorted(self.threads.items())
+        }
 
     def outcomes(self) -> dict[str, int]:
         """outcome → deliveries, over all callers."""
@@ -136,15 +154,18 @@ def run_dispatcher(
     app = Dispatcher(bench_config(ctx, data, ctx.group(name), subscribers, retry, config))
     for sub in subscribers:
         app.subscriber("revenue", caller=sub.caller)(sub.handler)
-    return asyncio.run(_measure(app, data, probe, timeout))
+    return asyncio.run(_measure(app, data, probe, timeout, ctx.broker_pid))
 
 
-async def _measure(app: Dispatcher, data: Dataset, probe: Probe, limit: float) -> DispatchTiming:
+async def _measure(
+    app: Dispatcher, data: Dataset, probe: Probe, limit: float, broker_pid: int | None = None
+) -> DispatchTiming:
     stop = asyncio.Event()
     serving = asyncio.create_task(app.serve(stop))
+    spans = _Spans(broker_pid)
     try:
         async with asyncio.timeout(limit):
-            settled, committed = await _watch(app, serving, data)
+            settled, committed = await _watch(app, serving, data, spans)
         cpu = time.process_time()
     except TimeoutError:
         raise TimeoutError(
@@ -165,13 +186,27 @@ async def _measure(app: Dispatcher, data: Dataset, probe: Probe, limit: float) -
         cpu=(cpu - probe.cpu) / (committed - probe.wall),  # CPU seconds ÷ wall, same span
         committed_seconds=committed - start,
         deliveries=service.stats.by_caller() if service is not None else {},
+        threads=threads.spent(spans.first, spans.settled) if spans.first else {},
     )
 
 
+class _Spans:
+    """Thread CPU snapshots at the measured span's ends, as the watcher sees them."""
+
+    def __init__(self, broker_pid: int | None) -> None:
+        self.broker_pid = broker_pid
+        self.first: dict[str, float] = {}
+        self.settled: dict[str, float] = {}
+
+    def take(self) -> dict[str, float]:
+        return threads.snapshot(self.broker_pid)
+
+
 async def _watch(
-    app: Dispatcher, serving: asyncio.Task[None], data: Dataset
+    app: Dispatcher, serving: asyncio.Task[None], data: Dataset, spans: _Spans | None = None
 ) -> tuple[float, float]:
-    """(when every offset was settled, when every offset was committed), perf_counter."""
+    """(when every offset was settled, when every offset was committed), perf_counter;
+    ``spans``, if given, gets the thread CPU snapshots of the first batch and the settle."""
     settled = 0.0
     while True:
         if serving.done():
@@ -180,9 +215,14 @@ async def _watch(
             raise KeyboardInterrupt
         pipeline = app.service.pipeline if app.service is not None else None
         if pipeline is not None:
+            handed = getattr(pipeline.source, "first_handed", 0.0)
+            if spans is not None and handed and not spans.first:
+                spans.first = spans.take()
             all_settled, all_committed = _reached(pipeline, data)
             if all_settled and not settled:
                 settled = time.perf_counter()
+                if spans is not None:
+                    spans.settled = spans.take()
             if all_committed:
                 return settled or time.perf_counter(), time.perf_counter()
         await asyncio.sleep(_POLL)

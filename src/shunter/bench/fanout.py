@@ -145,6 +145,8 @@ def fanout_3(ctx: BenchContext) -> dict[str, Any]:
         ),
         "raw_cpu": round(raw.cpu, 2),
         "shunter_cpu": round(shunter.cpu, 2),
+        # Per thread group, CPU ÷ wall over the measured span (see bench/threads.py).
+        **shunter.cpu_shares("shunter_"),
         "deliveries": shunter.outcomes(),
     }
 
@@ -158,6 +160,7 @@ def fanout_3_failing(ctx: BenchContext) -> dict[str, Any]:
     }
     order, done = both_orders(sides, ctx.run)
     baseline, failed = done["all-success"], done["failing"]
+    failures = 2 * sum(-(-end // FAIL_EVERY) for end in data.ends.values())
     return {
         "order": order,
         "handler_calls": fail_calls.n,
@@ -167,12 +170,32 @@ def fanout_3_failing(ctx: BenchContext) -> dict[str, Any]:
         "partitions": len(data.ends),
         "subscribers": 3,
         "failing_share": 1 / FAIL_EVERY,
-        "expected_failures": 2 * sum(-(-end // FAIL_EVERY) for end in data.ends.values()),
+        "expected_failures": failures,
         "shunter_msgs_per_s": round(failed.rate),
         "all_success_msgs_per_s": round(baseline.rate),
         "ratio": round(failed.rate / baseline.rate, 3),
         "shunter_seconds": round(failed.seconds, 3),
         "all_success_seconds": round(baseline.seconds, 3),
         "shunter_cpu": round(failed.cpu, 2),
+        **failed.cpu_shares("failing_"),
+        **baseline.cpu_shares("all_success_"),
+        # What each failure cost on each thread group (and the broker): CPU seconds of the
+        # failing side less the all-success side's, over the failures, in µs. The main
+        # thread's share is what a failure slows the dispatcher by; the others' share the
+        # cores with it.
+        **_per_failure(failed, baseline, failures),
         "deliveries": failed.outcomes(),
+    }
+
+
+def _per_failure(
+    failed: DispatchTiming, baseline: DispatchTiming, failures: int
+) -> dict[str, float]:
+    if not failures or not failed.threads or not baseline.threads:
+        return {}
+    return {
+        f"{group}_cpu_us_per_failure": round(
+            (seconds - baseline.threads.get(group, 0.0)) / failures * 1e6, 1
+        )
+        for group, seconds in sorted(failed.threads.items())
     }

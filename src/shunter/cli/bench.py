@@ -116,7 +116,9 @@ def _context(
     broker = EmbeddedBroker().start()
     _note(f"embedded broker {broker.bootstrap}, for this run")
     try:
-        yield BenchContext(broker.bootstrap, workdir, messages, embedded=True, say=_note)
+        yield BenchContext(
+            broker.bootstrap, workdir, messages, embedded=True, broker_pid=broker.pid, say=_note
+        )
     finally:
         gc.collect()  # clients of finished runs go first, not noisily after the broker
         broker.stop()
