@@ -50,8 +50,8 @@ def snapshot(broker_pid: int | None = None) -> dict[str, float]:
 
 
 def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds per group between two snapshots (threads that ended meanwhile are not
-    counted: their time is lost with them)."""
+    """CPU seconds per group between two snapshots. A thread that ended meanwhile takes
+    its time with it: its group may read less than it spent (never below 0)."""
     return {k: round(max(0.0, v - before.get(k, 0.0)), 4) for k, v in after.items()}
 
 
