@@ -38,6 +38,14 @@ COMPILED = [
     "src/shunter/deliver/runtime.py",
     "src/shunter/observe/stats.py",
     "src/shunter/settle/settler.py",
+    # A failed delivery's path: one in hundreds of deliveries, so it runs with cold caches
+    # (failure() took ~10.6 µs in a run, 2.7 µs in a loop of its own). Compiled, a
+    # failure cost the main thread 55 µs of CPU instead of 74 (fanout-3-failing).
+    "src/shunter/deliver/failure.py",
+    "src/shunter/observe/fingerprints.py",
+    "src/shunter/observe/flood.py",
+    "src/shunter/settle/headers.py",
+    "src/shunter/settle/route.py",
 ]
 
 
