@@ -5,15 +5,18 @@ only, and a SIGTERM to the supervisor drains and commits both before it exits 0.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
 
 from kafkatools import Broker, ShunterProcess, config
+from shunter.settle import headers as h
 
 pytestmark = pytest.mark.kafka
 
@@ -202,3 +205,106 @@ def source_owners(proc: ShunterProcess, topic: str) -> int:
     lines = proc.log_tail(1_000_000).splitlines()
     assigned = [line for line in lines if "shunter.consume: assigned" in line]
     return sum(1 for line in assigned[-2:] if line.count(f"{topic}[") == 2)
+
+
+POISON = """
+import os, signal
+
+_fd = os.open(os.environ["LEDGER"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+
+async def steady(msg):
+    os.write(_fd, f"steady,{os.getpid()},{msg.partition},{msg.offset}\\n".encode())
+
+
+def fragile(msg):
+    if msg.value["n"] == int(os.environ["KILLER"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+    os.write(_fd, f"fragile,{os.getpid()},{msg.partition},{msg.offset}\\n".encode())
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_message_that_kills_a_worker_is_quarantined_and_the_other_worker_serves_on(
+    broker: Broker, unique: str, tmp_path: Path
+) -> None:
+    """Given two workers and a message whose handler SIGKILLs the worker that runs it,
+    then that worker alone dies, once: the partition's next owner (the restarted worker or
+    the other one: the journal is the group's, not a worker's) re-runs the window in a
+    sandbox process, the message lands in the dead-letter topic with stage ``crash`` after
+    ``quarantine_after`` deaths and never completes, every other (message, subscriber)
+    pair is delivered, and a SIGTERM still drains to exit 0 with every offset committed."""
+    topic, group = f"wpoison-{unique}", f"g-{unique}"
+    broker.create({topic: PARTITIONS})
+    (tmp_path / "poison.py").write_text(POISON)
+    killer = 333
+    data = config(
+        broker,
+        group,
+        {topic: {}},
+        {"all": {"topics": [topic]}},
+        [
+            {"caller": "steady", "category": "all", "handler": "poison:steady"},
+            {"caller": "fragile", "category": "all", "handler": "poison:fragile"},
+        ],
+        kafka={"workers": 2},
+        crash_guard={"quarantine_after": 3},
+        retry={"partitions": 1},
+    )
+    path = tmp_path / "shunter.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ledger = tmp_path / "ledger.txt"
+    env = {
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "LEDGER": str(ledger),
+        "KILLER": str(killer),
+    }
+
+    def delivered() -> set[tuple[str, int, int]]:
+        if not ledger.exists():
+            return set()
+        rows = (line.split(",") for line in ledger.read_text().splitlines())
+        return {(caller, int(part), int(off)) for caller, _, part, off in rows}
+
+    messages = 800
+    with ShunterProcess(path, tmp_path / "service.log", env) as proc:
+        assert proc.process is not None
+        wait_for(lambda: len(children(proc.process.pid)) == 2, 60, proc, "two workers")
+        wait_for(lambda: assignments(proc, topic) >= 2, 90, proc, "both workers assigned")
+        broker.produce(topic, [{"n": i} for i in range(messages)], key=lambda i, v: f"k{i}")
+        records = broker.read_all(topic, expect=messages)
+        [(k_part, k_off)] = [
+            (m.partition(), m.offset()) for m in records if orjson.loads(m.value())["n"] == killer
+        ]
+        want = {
+            (caller, m.partition(), m.offset()) for m in records for caller in ("steady", "fragile")
+        } - {("fragile", k_part, k_off)}
+        wait_for(lambda: want <= delivered(), 180, proc, "all but the killer delivered")
+        wait_for(
+            lambda: any(
+                h.decode(m.headers()).stage == "crash"
+                for m in broker.read_all(f"{group}.dlq")
+                if m.headers()
+            ),
+            60,
+            proc,
+            "the killer dead-lettered",
+        )
+        proc.terminate()
+        assert proc.wait(90) == 0, proc.log_tail()
+    log = (tmp_path / "service.log").read_text()
+    infos = [h.decode(m.headers()) for m in broker.read_all(f"{group}.dlq") if m.headers()]
+    crash = [i for i in infos if i.stage == "crash"]
+    assert [(i.origin_topic, i.origin_partition, i.origin_offset) for i in crash] == [
+        (topic, k_part, k_off)
+    ], f"exactly the killer is quarantined: {infos}\n{log[-4000:]}"
+    assert ("fragile", k_part, k_off) not in delivered(), "the killer never completed"
+    # One worker dies, once: whoever owns the partition next re-runs the suspect in a
+    # sandbox process, whose deaths count towards the quarantine instead.
+    deaths = re.findall(r"shunter\.supervisor: worker \d killed by SIGKILL; restarting", log)
+    assert len(deaths) == 1, log[-4000:]
+    assert "in a sandbox" in crash[0].error, crash[0].error
+    ends = [0] * PARTITIONS
+    for msg in records:
+        ends[msg.partition()] = max(ends[msg.partition()], msg.offset() + 1)
+    assert broker.committed(group, topic, PARTITIONS) == ends, log[-4000:]
