@@ -203,6 +203,7 @@ class WorkerPool:
                              "memory_limit_mb": self._memory_limit_mb, "crash_path": crash_path}
         w = _Worker(process, conn, crash_path)
         self._workers.add(w)
+        self._gone.clear()  # set when the one before it was forgotten: close() waits for this one
         with contextlib.suppress(OSError):  # a worker dead already: its exit says why
             conn.send(init)
         self._loop.add_reader(conn.fileno(), self._readable, w)
