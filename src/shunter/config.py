@@ -117,6 +117,7 @@ class KafkaConfig(_Strict):
     reported stalled (an ERROR line naming the record and what holds it, the
     ``shunter_partition_stalled`` gauge, ``/ready`` 503) until it moves or an operator
     skips the record (``shunter skip``)."""
+
     @field_validator("client", "consumer")
     @classmethod
     def _not_shunters_own(
@@ -375,7 +376,14 @@ class CrashGuardConfig(_Strict):
     """Turn the crash guard (and its journal writes) off."""
     loop_blocked_after: Duration = 5.0
     """The event-loop watchdog: a loop blocked this long is logged with its stack;
-    0 turns the watchdog off."""
+    0 turns the report off."""
+    loop_blocked_restart_after: Duration = 60.0
+    """A loop blocked this long ends the process (SIGABRT, the blocking line in its
+    crash file) for its supervisor to restart: Kafka's ``max.poll.interval.ms`` cannot
+    take the partitions of a blocked worker, whose consumer polls on a thread of its own.
+    The delivery that blocked re-runs in a sandbox, where hanging again counts as a death
+    towards ``quarantine_after``. Keep it above the longest a sync inline handler may
+    legitimately run (or give such a handler ``isolation: thread``); 0: never."""
     crash_dir: str | None = Field(default=None, examples=["/var/lib/shunter/crashes"])
     """Where fatal-signal dumps (every thread's stack) are written; absent:
     ``<tmp>/shunter-<group_id>``."""
@@ -386,6 +394,16 @@ class CrashGuardConfig(_Strict):
     sandbox_memory_mb: int = Field(default=1024, ge=16)
     """A sandbox's memory limit (a caller's own ``memory_limit_mb`` wins): a memory pill
     ends the sandbox instead of taking the dispatcher to the OOM killer."""
+
+    @model_validator(mode="after")
+    def _restart_after_the_report(self) -> CrashGuardConfig:
+        after, restart = self.loop_blocked_after, self.loop_blocked_restart_after
+        if after > 0 and restart > 0 and restart <= after:
+            raise ValueError(
+                f"loop_blocked_restart_after ({restart:g}s) must be longer than "
+                f"loop_blocked_after ({after:g}s), or 0"
+            )
+        return self
 
 
 class AdminConfig(_Strict):

@@ -227,8 +227,14 @@ class Service:
         from .consume import KafkaSource
 
         loop = asyncio.get_running_loop()
-        threshold = self.config.crash_guard.loop_blocked_after
-        stop_watchdog = start_watchdog(loop, threshold) if threshold > 0 else None
+        watch = self.config.crash_guard
+        stop_watchdog = (
+            start_watchdog(
+                loop, watch.loop_blocked_after, end_after=watch.loop_blocked_restart_after
+            )
+            if watch.loop_blocked_after > 0 or watch.loop_blocked_restart_after > 0
+            else None
+        )
         await asyncio.to_thread(self._start_broker)
         try:
             await asyncio.to_thread(self._ensure_topics)

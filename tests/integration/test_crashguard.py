@@ -25,7 +25,7 @@ MESSAGES = 1200
 KILLER = 737
 
 HANDLERS = """
-import asyncio, ctypes, os, signal
+import asyncio, ctypes, os, signal, time
 
 LEDGER = os.environ["LEDGER"]
 KILL = os.environ["KILL"]
@@ -44,6 +44,8 @@ def fragile(msg):
             ctypes.string_at(0)          # SIGSEGV inside a C call
         elif KILL == "exit":
             os._exit(1)                  # no cleanup, no exception
+        elif KILL == "hang":
+            time.sleep(3600)             # blocks the event loop: a sync handler, inline
         else:
             os.kill(os.getpid(), signal.SIGKILL)   # what the OOM killer does
     record("fragile", msg)
@@ -51,19 +53,34 @@ def fragile(msg):
 
 
 def write_service(
-    tmp: Path, broker: Broker, group: str, topic: str, sandbox: bool = True
+    tmp: Path,
+    broker: Broker,
+    group: str,
+    topic: str,
+    sandbox: bool = True,
+    guard: dict[str, object] | None = None,
+    fragile: dict[str, object] | None = None,
 ) -> Path:
     (tmp / "crashy.py").write_text(textwrap.dedent(HANDLERS))
     config = {
-        "kafka": {"bootstrap_servers": broker.bootstrap, "group_id": group,
-                  "consumer": broker.client, "commit_interval": "100ms"},
+        "kafka": {
+            "bootstrap_servers": broker.bootstrap,
+            "group_id": group,
+            "consumer": broker.client,
+            "commit_interval": "100ms",
+        },
         "topics": {topic: {}},
         "categories": {"revenue": {"topics": [topic]}},
         "subscribers": [
             {"caller": "steady", "category": "revenue", "handler": "crashy:steady"},
-            {"caller": "fragile", "category": "revenue", "handler": "crashy:fragile"},
+            {
+                "caller": "fragile",
+                "category": "revenue",
+                "handler": "crashy:fragile",
+                **(fragile or {}),
+            },
         ],
-        "crash_guard": {"quarantine_after": 3, "sandbox": sandbox},
+        "crash_guard": {"quarantine_after": 3, "sandbox": sandbox, **(guard or {})},
         "admin": {"listen": None},
         "retry": {"partitions": 2},
     }
@@ -82,7 +99,9 @@ def start(config: Path, tmp: Path, kill: str, *extra: str) -> subprocess.Popen[b
     with open(tmp / "service.log", "ab") as log:  # the child keeps its own copy
         return subprocess.Popen(
             [sys.executable, "-m", "shunter.cli.main", "run", "-c", str(config), *extra],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
 
@@ -118,9 +137,11 @@ def test_a_message_that_kills_the_process_is_quarantined(
     proc = start(config, tmp_path, kill)
     try:
         # everything but the killer, for both callers
-        want = {(c, m.partition(), m.offset()) for m in broker.read_all(topic, expect=MESSAGES)
-                for c in ("steady", "fragile")} - {("fragile", k_part, k_off),
-                                                   ("steady", k_part, k_off)}
+        want = {
+            (c, m.partition(), m.offset())
+            for m in broker.read_all(topic, expect=MESSAGES)
+            for c in ("steady", "fragile")
+        } - {("fragile", k_part, k_off), ("steady", k_part, k_off)}
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and not want <= ledger(tmp_path):
             assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
@@ -141,6 +162,58 @@ def test_a_message_that_kills_the_process_is_quarantined(
     ], "exactly the killer is quarantined"
     assert "died 3 times" in crash[0].error
     assert ("fragile", k_part, k_off) not in ledger(tmp_path), "the killer never completed"
+    assert status == 0, "SIGTERM drains and exits 0"
+
+
+def test_a_message_that_blocks_the_event_loop_ends_the_worker_and_is_quarantined(
+    broker: Broker, unique: str, tmp_path: Path
+) -> None:
+    """Given an inline sync handler that blocks the event loop for good on one message
+    (its consumer keeps polling on its own thread, so Kafka never takes the partitions
+    away), when shunter runs under its supervisor, then the watchdog ends the worker once
+    after ``loop_blocked_restart_after`` (SIGABRT, the supervisor saying why), the
+    restarted worker re-runs the window in sandboxes, where the message hangs past its
+    timeout twice more, and it is quarantined with stage ``crash`` and the stack of the
+    blocked loop down to the handler; every other pair is delivered, and SIGTERM drains
+    to exit 0."""
+    topic, group = f"crashb-{unique}", f"g-{unique}"
+    broker.create({topic: 3})
+    broker.produce(topic, [{"n": i} for i in range(MESSAGES)], key=lambda i, v: f"u{i % 17}")
+    k_part, k_off = killer_coordinates(broker, topic)
+    config = write_service(
+        tmp_path,
+        broker,
+        group,
+        topic,
+        guard={"loop_blocked_after": "500ms", "loop_blocked_restart_after": "3s"},
+        fragile={"timeout": "1s"},
+    )
+    proc = start(config, tmp_path, "hang")
+    try:
+        want = {
+            (c, m.partition(), m.offset())
+            for m in broker.read_all(topic, expect=MESSAGES)
+            for c in ("steady", "fragile")
+        } - {("fragile", k_part, k_off)}
+        deadline = time.monotonic() + 150
+        dlq: list[h.FailureInfo] = []
+        while time.monotonic() < deadline and not (want <= ledger(tmp_path) and dlq):
+            assert proc.poll() is None, (tmp_path / "service.log").read_text()[-3000:]
+            time.sleep(0.5)
+            dlq = [h.decode(m.headers()) for m in broker.read_all(f"{group}.dlq") if m.headers()]
+    finally:
+        proc.terminate()
+        status = proc.wait(60)
+    log = (tmp_path / "service.log").read_text()
+    missing = want - ledger(tmp_path)
+    assert not missing, f"{len(missing)} pairs never delivered, e.g. {sorted(missing)[:5]}"
+    assert log.count("restarting in") == 1, log[-4000:]
+    assert "killed by SIGABRT (the event loop was blocked for 3s, running caller fragile" in log
+    [crash] = dlq
+    assert (crash.stage, crash.caller, crash.origin_offset) == ("crash", "fragile", k_off)
+    assert "died 3 times" in crash.error and "hung past its 1s timeout" in crash.error
+    assert "crashy.py" in crash.traceback and "in fragile" in crash.traceback, crash.traceback
+    assert ("fragile", k_part, k_off) not in ledger(tmp_path)
     assert status == 0, "SIGTERM drains and exits 0"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import shunter
-from shunter.crashguard import crashfile, describe_current, start_watchdog
+from shunter.crashguard import crashfile, describe_current, start_watchdog, supervisor
 from shunter.deliver import SubscriberRuntime
 from shunter.outcome import Outcome
 from shunter.testing import make_message
@@ -91,8 +91,9 @@ def test_describe_current_finds_the_delivery_a_thread_is_inside() -> None:
     def handler(msg: shunter.Message) -> None:
         seen.append(describe_current(threading.get_ident()))
 
-    handler(make_message({"n": 1}, topic="lottery", partition=0, offset=7, caller="rank",
-                         attempt=3))
+    handler(
+        make_message({"n": 1}, topic="lottery", partition=0, offset=7, caller="rank", attempt=3)
+    )
     assert seen == ["caller rank on lottery[0]@7 (attempt 3)"]
     assert describe_current(threading.get_ident()) is None
 
@@ -130,3 +131,58 @@ def test_a_fatal_signal_leaves_every_stack_in_the_crash_file(tmp_path: Path) -> 
 def _pid_of(directory: Path) -> str:
     (only,) = directory.glob("crash-*.log")
     return only.stem.removeprefix("crash-")
+
+
+def test_a_loop_blocked_past_end_after_ends_the_process_with_the_blocking_line(
+    tmp_path: Path,
+) -> None:
+    """Given a watchdog that ends the process after 0.6 s, when an inline sync handler of
+    caller "medal" blocks the loop for good on gift[2]@41, then the process dies of
+    SIGABRT within seconds, and its crash file says why (the supervisor's ``noted``) and
+    holds the loop thread's stack as the dying one, down to the blocking line."""
+    script = textwrap.dedent(f"""
+        import asyncio, time
+        from shunter.crashguard import crashfile, start_watchdog
+        from shunter.deliver import SubscriberRuntime
+        from shunter.testing import make_message
+
+        crashfile.enable({str(tmp_path)!r})
+
+        def hangs_forever(msg):
+            time.sleep(3600)
+
+        async def main():
+            start_watchdog(asyncio.get_running_loop(), 0.2, interval=0.02, end_after=0.6)
+            await asyncio.sleep(0.1)
+            msg = make_message({{"n": 1}}, topic="gift", partition=2, offset=41, caller="medal")
+            rt = SubscriberRuntime(msg.caller, hangs_forever, lambda m, o, e: None)
+            rt.submit(msg)
+            rt.kick()
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+    """)
+    started = time.monotonic()
+    dead = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert dead.returncode == -6, dead.stderr.decode()[-2000:]
+    assert time.monotonic() - started < 30
+    assert "ending this process" in dead.stderr.decode()
+    [(_, dump)] = crashfile.leftovers(tmp_path)
+    assert supervisor.noted(dump).startswith(
+        "the event loop was blocked for 1s, running caller medal on gift[2]@41 (attempt 1)"
+    ), dump
+    stack = supervisor.dying_stack(dump)
+    assert stack.startswith("Fatal Python error: Aborted"), stack
+    dying = stack.split("\n\n")[1]
+    assert "Current thread" in dying and "in hangs_forever" in dying, stack
+    assert "shunter:" not in stack
+
+
+def test_the_restart_threshold_must_be_longer_than_the_report_threshold() -> None:
+    """A restart threshold at or below the report's is refused with its key path."""
+    from shunter.config import CrashGuardConfig
+
+    assert CrashGuardConfig(loop_blocked_after=5, loop_blocked_restart_after=0)
+    assert CrashGuardConfig(loop_blocked_after=0, loop_blocked_restart_after=1)
+    with pytest.raises(ValueError, match="must be longer than loop_blocked_after"):
+        CrashGuardConfig(loop_blocked_after=5, loop_blocked_restart_after=5)

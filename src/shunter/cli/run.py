@@ -19,7 +19,8 @@ from confluent_kafka import KafkaException
 from ..app import Dispatcher
 from ..config import Config, load_config
 from ..crashguard import crashfile
-from ..crashguard.supervisor import supervise
+from ..crashguard.guard import LAST_EXIT_ENV, LAST_STACK_ENV
+from ..crashguard.supervisor import dying_stack, noted, supervise
 from ..errors import ConfigError
 from ..loader import make_importable
 from ..observe.logs import setup_logging
@@ -76,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("shunter").error(
             "an earlier shunter process died of a fatal signal; its dump (%s):\n%s", path, dump
         )
+        why = noted(dump)
+        if why and LAST_EXIT_ENV not in os.environ:
+            # Its watchdog ended it (a blocked loop): what a supervisor would have passed
+            # on, so that the crash guard takes a hang for the pill here too.
+            os.environ[LAST_EXIT_ENV] = f"ended by its watchdog ({why})"
+            os.environ[LAST_STACK_ENV] = dying_stack(dump)
     crashfile.enable(crash_dir)  # a fatal signal writes every thread's stack there
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every stack
     app = Dispatcher(_as_worker(config, args.worker_index or 0))

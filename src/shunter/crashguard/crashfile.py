@@ -48,6 +48,16 @@ def enable(path_dir: str | Path) -> Path:
     return path
 
 
+def note(line: str) -> None:
+    """Write ``line`` into the crash file, ahead of the dump a fatal signal may add (what
+    the supervisor reads when the process has ended). Nothing when no crash file is on."""
+    if _file is None:
+        return
+    with contextlib.suppress(Exception):
+        _file.write(f"shunter: {line}\n")
+        _file.flush()
+
+
 def disable() -> None:
     """A clean exit: stop writing dumps, and remove the crash file if none was written."""
     global _file, _path

@@ -9,6 +9,13 @@ takes over, and at ``crash_guard.quarantine_after`` that caller's delivery is qu
 with the sandbox's dying stack: the failing line travels with the record. The death in
 the dispatcher that made the window suspect counts as the first.
 
+A suspect that outlives its caller's timeout in the sandbox has failed with a timeout,
+like any delivery, unless the dispatcher's last death was the watchdog ending a blocked
+event loop (``watchdog.py``): then a hang is what killed it, and hanging again in the
+sandbox counts as a death, so that the pill is quarantined with the stack the blocked loop
+left (``hang_stack``) rather than sent round the retry tiers, blocking a worker's loop
+again at each attempt.
+
 The sandbox's address space is limited (``crash_guard.sandbox_memory_mb``), so a memory
 pill ends the sandbox, not the dispatcher under the OOM killer. Innocent offsets run at
 the speed of a round trip to a worker, with no journal round trip each.
@@ -59,12 +66,17 @@ class Sandbox:
         settler: Settler,
         quarantine_after: int,
         count_death: CountDeath,
+        hang_stack: str | None = None,
     ) -> None:
         self.specs = specs
+        self._hang_stack = hang_stack  # None: the last death was not a blocked loop
         self._settler = settler
         self._quarantine_after = quarantine_after
         self._count_death = count_death
         self._pools: dict[str, WorkerPool] = {}
+        # A caller's suspects run one at a time, each timed from its own start: a pool's
+        # queue would time the ones behind a hanging suspect from when they were queued.
+        self._turns: dict[str, asyncio.Lock] = {}
         self._running: set[asyncio.Task[None]] = set()
         self.deaths = 0  # sandboxes that died running a suspect
 
@@ -114,10 +126,22 @@ class Sandbox:
             pool = self._pools[msg.caller] = WorkerPool(
                 msg.caller, spec.ref, 1, spec.memory_limit_mb
             ).start()
+        turn = self._turns.get(msg.caller)
+        if turn is None:
+            turn = self._turns[msg.caller] = asyncio.Lock()
         try:
-            reply = await asyncio.wait_for(pool.run(msg), spec.timeout)
-        except TimeoutError:  # the pool killed the worker: a timeout, not a crash
-            return timed_out(spec.timeout)
+            async with turn:  # first come, first served: in the order they were taken
+                reply = await asyncio.wait_for(pool.run(msg), spec.timeout)
+        except TimeoutError:  # the pool killed the worker: a timeout, not a crash ...
+            if self._hang_stack is None:
+                return timed_out(spec.timeout)
+            # ... unless a hang is what the dispatcher died of (see the module's docstring)
+            hung = WorkerDied(
+                f"hung past its {spec.timeout:g}s timeout (a hang ended the dispatcher "
+                "before: its watchdog found the event loop blocked)"
+            )
+            hung.__cause__ = WorkerTraceback(self._hang_stack)
+            raise hung from hung.__cause__
         if reply is None:
             return SUCCEEDED
         if reply[2] == "MemoryError":  # its limit stopped what the OOM killer would have
@@ -163,4 +187,3 @@ class Sandbox:
         pools, self._pools = self._pools, {}
         for pool in pools.values():
             await pool.close()
-

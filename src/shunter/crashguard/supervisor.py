@@ -175,6 +175,9 @@ def _died(
         log.error("a worker's fatal-signal dump (%s):\n%s", path, dump)
         if path.stem == f"crash-{pid}":  # another worker's dump is not this one's stack
             worker.last_stack = dying_stack(dump)
+            why = noted(dump)  # the watchdog ended it: say why beside the signal
+            if why:
+                worker.last_exit = f"{worker.last_exit} ({why})"
     now = time.monotonic()
     if now - worker.started > _HEALTHY:
         worker.backoff = 0.5
@@ -210,11 +213,20 @@ def _stop_all(pool: list[_Worker], forward: Callable[[int, FrameType | None], No
             worker.child.wait()
 
 
+def noted(dump: str) -> str:
+    """What the process wrote into its crash file before it died (``crashfile.note``)."""
+    body = dump.split(crashfile.HEADER_END, 1)[-1]
+    return "; ".join(
+        line.removeprefix("shunter: ") for line in body.splitlines() if line.startswith("shunter: ")
+    )
+
+
 def dying_stack(dump: str) -> str:
     """The dying thread's stack from a faulthandler dump (its "Current thread" section
     first, then the others), bounded: what the quarantined record carries."""
-    body = dump.split(crashfile.HEADER_END, 1)[-1].strip()
-    sections = body.split("\n\n")
+    body = dump.split(crashfile.HEADER_END, 1)[-1]
+    body = "\n".join(line for line in body.splitlines() if not line.startswith("shunter: "))
+    sections = body.strip().split("\n\n")
     current = [s for s in sections if "Current thread" in s or s.startswith("Fatal Python")]
     others = [s for s in sections if s not in current]
     text = "\n\n".join(current + others)

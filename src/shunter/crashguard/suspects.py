@@ -21,6 +21,7 @@ from ..settle import headers as h
 from .guard import CrashGuard, SuspectRun
 from .journal import PartitionState
 from .sandbox import Sandbox, SandboxSpec
+from .watchdog import BLOCKED_MARK
 
 if TYPE_CHECKING:
     from ..commit import PartitionTracker
@@ -64,7 +65,14 @@ class Suspects:
         self.sandbox = (
             None
             if sandbox is None
-            else Sandbox(sandbox, pipeline.settler, guard.quarantine_after, self._count_death)
+            else Sandbox(
+                sandbox,
+                pipeline.settler,
+                guard.quarantine_after,
+                self._count_death,
+                # The last worker hung rather than crashed: hanging again is the pill.
+                hang_stack=guard.last_stack if BLOCKED_MARK in guard.last_exit else None,
+            )
         )
 
     def __bool__(self) -> bool:

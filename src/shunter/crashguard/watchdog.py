@@ -5,12 +5,26 @@ lock stops every subscriber, and a timeout cannot interrupt it. A daemon thread 
 loop (``call_soon_threadsafe``) every ``interval``; when a ping has gone unanswered for
 ``threshold`` seconds it logs every thread's stack and the delivery running on the loop,
 once per stall, and says how long the stall lasted when the loop answers again.
+
+A loop still blocked after ``end_after`` seconds ends the process. Nothing else would:
+shunter's consumer polls on a thread of its own, so Kafka's ``max.poll.interval.ms``,
+which takes the partitions of a consumer that stops polling, never fires, and the worker
+would keep its partitions, uncommitted, for as long as the handler holds the loop. The
+watchdog notes why in the crash file (``BLOCKED_MARK``), then sends SIGABRT to the loop's
+thread, so that faulthandler's dump names that thread as the dying one, its stack down to
+the blocking line. The supervisor restarts the worker, and the crash guard re-runs what
+was in flight: the delivery that blocked runs in a sandbox, where hanging again counts as
+a death (``crash_guard.quarantine_after``; see ``sandbox.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+import os
+import signal
 import sys
 import threading
 import time
@@ -18,28 +32,47 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from . import crashfile
 from .crashfile import describe, running_deliveries
 
 log = logging.getLogger("shunter.watchdog")
 
 _STACK_LIMIT = 40  # innermost frames per thread
+# What the crash file says before the dump of a process the watchdog ended; the supervisor
+# passes it on to the next worker in its last exit (``supervisor.noted``).
+BLOCKED_MARK = "the event loop was blocked"
+_SIGNAL_GRACE = 5.0  # seconds SIGABRT is given to end the process before SIGKILL
 
 
 def start_watchdog(
-    loop: asyncio.AbstractEventLoop, threshold: float = 5.0, *, interval: float = 0.1
+    loop: asyncio.AbstractEventLoop,
+    threshold: float = 5.0,
+    *,
+    interval: float = 0.1,
+    end_after: float = 0.0,
 ) -> Callable[[], None]:
-    """Watch ``loop`` from a daemon thread; return the function that stops watching."""
-    dog = _Watchdog(loop, threshold, interval)
+    """Watch ``loop`` from a daemon thread; return the function that stops watching.
+
+    ``threshold``: report a loop blocked this long (0: never); ``end_after``: end the
+    process when it is blocked this long (0: never)."""
+    dog = _Watchdog(loop, threshold, interval, end_after)
     dog.start()
     return dog.stop
 
 
 class _Watchdog(threading.Thread):
-    def __init__(self, loop: asyncio.AbstractEventLoop, threshold: float, interval: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        threshold: float,
+        interval: float,
+        end_after: float = 0.0,
+    ) -> None:
         super().__init__(name="shunter-watchdog", daemon=True)
         self._loop = loop
-        self._threshold = threshold
-        self._interval = min(interval, threshold / 2)
+        self._threshold = threshold if threshold > 0 else math.inf
+        self._end_after = end_after if end_after > 0 else math.inf
+        self._interval = min(interval, min(self._threshold, self._end_after) / 2)
         self._stopped = threading.Event()
         self._answered = True
         self._sent = 0.0
@@ -67,6 +100,9 @@ class _Watchdog(threading.Thread):
                     self._loop.call_soon_threadsafe(self._pong)
                 except RuntimeError:  # the loop is closed: nothing left to watch
                     return
+            elif now - self._sent >= self._end_after:
+                self._end(now - self._sent)
+                return
             elif not self._reported and now - self._sent >= self._threshold:
                 self._reported = True
                 self._report(now - self._sent)
@@ -97,6 +133,33 @@ class _Watchdog(threading.Thread):
             self._stacks(running),
             extra=extra,
         )
+
+    def _end(self, blocked: float) -> None:
+        """End the process with SIGABRT on the loop's thread (see the module's docstring)."""
+        running = running_deliveries()
+        msg = running.get(self._loop_thread) if self._loop_thread is not None else None
+        where = describe(msg) if msg is not None else "no delivery found on its stack"
+        why = f"{BLOCKED_MARK} for {blocked:.0f}s, running {where}"
+        log.critical(
+            "event loop blocked for %.1fs (crash_guard.loop_blocked_restart_after %gs): "
+            "ending this process so that it is restarted and its deliveries re-run under "
+            "the crash guard; running on it: %s",
+            blocked,
+            self._end_after,
+            where,
+        )
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        crashfile.note(why)
+        if self._loop_thread is not None:
+            signal.pthread_kill(self._loop_thread, signal.SIGABRT)
+        else:
+            os.abort()
+        # SIGABRT ends the process unless someone handles it in Python, which the blocked
+        # loop's thread never gets to run.
+        time.sleep(_SIGNAL_GRACE)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def _stacks(self, running: dict[int, Any]) -> str:
         names = {t.ident: t.name for t in threading.enumerate()}

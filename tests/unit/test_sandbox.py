@@ -1,0 +1,103 @@
+"""The crash guard's sandbox, with real worker processes and no Kafka: suspects of one
+caller run one at a time, each timed from its own start, and after a blocked-loop death
+a suspect that hangs again is counted as a death and quarantined with the loop's stack."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shunter.crashguard.sandbox import Sandbox, SandboxSpec
+from shunter.message import Message, Record
+from shunter.outcome import SUCCEEDED, Failed, Outcome
+from shunter.testing import make_message
+
+HANDLERS = """
+import time
+
+def hangs_on_zero(msg):
+    time.sleep(3600 if msg.offset == 0 else 0.05)
+"""
+
+
+class Settled:
+    """What the sandbox settles (as the settler would) and quarantines."""
+
+    def __init__(self, expected: int) -> None:
+        self.outcomes: dict[int, Outcome] = {}
+        self.quarantined: dict[int, dict[str, Any]] = {}
+        self.expected = expected
+        self.all_in = asyncio.Event()
+
+    def __call__(self, msg: Message, outcome: Outcome, elapsed: float) -> None:
+        self.outcomes[msg.offset] = outcome
+        self._count()
+
+    def unrun(self, record: Record, reason: str, stage: str, error: str, **info: Any) -> None:
+        self.quarantined[record.offset] = {"error": error, **info}
+        self._count()
+
+    def _count(self) -> None:
+        if len(self.outcomes) + len(self.quarantined) >= self.expected:
+            self.all_in.set()
+
+
+@pytest.fixture
+def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "sandboxed.py").write_text(textwrap.dedent(HANDLERS))
+    monkeypatch.syspath_prepend(str(tmp_path))  # the sandbox's worker takes our sys.path
+    return "sandboxed:hangs_on_zero"
+
+
+def run_suspects(ref: str, hang_stack: str | None, offsets: range) -> Settled:
+    settled = Settled(len(offsets))
+    deaths: dict[int, int] = {}
+
+    async def count_death(tp: tuple[str, int], offset: int) -> int:
+        deaths[offset] = deaths.get(offset, 1) + 1  # the dispatcher's death was the first
+        return deaths[offset]
+
+    async def scenario() -> None:
+        spec = SandboxSpec(ref, timeout=1.0, memory_limit_mb=512)
+        sandbox = Sandbox({"medal": spec}, settled, 3, count_death, hang_stack=hang_stack)  # type: ignore[arg-type]
+        try:
+            for offset in offsets:  # handed over at once, as a window's suspects are
+                assert sandbox.take(make_message({"n": offset}, offset=offset, caller="medal"))
+            await settled.all_in.wait()
+        finally:
+            await sandbox.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    return settled
+
+
+def test_suspects_behind_a_hanging_one_are_timed_from_their_own_start(handlers: str) -> None:
+    """Given a 1 s timeout and four suspects handed over at once, the first hanging, then
+    the first fails with a timeout and the three behind it succeed: each one's timeout ran
+    while it ran, not while it waited behind the hanging one."""
+    settled = run_suspects(handlers, None, range(4))
+    assert set(settled.outcomes) == {0, 1, 2, 3}
+    first = settled.outcomes[0]
+    assert isinstance(first, Failed) and "did not finish within 1s" in first.error
+    assert [settled.outcomes[o] for o in (1, 2, 3)] == [SUCCEEDED] * 3
+    assert settled.quarantined == {}
+
+
+def test_after_a_blocked_loop_death_a_suspect_that_hangs_again_is_quarantined(
+    handlers: str,
+) -> None:
+    """Given the dispatcher's last death was its watchdog ending a blocked loop (the
+    stack it left given as ``hang_stack``), when a suspect hangs past its timeout in the
+    sandbox, then each hang counts as a death, and at the third it is quarantined with
+    the blocked loop's stack; the suspects behind it succeed."""
+    stack = 'Current thread 0x1 (most recent call first):\n  File "app.py", line 9 in medal'
+    settled = run_suspects(handlers, stack, range(3))
+    assert settled.outcomes == {1: SUCCEEDED, 2: SUCCEEDED}
+    [(offset, info)] = settled.quarantined.items()
+    assert offset == 0
+    assert info["traceback"] == stack
+    assert "hung past its 1s timeout" in info["signal"]
