@@ -379,8 +379,9 @@ class CrashGuardConfig(_Strict):
     0 turns the report off."""
     loop_blocked_restart_after: Duration = 60.0
     """A loop blocked this long ends the process (SIGABRT, the blocking line in its
-    crash file) for its supervisor to restart: Kafka's ``max.poll.interval.ms`` cannot
-    take the partitions of a blocked worker, whose consumer polls on a thread of its own.
+    crash file; a handler that holds the GIL, by faulthandler's timer 10 s later) for its
+    supervisor to restart: Kafka's ``max.poll.interval.ms`` cannot take the partitions
+    of a blocked worker, whose consumer polls on a thread of its own.
     The delivery that blocked re-runs in a sandbox, where hanging again counts as a death
     towards ``quarantine_after``. Keep it above the longest a sync inline handler may
     legitimately run (or give such a handler ``isolation: thread``); 0: never."""

@@ -25,7 +25,7 @@ MESSAGES = 1200
 KILLER = 737
 
 HANDLERS = """
-import asyncio, ctypes, os, signal, time
+import asyncio, ctypes, os, re, signal, time
 
 LEDGER = os.environ["LEDGER"]
 KILL = os.environ["KILL"]
@@ -46,6 +46,8 @@ def fragile(msg):
             os._exit(1)                  # no cleanup, no exception
         elif KILL == "hang":
             time.sleep(3600)             # blocks the event loop: a sync handler, inline
+        elif KILL == "backtrack":        # blocks it holding the GIL: a hostile payload
+            re.match(r"(a+)+$", "a" * 64 + "b")
         else:
             os.kill(os.getpid(), signal.SIGKILL)   # what the OOM killer does
     record("fragile", msg)
@@ -165,13 +167,22 @@ def test_a_message_that_kills_the_process_is_quarantined(
     assert status == 0, "SIGTERM drains and exits 0"
 
 
+@pytest.mark.parametrize(
+    ("kill", "death"),
+    [
+        ("hang", "killed by SIGABRT (the event loop was blocked for 3s, running caller fragile"),
+        ("backtrack", "exited with status 1 (the event loop was blocked for 13s holding the GIL"),
+    ],
+)
 def test_a_message_that_blocks_the_event_loop_ends_the_worker_and_is_quarantined(
-    broker: Broker, unique: str, tmp_path: Path
+    broker: Broker, unique: str, tmp_path: Path, kill: str, death: str
 ) -> None:
     """Given an inline sync handler that blocks the event loop for good on one message
     (its consumer keeps polling on its own thread, so Kafka never takes the partitions
-    away), when shunter runs under its supervisor, then the watchdog ends the worker once
-    after ``loop_blocked_restart_after`` (SIGABRT, the supervisor saying why), the
+    away), sleeping or backtracking in a regular expression without releasing the GIL,
+    when shunter runs under its supervisor, then the worker is ended once after
+    ``loop_blocked_restart_after`` (by the watchdog with SIGABRT, or, when the GIL is
+    held, by faulthandler's timer 10 s later; the supervisor saying why), the
     restarted worker re-runs the window in sandboxes, where the message hangs past its
     timeout twice more, and it is quarantined with stage ``crash`` and the stack of the
     blocked loop down to the handler; every other pair is delivered, and SIGTERM drains
@@ -188,7 +199,7 @@ def test_a_message_that_blocks_the_event_loop_ends_the_worker_and_is_quarantined
         guard={"loop_blocked_after": "500ms", "loop_blocked_restart_after": "3s"},
         fragile={"timeout": "1s"},
     )
-    proc = start(config, tmp_path, "hang")
+    proc = start(config, tmp_path, kill)
     try:
         want = {
             (c, m.partition(), m.offset())
@@ -208,7 +219,7 @@ def test_a_message_that_blocks_the_event_loop_ends_the_worker_and_is_quarantined
     missing = want - ledger(tmp_path)
     assert not missing, f"{len(missing)} pairs never delivered, e.g. {sorted(missing)[:5]}"
     assert log.count("restarting in") == 1, log[-4000:]
-    assert "killed by SIGABRT (the event loop was blocked for 3s, running caller fragile" in log
+    assert death in log, log[-4000:]
     [crash] = dlq
     assert (crash.stage, crash.caller, crash.origin_offset) == ("crash", "fragile", k_off)
     assert "died 3 times" in crash.error and "hung past its 1s timeout" in crash.error

@@ -186,3 +186,46 @@ def test_the_restart_threshold_must_be_longer_than_the_report_threshold() -> Non
     assert CrashGuardConfig(loop_blocked_after=0, loop_blocked_restart_after=1)
     with pytest.raises(ValueError, match="must be longer than loop_blocked_after"):
         CrashGuardConfig(loop_blocked_after=5, loop_blocked_restart_after=5)
+
+
+def test_a_loop_blocked_holding_the_gil_is_ended_by_faulthandler_s_timer(tmp_path: Path) -> None:
+    """Given a handler that blocks the loop without ever releasing the GIL (a regular
+    expression backtracking on a hostile payload), so that the watchdog's own thread
+    cannot run, when the loop has not re-armed faulthandler's timer for ``end_after``
+    plus the grace, then the process exits with status 1, and its crash file says the
+    loop was blocked holding the GIL and gives the loop thread's stack first, down to
+    the handler."""
+    script = textwrap.dedent(f"""
+        import asyncio, re
+        from shunter.crashguard import crashfile, start_watchdog, watchdog
+        from shunter.deliver import SubscriberRuntime
+        from shunter.testing import make_message
+
+        crashfile.enable({str(tmp_path)!r})
+        watchdog._BACKSTOP_GRACE = 1.0
+
+        def backtracks(msg):
+            re.match(r"(a+)+$", "a" * 64 + "b")  # never ends, never releases the GIL
+
+        async def main():
+            start_watchdog(asyncio.get_running_loop(), 0.2, interval=0.02, end_after=0.5)
+            await asyncio.sleep(0.3)  # the loop has answered, and armed the timer
+            msg = make_message({{"n": 1}}, topic="gift", partition=2, offset=41, caller="medal")
+            rt = SubscriberRuntime(msg.caller, backtracks, lambda m, o, e: None)
+            rt.submit(msg)
+            rt.kick()
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+    """)
+    dead = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert dead.returncode == 1, dead.stderr.decode()[-2000:]
+    [(_, dump)] = crashfile.leftovers(tmp_path)
+    assert supervisor.noted(dump) == (
+        "the event loop was blocked for 1s holding the GIL (faulthandler's timer)"
+    ), dump
+    stack = supervisor.dying_stack(dump)
+    sections = stack.split("\n\n")
+    assert sections[0] == "Timeout (0:00:01.500000)!", stack
+    assert "in backtracks" in sections[1] and "re/__init__.py" in sections[1], stack
+    assert "shunter:" not in stack

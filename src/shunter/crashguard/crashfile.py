@@ -48,6 +48,11 @@ def enable(path_dir: str | Path) -> Path:
     return path
 
 
+def current() -> TextIO | None:
+    """The crash file faulthandler writes to, if ``enable`` was called."""
+    return _file
+
+
 def note(line: str) -> None:
     """Write ``line`` into the crash file, ahead of the dump a fatal signal may add (what
     the supervisor reads when the process has ended). Nothing when no crash file is on."""

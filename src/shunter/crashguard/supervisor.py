@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from types import FrameType
 
 from . import crashfile
 from .guard import LAST_EXIT_ENV, LAST_STACK_ENV
+from .watchdog import BLOCKED_MARK, LOOP_THREAD
 
 # The file a worker touches when it commits progress (at most once a second).
 PROGRESS_ENV = "SHUNTER_PROGRESS_FILE"
@@ -35,6 +37,8 @@ _MAX_STACK = 8_192  # characters of the dying stack handed to the next worker
 log = logging.getLogger("shunter.supervisor")
 
 _WINDOW = 600.0
+# The first line of a dump faulthandler's timer wrote (``dump_traceback_later``).
+_TIMEOUT = re.compile(r"^Timeout \((\d+):(\d\d):(\d\d)(?:\.\d+)?\)!$", re.MULTILINE)
 _HEALTHY = 60.0
 
 
@@ -214,20 +218,37 @@ def _stop_all(pool: list[_Worker], forward: Callable[[int, FrameType | None], No
 
 
 def noted(dump: str) -> str:
-    """What the process wrote into its crash file before it died (``crashfile.note``)."""
+    """Why the process died, from its crash file: what it wrote there (``crashfile.note``),
+    or, when faulthandler's timer ended it, that its event loop was blocked holding the GIL
+    (see ``watchdog.py``)."""
     body = dump.split(crashfile.HEADER_END, 1)[-1]
-    return "; ".join(
-        line.removeprefix("shunter: ") for line in body.splitlines() if line.startswith("shunter: ")
-    )
+    notes = [
+        line.removeprefix("shunter: ")
+        for line in body.splitlines()
+        if line.startswith("shunter: ") and not line.startswith(f"shunter: {LOOP_THREAD} ")
+    ]
+    timeout = _TIMEOUT.search(body)
+    if timeout and not notes:
+        hours, minutes, seconds = map(int, timeout.groups())
+        blocked = hours * 3600 + minutes * 60 + seconds
+        notes.append(f"{BLOCKED_MARK} for {blocked}s holding the GIL (faulthandler's timer)")
+    return "; ".join(notes)
 
 
 def dying_stack(dump: str) -> str:
     """The dying thread's stack from a faulthandler dump (its "Current thread" section
-    first, then the others), bounded: what the quarantined record carries."""
+    first, or the event loop's when faulthandler's timer wrote the dump, then the others),
+    bounded: what the quarantined record carries."""
     body = dump.split(crashfile.HEADER_END, 1)[-1]
+    loop = re.search(rf"^shunter: {LOOP_THREAD} (0x[0-9a-f]+)$", body, re.MULTILINE)
     body = "\n".join(line for line in body.splitlines() if not line.startswith("shunter: "))
+    body = _TIMEOUT.sub(lambda m: m.group(0) + "\n", body)  # a section of its own
     sections = body.strip().split("\n\n")
-    current = [s for s in sections if "Current thread" in s or s.startswith("Fatal Python")]
+    current = [
+        s for s in sections if "Current thread" in s or s.startswith(("Fatal Python", "Timeout ("))
+    ]
+    if loop is not None:
+        current += [s for s in sections if s.startswith(f"Thread {loop.group(1)} ")]
     others = [s for s in sections if s not in current]
     text = "\n\n".join(current + others)
     return text if len(text) <= _MAX_STACK else text[:_MAX_STACK] + "\n..."

@@ -15,12 +15,22 @@ thread, so that faulthandler's dump names that thread as the dying one, its stac
 the blocking line. The supervisor restarts the worker, and the crash guard re-runs what
 was in flight: the delivery that blocked runs in a sandbox, where hanging again counts as
 a death (``crash_guard.quarantine_after``; see ``sandbox.py``).
+
+A handler that blocks while holding the GIL (a regular expression backtracking on a
+hostile payload, a C extension that never releases it) stops this thread as well. For
+that, the loop also keeps re-arming faulthandler's timer (``dump_traceback_later``, a C
+thread that needs no GIL) to ``end_after`` plus a grace: if the loop stops re-arming it,
+the timer writes every thread's stack into the crash file and exits the process
+(status 1). The crash file names the loop's thread beforehand (``LOOP_THREAD``) so that
+the supervisor can tell its stack from the others'. A process stopped (SIGSTOP) for longer
+than that is ended as it resumes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import math
 import os
@@ -41,7 +51,12 @@ _STACK_LIMIT = 40  # innermost frames per thread
 # What the crash file says before the dump of a process the watchdog ended; the supervisor
 # passes it on to the next worker in its last exit (``supervisor.noted``).
 BLOCKED_MARK = "the event loop was blocked"
+LOOP_THREAD = "event loop thread"  # noted with its id, as faulthandler's dumps name it
 _SIGNAL_GRACE = 5.0  # seconds SIGABRT is given to end the process before SIGKILL
+# faulthandler's timer fires this long after ``end_after``: only when this thread could
+# not end the process itself. The loop re-arms it at most once per ``_REARM_EVERY``.
+_BACKSTOP_GRACE = 10.0
+_REARM_EVERY = 1.0
 
 
 def start_watchdog(
@@ -74,6 +89,8 @@ class _Watchdog(threading.Thread):
         self._end_after = end_after if end_after > 0 else math.inf
         self._interval = min(interval, min(self._threshold, self._end_after) / 2)
         self._stopped = threading.Event()
+        self._backstop = 0.0 if math.isinf(self._end_after) else self._end_after + _BACKSTOP_GRACE
+        self._armed_at = -math.inf  # when the loop last re-armed the backstop
         self._answered = True
         self._sent = 0.0
         self._answered_at = 0.0
@@ -82,6 +99,8 @@ class _Watchdog(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+        if self._armed_at > -math.inf:
+            faulthandler.cancel_dump_traceback_later()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(1.0)
 
@@ -109,8 +128,20 @@ class _Watchdog(threading.Thread):
 
     def _pong(self) -> None:
         self._loop_thread = threading.get_ident()
-        self._answered_at = time.monotonic()
+        self._answered_at = now = time.monotonic()
         self._answered = True
+        if self._backstop and now - self._armed_at >= _REARM_EVERY and not self._stopped.is_set():
+            self._arm(now)
+
+    def _arm(self, now: float) -> None:
+        """(Re-)arm faulthandler's timer, on the loop (see the module's docstring)."""
+        file = crashfile.current()
+        if file is None:  # no crash file: nowhere for the dump, and no one to read it
+            return
+        if self._armed_at == -math.inf:
+            crashfile.note(f"{LOOP_THREAD} 0x{threading.get_ident():016x}")
+        faulthandler.dump_traceback_later(self._backstop, exit=True, file=file)
+        self._armed_at = now
 
     def _report(self, blocked: float) -> None:
         running = running_deliveries()
