@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from shunter.crashguard.sandbox import Sandbox, SandboxSpec
+from shunter.crashguard.watchdog import blocked_on
 from shunter.message import Message, Record
 from shunter.outcome import SUCCEEDED, Failed, Outcome
 from shunter.testing import make_message
@@ -21,6 +22,9 @@ import time
 
 def hangs_on_zero(msg):
     time.sleep(3600 if msg.offset == 0 else 0.05)
+
+def hangs_on_zero_and_one(msg):
+    time.sleep(3600 if msg.offset in (0, 1) else 0.05)
 """
 
 
@@ -50,10 +54,15 @@ class Settled:
 def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (tmp_path / "sandboxed.py").write_text(textwrap.dedent(HANDLERS))
     monkeypatch.syspath_prepend(str(tmp_path))  # the sandbox's worker takes our sys.path
-    return "sandboxed:hangs_on_zero"
+    return "sandboxed:hangs_on_zero"  # sandboxed:hangs_on_zero_and_one is there too
 
 
-def run_suspects(ref: str, hang_stack: str | None, offsets: range) -> Settled:
+def run_suspects(
+    ref: str,
+    hang_stack: str | None,
+    offsets: range,
+    hang_of: tuple[str, str, int, int] | None = None,
+) -> Settled:
     settled = Settled(len(offsets))
     deaths: dict[int, int] = {}
 
@@ -63,7 +72,14 @@ def run_suspects(ref: str, hang_stack: str | None, offsets: range) -> Settled:
 
     async def scenario() -> None:
         spec = SandboxSpec(ref, timeout=1.0, memory_limit_mb=512)
-        sandbox = Sandbox({"medal": spec}, settled, 3, count_death, hang_stack=hang_stack)  # type: ignore[arg-type]
+        sandbox = Sandbox(
+            {"medal": spec},
+            settled,  # type: ignore[arg-type]
+            3,
+            count_death,
+            hang_stack=hang_stack,
+            hang_of=hang_of,
+        )
         try:
             for offset in offsets:  # handed over at once, as a window's suspects are
                 assert sandbox.take(make_message({"n": offset}, offset=offset, caller="medal"))
@@ -101,3 +117,36 @@ def test_after_a_blocked_loop_death_a_suspect_that_hangs_again_is_quarantined(
     assert offset == 0
     assert info["traceback"] == stack
     assert "hung past its 1s timeout" in info["signal"]
+
+
+def test_after_a_blocked_loop_death_only_the_delivery_that_blocked_it_counts_its_hangs(
+    handlers: str,
+) -> None:
+    """Given the watchdog named medal's delivery of topic[0]@0 as the one that blocked the
+    loop, when offsets 0 and 1 both hang in the sandbox, then 0 is quarantined as the pill
+    and 1, innocent of the death, fails with a timeout as any delivery would (to the retry
+    tiers); 2 succeeds."""
+    named = ("medal", "topic", 0, 0)
+    settled = run_suspects("sandboxed:hangs_on_zero_and_one", "stack", range(3), named)
+    assert list(settled.quarantined) == [0]
+    one = settled.outcomes[1]
+    assert isinstance(one, Failed) and "did not finish within 1s" in one.error
+    assert settled.outcomes[2] == SUCCEEDED
+
+
+def test_the_delivery_that_blocked_the_loop_is_read_back_from_the_last_exit() -> None:
+    """The supervisor's last exit carries the watchdog's note; ``blocked_on`` reads the
+    delivery back, and says None when the note names none or there is no note."""
+    exit_ = (
+        "killed by SIGABRT (the event loop was blocked for 60s, running caller fan-medal "
+        "on gift.v2_live-1[11]@4096 (attempt 2))"
+    )
+    assert blocked_on(exit_) == ("fan-medal", "gift.v2_live-1", 11, 4096)
+    assert (
+        blocked_on(
+            "exited with status 1 (the event loop was blocked for 70s holding "
+            "the GIL (faulthandler's timer))"
+        )
+        is None
+    )
+    assert blocked_on("killed by SIGSEGV") is None

@@ -11,10 +11,13 @@ the dispatcher that made the window suspect counts as the first.
 
 A suspect that outlives its caller's timeout in the sandbox has failed with a timeout,
 like any delivery, unless the dispatcher's last death was the watchdog ending a blocked
-event loop (``watchdog.py``): then a hang is what killed it, and hanging again in the
-sandbox counts as a death, so that the pill is quarantined with the stack the blocked loop
-left (``hang_stack``) rather than sent round the retry tiers, blocking a worker's loop
-again at each attempt.
+event loop (``watchdog.py``): then a hang is what killed it, and the delivery the watchdog
+found blocking (``hang_of``) hanging again in the sandbox counts as a death, so that the
+pill is quarantined with the stack the blocked loop left (``hang_stack``) rather than sent
+round the retry tiers, blocking a worker's loop again at each attempt. The other suspects
+time out as usual. When the loop was blocked holding the GIL, faulthandler's timer ended
+the process and no one could tell which delivery blocked it: then any suspect that hangs
+counts.
 
 The sandbox's address space is limited (``crash_guard.sandbox_memory_mb``), so a memory
 pill ends the sandbox, not the dispatcher under the OOM killer. Innocent offsets run at
@@ -67,9 +70,11 @@ class Sandbox:
         quarantine_after: int,
         count_death: CountDeath,
         hang_stack: str | None = None,
+        hang_of: tuple[str, str, int, int] | None = None,
     ) -> None:
         self.specs = specs
         self._hang_stack = hang_stack  # None: the last death was not a blocked loop
+        self._hang_of = hang_of  # (caller, topic, partition, offset); None: any suspect
         self._settler = settler
         self._quarantine_after = quarantine_after
         self._count_death = count_death
@@ -133,7 +138,10 @@ class Sandbox:
             async with turn:  # first come, first served: in the order they were taken
                 reply = await asyncio.wait_for(pool.run(msg), spec.timeout)
         except TimeoutError:  # the pool killed the worker: a timeout, not a crash ...
-            if self._hang_stack is None:
+            if self._hang_stack is None or (
+                self._hang_of is not None
+                and self._hang_of != (msg.caller, msg.topic, msg.partition, msg.offset)
+            ):
                 return timed_out(spec.timeout)
             # ... unless a hang is what the dispatcher died of (see the module's docstring)
             hung = WorkerDied(

@@ -21,7 +21,7 @@ from ..settle import headers as h
 from .guard import CrashGuard, SuspectRun
 from .journal import PartitionState
 from .sandbox import Sandbox, SandboxSpec
-from .watchdog import BLOCKED_MARK
+from .watchdog import BLOCKED_MARK, blocked_on
 
 if TYPE_CHECKING:
     from ..commit import PartitionTracker
@@ -72,6 +72,7 @@ class Suspects:
                 self._count_death,
                 # The last worker hung rather than crashed: hanging again is the pill.
                 hang_stack=guard.last_stack if BLOCKED_MARK in guard.last_exit else None,
+                hang_of=blocked_on(guard.last_exit),
             )
         )
 

@@ -34,6 +34,7 @@ import faulthandler
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,22 @@ _SIGNAL_GRACE = 5.0  # seconds SIGABRT is given to end the process before SIGKIL
 # not end the process itself. The loop re-arms it at most once per ``_REARM_EVERY``.
 _BACKSTOP_GRACE = 10.0
 _REARM_EVERY = 1.0
+
+
+# "running caller C on T[P]@O": neither a caller's name nor a Kafka topic's has spaces,
+# brackets or "@" (config.py; Kafka's legal characters).
+_RUNNING = re.compile(r"running caller ([A-Za-z0-9_.\-]+) on ([A-Za-z0-9_.\-]+)\[(\d+)\]@(\d+)")
+
+
+def blocked_on(last_exit: str) -> tuple[str, str, int, int] | None:
+    """The delivery the watchdog found blocking the loop, from a last exit that carries its
+    note: (caller, topic, partition, offset) as the ``Message`` gave them; None if the
+    note names none (faulthandler's timer cannot tell)."""
+    found = _RUNNING.search(last_exit) if BLOCKED_MARK in last_exit else None
+    if found is None:
+        return None
+    caller, topic, partition, offset = found.groups()
+    return caller, topic, int(partition), int(offset)
 
 
 def start_watchdog(
@@ -171,6 +188,7 @@ class _Watchdog(threading.Thread):
         msg = running.get(self._loop_thread) if self._loop_thread is not None else None
         where = describe(msg) if msg is not None else "no delivery found on its stack"
         why = f"{BLOCKED_MARK} for {blocked:.0f}s, running {where}"
+        crashfile.note(why)  # first: logging may be what blocks (a full pipe, a held lock)
         log.critical(
             "event loop blocked for %.1fs (crash_guard.loop_blocked_restart_after %gs): "
             "ending this process so that it is restarted and its deliveries re-run under "
@@ -182,7 +200,6 @@ class _Watchdog(threading.Thread):
         for handler in logging.getLogger().handlers:
             with contextlib.suppress(Exception):
                 handler.flush()
-        crashfile.note(why)
         if self._loop_thread is not None:
             signal.pthread_kill(self._loop_thread, signal.SIGABRT)
         else:
