@@ -229,3 +229,25 @@ def test_a_loop_blocked_holding_the_gil_is_ended_by_faulthandler_s_timer(tmp_pat
     assert sections[0] == "Timeout (0:00:01.500000)!", stack
     assert "in backtracks" in sections[1] and "re/__init__.py" in sections[1], stack
     assert "shunter:" not in stack
+
+
+def test_a_clean_exit_with_the_watchdog_armed_leaves_no_crash_file(tmp_path: Path) -> None:
+    """Given the watchdog armed faulthandler's timer (naming the loop's thread in the crash
+    file), when the process stops it and exits cleanly, then no crash file is left for the
+    next start to report as a death."""
+    script = textwrap.dedent(f"""
+        import asyncio
+        from shunter.crashguard import crashfile, start_watchdog
+
+        crashfile.enable({str(tmp_path)!r})
+
+        async def main():
+            stop = start_watchdog(asyncio.get_running_loop(), 0.2, interval=0.02, end_after=5)
+            await asyncio.sleep(0.3)  # the loop has answered, and armed the timer
+            stop()
+
+        asyncio.run(main())
+        crashfile.disable()
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert list(tmp_path.iterdir()) == []

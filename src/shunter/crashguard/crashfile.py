@@ -26,6 +26,10 @@ from typing import TextIO
 from ..message import Message
 
 HEADER_END = "--\n"
+# The line naming the event loop's thread as faulthandler's dumps name threads, so that a
+# dump written by its timer (no "Current thread") can be read with the loop's stack first.
+# Not a dump, nor a note: a file holding nothing else is a clean exit's.
+LOOP_THREAD = "shunter loop thread: "
 
 _file: TextIO | None = None
 _path: Path | None = None
@@ -53,13 +57,22 @@ def current() -> TextIO | None:
     return _file
 
 
+def note_loop_thread() -> None:
+    """Name the calling thread as the event loop's (see ``LOOP_THREAD``)."""
+    _write(f"{LOOP_THREAD}0x{threading.get_ident():016x}\n")
+
+
 def note(line: str) -> None:
     """Write ``line`` into the crash file, ahead of the dump a fatal signal may add (what
     the supervisor reads when the process has ended). Nothing when no crash file is on."""
+    _write(f"shunter: {line}\n")
+
+
+def _write(text: str) -> None:
     if _file is None:
         return
     with contextlib.suppress(Exception):
-        _file.write(f"shunter: {line}\n")
+        _file.write(text)
         _file.flush()
 
 
@@ -139,7 +152,7 @@ def _innermost_message(frame: FrameType | None) -> Message | None:
 
 def _dumped(text: str) -> bool:
     _, _, after = text.partition(HEADER_END)
-    return bool(after.strip())
+    return any(line.strip() and not line.startswith(LOOP_THREAD) for line in after.splitlines())
 
 
 def _alive(pid: int) -> bool:

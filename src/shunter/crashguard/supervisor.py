@@ -28,7 +28,7 @@ from types import FrameType
 
 from . import crashfile
 from .guard import LAST_EXIT_ENV, LAST_STACK_ENV
-from .watchdog import BLOCKED_MARK, LOOP_THREAD
+from .watchdog import BLOCKED_MARK
 
 # The file a worker touches when it commits progress (at most once a second).
 PROGRESS_ENV = "SHUNTER_PROGRESS_FILE"
@@ -223,9 +223,7 @@ def noted(dump: str) -> str:
     (see ``watchdog.py``)."""
     body = dump.split(crashfile.HEADER_END, 1)[-1]
     notes = [
-        line.removeprefix("shunter: ")
-        for line in body.splitlines()
-        if line.startswith("shunter: ") and not line.startswith(f"shunter: {LOOP_THREAD} ")
+        line.removeprefix("shunter: ") for line in body.splitlines() if line.startswith("shunter: ")
     ]
     timeout = _TIMEOUT.search(body)
     if timeout and not notes:
@@ -240,8 +238,12 @@ def dying_stack(dump: str) -> str:
     first, or the event loop's when faulthandler's timer wrote the dump, then the others),
     bounded: what the quarantined record carries."""
     body = dump.split(crashfile.HEADER_END, 1)[-1]
-    loop = re.search(rf"^shunter: {LOOP_THREAD} (0x[0-9a-f]+)$", body, re.MULTILINE)
-    body = "\n".join(line for line in body.splitlines() if not line.startswith("shunter: "))
+    loop = re.search(rf"^{crashfile.LOOP_THREAD}(0x[0-9a-f]+)$", body, re.MULTILINE)
+    body = "\n".join(
+        line
+        for line in body.splitlines()
+        if not line.startswith(("shunter: ", crashfile.LOOP_THREAD))
+    )
     body = _TIMEOUT.sub(lambda m: m.group(0) + "\n", body)  # a section of its own
     sections = body.strip().split("\n\n")
     current = [

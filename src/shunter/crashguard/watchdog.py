@@ -21,9 +21,9 @@ hostile payload, a C extension that never releases it) stops this thread as well
 that, the loop also keeps re-arming faulthandler's timer (``dump_traceback_later``, a C
 thread that needs no GIL) to ``end_after`` plus a grace: if the loop stops re-arming it,
 the timer writes every thread's stack into the crash file and exits the process
-(status 1). The crash file names the loop's thread beforehand (``LOOP_THREAD``) so that
-the supervisor can tell its stack from the others'. A process stopped (SIGSTOP) for longer
-than that is ended as it resumes.
+(status 1). The crash file names the loop's thread beforehand (``crashfile.LOOP_THREAD``),
+so that the supervisor can tell its stack from the others'. A process stopped (SIGSTOP)
+for longer than that is ended as it resumes.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ _STACK_LIMIT = 40  # innermost frames per thread
 # What the crash file says before the dump of a process the watchdog ended; the supervisor
 # passes it on to the next worker in its last exit (``supervisor.noted``).
 BLOCKED_MARK = "the event loop was blocked"
-LOOP_THREAD = "event loop thread"  # noted with its id, as faulthandler's dumps name it
 _SIGNAL_GRACE = 5.0  # seconds SIGABRT is given to end the process before SIGKILL
 # faulthandler's timer fires this long after ``end_after``: only when this thread could
 # not end the process itself. The loop re-arms it at most once per ``_REARM_EVERY``.
@@ -156,7 +155,7 @@ class _Watchdog(threading.Thread):
         if file is None:  # no crash file: nowhere for the dump, and no one to read it
             return
         if self._armed_at == -math.inf:
-            crashfile.note(f"{LOOP_THREAD} 0x{threading.get_ident():016x}")
+            crashfile.note_loop_thread()
         faulthandler.dump_traceback_later(self._backstop, exit=True, file=file)
         self._armed_at = now
 
