@@ -1,6 +1,7 @@
 """The crash guard's sandbox, with real worker processes and no Kafka: suspects of one
 caller run one at a time, each timed from its own start, and after a blocked-loop death
-a suspect that hangs again is counted as a death and quarantined with the loop's stack."""
+the delivery that blocked the loop, hanging again, is counted as a death and quarantined
+with the loop's stack, while other suspects that hang only time out."""
 
 from __future__ import annotations
 
