@@ -6,20 +6,29 @@ with the loop's stack, while other suspects that hang only time out."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shunter.crashguard import crashfile, supervisor
 from shunter.crashguard.sandbox import Sandbox, SandboxSpec
-from shunter.crashguard.watchdog import blocked_on
+from shunter.crashguard.watchdog import blocked_frames, blocked_on
 from shunter.message import Message, Record
 from shunter.outcome import SUCCEEDED, Failed, Outcome
 from shunter.testing import make_message
 
 HANDLERS = """
+import re
 import time
+
+def backtracks_on_zero(msg):
+    if msg.offset == 0:
+        re.match(r"(a+)+$", "a" * 64 + "b")  # never ends, never releases the GIL
+    time.sleep(3600 if msg.offset == 1 else 0.05)
 
 def hangs_on_zero(msg):
     time.sleep(3600 if msg.offset == 0 else 0.05)
@@ -108,9 +117,10 @@ def test_after_a_blocked_loop_death_a_suspect_that_hangs_again_is_quarantined(
     handlers: str,
 ) -> None:
     """Given the dispatcher's last death was its watchdog ending a blocked loop (the
-    stack it left given as ``hang_stack``), when a suspect hangs past its timeout in the
-    sandbox, then each hang counts as a death, and at the third it is quarantined with
-    the blocked loop's stack; the suspects behind it succeed."""
+    stack it left given as ``hang_stack``), naming no delivery and showing no handler
+    frames to compare, when a suspect hangs past its timeout in the sandbox, then each
+    hang counts as a death, and at the third it is quarantined with the blocked loop's
+    stack; the suspects behind it succeed."""
     stack = 'Current thread 0x1 (most recent call first):\n  File "app.py", line 9 in medal'
     settled = run_suspects(handlers, stack, range(3))
     assert settled.outcomes == {1: SUCCEEDED, 2: SUCCEEDED}
@@ -151,3 +161,55 @@ def test_the_delivery_that_blocked_the_loop_is_read_back_from_the_last_exit() ->
         is None
     )
     assert blocked_on("killed by SIGSEGV") is None
+
+
+def blocked_loop_stack(tmp_path: Path, ref: str, offset: int) -> str:
+    """The stack a dispatcher leaves when faulthandler's timer ends it, its loop blocked
+    holding the GIL by ``ref``'s delivery of ``offset``: what the supervisor hands on."""
+    module, handler = ref.split(":")
+    script = textwrap.dedent(f"""
+        import asyncio, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from {module} import {handler} as handler
+        from shunter.crashguard import crashfile, start_watchdog, watchdog
+        from shunter.deliver import SubscriberRuntime
+        from shunter.testing import make_message
+
+        crashfile.enable({str(tmp_path / "crash")!r})
+        watchdog._BACKSTOP_GRACE = 1.0
+
+        async def main():
+            start_watchdog(asyncio.get_running_loop(), 0.2, interval=0.02, end_after=0.5)
+            await asyncio.sleep(0.3)  # the loop has answered, and armed the timer
+            msg = make_message({{"n": {offset}}}, offset={offset}, caller="medal")
+            rt = SubscriberRuntime(msg.caller, handler, lambda m, o, e: None)
+            rt.submit(msg)
+            rt.kick()
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+    """)
+    dead = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert dead.returncode == 1, dead.stderr.decode()[-2000:]
+    [(_, dump)] = crashfile.leftovers(tmp_path / "crash")
+    return supervisor.dying_stack(dump)
+
+
+def test_after_a_gil_holding_hang_only_a_suspect_stuck_where_the_loop_was_counts(
+    handlers: str, tmp_path: Path
+) -> None:
+    """Given faulthandler's timer ended the dispatcher while medal's handler backtracked
+    in a regular expression on offset 0 (no delivery named: the watchdog's thread could
+    not run), when offset 0 backtracks again in the sandbox and offset 1 only sleeps past
+    its timeout, then 0, stuck in the same frames as the loop was, is quarantined, and 1,
+    innocent, fails with a timeout as any delivery would; 2 succeeds."""
+    ref = "sandboxed:backtracks_on_zero"
+    stack = blocked_loop_stack(tmp_path, ref, 0)
+    frames = blocked_frames(stack)
+    assert "in backtracks_on_zero" in frames[-1] and "re/__init__.py" in frames[0], stack
+    settled = run_suspects(ref, stack, range(3))
+    assert list(settled.quarantined) == [0]
+    assert settled.quarantined[0]["traceback"] == stack
+    one = settled.outcomes[1]
+    assert isinstance(one, Failed) and "did not finish within 1s" in one.error
+    assert settled.outcomes[2] == SUCCEEDED

@@ -15,9 +15,12 @@ event loop (``watchdog.py``): then a hang is what killed it, and the delivery th
 found blocking (``hang_of``) hanging again in the sandbox counts as a death, so that the
 pill is quarantined with the stack the blocked loop left (``hang_stack``) rather than sent
 round the retry tiers, blocking a worker's loop again at each attempt. The other suspects
-time out as usual. When the loop was blocked holding the GIL, faulthandler's timer ended
-the process and no one could tell which delivery blocked it: then any suspect that hangs
-counts.
+time out as usual. When the watchdog could not name the delivery (the loop was blocked
+holding the GIL, and faulthandler's timer ended the process), where it was stuck names
+it: a suspect past its timeout is ended with SIGABRT, and counts a death if its worker's
+dump shows it stuck in the same handler frames as the blocked loop's stack
+(``watchdog.blocked_frames``), so that an innocent suspect merely slower than its timeout
+is not quarantined. A loop's stack with no handler frames to compare: any hang counts.
 
 The sandbox's address space is limited (``crash_guard.sandbox_memory_mb``), so a memory
 pill ends the sandbox, not the dispatcher under the OOM killer. Innocent offsets run at
@@ -31,7 +34,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..deliver.failure import failure, timed_out
 from ..deliver.process import WorkerPool, WorkerTraceback, _rebuild
@@ -39,6 +42,7 @@ from ..errors import WorkerDied
 from ..message import Message
 from ..outcome import SUCCEEDED, Outcome
 from .supervisor import describe_exit
+from .watchdog import blocked_frames, hangs_where
 
 if TYPE_CHECKING:
     from ..settle import Settler
@@ -74,7 +78,9 @@ class Sandbox:
     ) -> None:
         self.specs = specs
         self._hang_stack = hang_stack  # None: the last death was not a blocked loop
-        self._hang_of = hang_of  # (caller, topic, partition, offset); None: any suspect
+        self._hang_of = hang_of  # (caller, topic, partition, offset); None: not named
+        # Where the loop was stuck, for when no delivery was named; empty: any suspect.
+        self._hang_frames = blocked_frames(hang_stack) if hang_stack and not hang_of else ()
         self._settler = settler
         self._quarantine_after = quarantine_after
         self._count_death = count_death
@@ -134,22 +140,16 @@ class Sandbox:
         turn = self._turns.get(msg.caller)
         if turn is None:
             turn = self._turns[msg.caller] = asyncio.Lock()
-        try:
-            async with turn:  # first come, first served: in the order they were taken
-                reply = await asyncio.wait_for(pool.run(msg), spec.timeout)
-        except TimeoutError:  # the pool killed the worker: a timeout, not a crash ...
-            if self._hang_stack is None or (
-                self._hang_of is not None
-                and self._hang_of != (msg.caller, msg.topic, msg.partition, msg.offset)
-            ):
-                return timed_out(spec.timeout)
-            # ... unless a hang is what the dispatcher died of (see the module's docstring)
-            hung = WorkerDied(
-                f"hung past its {spec.timeout:g}s timeout (a hang ended the dispatcher "
-                "before: its watchdog found the event loop blocked)"
-            )
-            hung.__cause__ = WorkerTraceback(self._hang_stack)
-            raise hung from hung.__cause__
+        async with turn:  # first come, first served: in the order they were taken
+            running = pool.run(msg)
+            try:
+                await asyncio.wait((running,), timeout=spec.timeout)
+            except asyncio.CancelledError:
+                running.cancel()  # the pool kills its worker
+                raise
+            if not running.done():
+                return await self._hung(msg, spec, pool, running)
+        reply = running.result()
         if reply is None:
             return SUCCEEDED
         if reply[2] == "MemoryError":  # its limit stopped what the OOM killer would have
@@ -157,6 +157,30 @@ class Sandbox:
             died.__cause__ = WorkerTraceback(reply[4])
             raise died
         return failure(_rebuild(reply))
+
+    async def _hung(
+        self, msg: Message, spec: SandboxSpec, pool: WorkerPool, running: asyncio.Future[Any]
+    ) -> Outcome:
+        """A suspect ran past its timeout: a timeout, as for any delivery, unless a hang is
+        what the dispatcher died of and this is that hang (see the module's docstring)."""
+        named = self._hang_of
+        if self._hang_stack is None or (
+            named is not None and named != (msg.caller, msg.topic, msg.partition, msg.offset)
+        ):
+            running.cancel()  # the pool kills its worker
+            return timed_out(spec.timeout)
+        if named is None and self._hang_frames:
+            # No delivery named: stuck where the loop was is what names it.
+            if not hangs_where(await pool.abort(running), self._hang_frames):
+                return timed_out(spec.timeout)
+        else:
+            running.cancel()
+        hung = WorkerDied(
+            f"hung past its {spec.timeout:g}s timeout (a hang ended the dispatcher "
+            "before: its watchdog found the event loop blocked)"
+        )
+        hung.__cause__ = WorkerTraceback(self._hang_stack)
+        raise hung from hung.__cause__
 
     def _quarantine(self, msg: Message, crashes: int, died: WorkerDied, stack: str) -> None:
         reason = (

@@ -75,6 +75,55 @@ def blocked_on(last_exit: str) -> tuple[str, str, int, int] | None:
     return caller, topic, int(partition), int(offset)
 
 
+# A frame of a faulthandler dump, and where the frames that run a delivery begin: shunter's
+# own (the dispatcher's runtime, a sandbox worker's loop) and asyncio's.
+_FRAME = re.compile(r'^  File "(.*)", line \d+ in ')
+_RUNNERS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # shunter/
+    os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep,
+)
+
+
+def blocked_frames(stack: str) -> tuple[str, ...]:
+    """Where the delivery that blocked the loop was stuck, from the stack its death left
+    (``supervisor.dying_stack``): the handler's frames (``hang_frames``) of the loop's
+    thread, which is the dying "Current thread" after the watchdog's SIGABRT and comes
+    first after faulthandler's timer. Empty if that stack shows no handler running."""
+    sections = _threads(stack)
+    current = [s for s in sections if s.startswith("Current thread")]
+    return hang_frames((current or sections or [""])[0])
+
+
+def hangs_where(dump: str, frames: tuple[str, ...]) -> bool:
+    """Whether a thread of ``dump`` (faulthandler's, from a sandbox worker ended while it
+    hung: ``WorkerPool.abort``) is stuck where ``frames`` (``blocked_frames``) say."""
+    return any(hang_frames(section) == frames for section in _threads(dump))
+
+
+def hang_frames(section: str) -> tuple[str, ...]:
+    """The frame lines of one thread's section of a faulthandler dump, innermost first,
+    down to (without) the first that runs deliveries (``_RUNNERS``): the handler's part,
+    the same whether the dispatcher's loop or a sandbox's worker ran it. Empty when no
+    runner is below them (a thread of the handler's own, or a stack cut at 100 frames)."""
+    frames: list[str] = []
+    for line in section.splitlines()[1:]:
+        found = _FRAME.match(line)
+        if found is None:
+            continue
+        if os.path.abspath(found.group(1)).startswith(_RUNNERS):
+            return tuple(frames)
+        frames.append(line.strip())
+    return ()
+
+
+def _threads(dump: str) -> list[str]:
+    return [
+        s.strip("\n")
+        for s in dump.split("\n\n")
+        if s.strip("\n").startswith(("Thread 0x", "Current thread 0x"))
+    ]
+
+
 def start_watchdog(
     loop: asyncio.AbstractEventLoop,
     threshold: float = 5.0,

@@ -43,6 +43,7 @@ log = logging.getLogger("shunter.deliver.process")
 _MAX_DUMP = 65_536
 _RESPAWN_MAX = 5.0
 _STOP_GRACE = 5.0
+_ABORT_GRACE = 2.0  # seconds a worker sent SIGABRT by ``abort`` has before SIGKILL
 
 
 class WorkerTraceback(Exception):
@@ -67,7 +68,8 @@ class _Call:
 
 
 class _Worker:
-    __slots__ = ("call", "conn", "crash_path", "dead", "exit_fd", "killed", "process", "ready")
+    __slots__ = ("call", "conn", "crash_path", "dead", "dumped", "exit_fd", "killed", "process",
+                 "ready")
 
     def __init__(self, process: subprocess.Popen[bytes], conn: Connection,
                  crash_path: str) -> None:
@@ -79,6 +81,7 @@ class _Worker:
         self.dead = False
         self.killed = False  # by the pool: a timeout, or shutdown
         self.call: _Call | None = None
+        self.dumped: asyncio.Future[str] | None = None  # its crash file, once it has ended
 
     def kill(self) -> None:
         self.killed = True
@@ -153,6 +156,23 @@ class WorkerPool:
                     extra=_extra(self.caller, call.msg))
         w.kill()
 
+    async def abort(self, fut: asyncio.Future[Any]) -> str:
+        """End the worker running ``fut``'s delivery with SIGABRT rather than SIGKILL, so that
+        faulthandler writes where it is stuck; that dump ("" if it left none). ``fut`` is
+        cancelled, as a timeout would."""
+        w = next((w for w in self._workers if w.call is not None and w.call.fut is fut), None)
+        fut.cancel()
+        if w is None:  # still queued, or answered meanwhile
+            return ""
+        w.call = None
+        w.killed = True
+        w.dumped = self._loop.create_future()
+        with contextlib.suppress(OSError):
+            w.process.send_signal(signal.SIGABRT)
+        # Unless the handler took SIGABRT from faulthandler, which a stuck worker never runs.
+        self._loop.call_later(_ABORT_GRACE, w.kill)
+        return await w.dumped
+
     def _readable(self, w: _Worker) -> None:
         try:
             reply = w.conn.recv()
@@ -224,6 +244,8 @@ class WorkerPool:
             w.kill()
             code = w.process.wait()
         dump = _read_and_remove(w.crash_path)
+        if w.dumped is not None and not w.dumped.done():
+            w.dumped.set_result(dump)
         self._forget(w)
         call, w.call = w.call, None
         if call is not None and not call.fut.done():
