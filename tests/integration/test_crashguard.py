@@ -182,7 +182,8 @@ def test_a_message_that_blocks_the_event_loop_ends_the_worker_and_is_quarantined
     away), sleeping or backtracking in a regular expression without releasing the GIL,
     when shunter runs under its supervisor, then the worker is ended once after
     ``loop_blocked_restart_after`` (by the watchdog with SIGABRT, or, when the GIL is
-    held, by faulthandler's timer 10 s later; the supervisor saying why), the
+    held, by faulthandler's timer 10 s later, the supervisor having logged the stacks
+    as soon as the watchdog fell silent; the supervisor saying why), the
     restarted worker re-runs the window in sandboxes, where the message hangs past its
     timeout twice more, and it is quarantined with stage ``crash`` and the stack of the
     blocked loop down to the handler; every other pair is delivered, and SIGTERM drains
@@ -220,6 +221,10 @@ def test_a_message_that_blocks_the_event_loop_ends_the_worker_and_is_quarantined
     assert not missing, f"{len(missing)} pairs never delivered, e.g. {sorted(missing)[:5]}"
     assert log.count("restarting in") == 1, log[-4000:]
     assert death in log, log[-4000:]
+    if kill == "backtrack":  # its watchdog could not say it: the supervisor did, at once
+        silent = log.find("nor its watchdog has run for")
+        assert -1 < silent < log.find("restarting in"), log[-4000:]
+        assert "in fragile" in log[silent : log.find("restarting in")], log[-4000:]
     [crash] = dlq
     assert (crash.stage, crash.caller, crash.origin_offset) == ("crash", "fragile", k_off)
     assert "died 3 times" in crash.error and "hung past its 1s timeout" in crash.error

@@ -72,3 +72,100 @@ def test_a_worker_that_made_progress_is_restarted_at_once_one_that_did_not_backs
     assert runs.read_text() == "xxxx"
     delays = [r.args[1] for r in caplog.records if r.getMessage().startswith("worker exited")]
     assert delays == expected
+
+
+def watched_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
+    """A stand-in worker that runs ``body`` (in ``async def run()``, the real shunter's
+    ``crashfile`` and ``watchdog`` imported) on its first start and exits 0 on the next.
+    Returns the crash directory."""
+    crash = tmp_path / "crash"
+    runs = tmp_path / "runs"
+    (tmp_path / "watchedworker.py").write_text(
+        textwrap.dedent(f"""
+        import asyncio, os, re, sys
+
+        def main():
+            first = not os.path.exists({str(runs)!r})
+            open({str(runs)!r}, "a").write("x")
+            if not first:
+                os._exit(0)
+            # This stand-in came in as the fake shunter.cli.main: the real shunter now.
+            sys.path[:] = [p for p in sys.path if p != {str(tmp_path)!r}]
+            for name in [n for n in sys.modules if n.split(".")[0] == "shunter"]:
+                del sys.modules[name]
+            from shunter.crashguard import crashfile, watchdog
+            crashfile.enable({str(crash)!r})
+            watchdog._BACKSTOP_GRACE = 1.0
+
+            def backtracks():
+                re.match(r"(a+)+$", "a" * 64 + "b")  # never ends, never releases the GIL
+
+            async def run():
+        """)
+        + textwrap.indent(textwrap.dedent(body), " " * 12)
+        + "\n    asyncio.run(run())\n    crashfile.disable()\n"
+    )
+    cli = tmp_path / "shunter" / "cli"
+    cli.mkdir(parents=True)
+    (tmp_path / "shunter" / "__init__.py").write_text("")
+    (cli / "__init__.py").write_text("")
+    (cli / "main.py").write_text("import watchedworker\nwatchedworker.main()\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return crash
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_blocked_holding_the_gil_has_its_stacks_logged_before_it_is_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given a worker whose event loop blocks holding the GIL (a backtracking regular
+    expression), so that its watchdog's thread stops too and nothing in it can report,
+    when its watchdog's heartbeat has been silent for ``silent_after``, then the supervisor
+    logs every thread's stack, the event loop's first, down to the blocking line, once,
+    seconds before faulthandler's timer ends the worker."""
+    crash = watched_worker(
+        tmp_path,
+        monkeypatch,
+        """
+        watchdog.start_watchdog(asyncio.get_running_loop(), 0.5, interval=0.02, end_after=4)
+        await asyncio.sleep(1.5)  # it beats, and the loop armed faulthandler's timer
+        backtracks()
+        """,
+    )
+    status = supervisor.supervise(["run"], 10, str(crash), silent_after=0.5)
+    assert status == 0
+    said = [r.getMessage() for r in caplog.records]
+    silent = [i for i, m in enumerate(said) if "nor its watchdog has run for" in m]
+    died = [i for i, m in enumerate(said) if m.startswith("worker exited with status 1")]
+    assert len(silent) == 1 and len(died) == 1 and silent[0] < died[0], said
+    stacks = said[silent[0]].split("the event loop's first:\n", 1)[1]
+    loop = stacks.split("\n\n")[0]
+    assert loop.startswith(("Thread 0x", "Current thread 0x")), stacks
+    assert "in backtracks" in loop, stacks
+    assert "re/__init__.py" in loop and "in run" in loop, stacks
+    assert "(most recent call first)" in stacks.split("\n\n")[1], "the other threads follow"
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_watchdog_stopped_is_not_reported_silent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given a worker whose watchdog beat, then was stopped (its shutdown), when the
+    worker takes longer than ``silent_after`` to exit, then nothing is reported: a
+    stopped watchdog says so, and no heartbeat is missing."""
+    crash = watched_worker(
+        tmp_path,
+        monkeypatch,
+        """
+        stop = watchdog.start_watchdog(asyncio.get_running_loop(), 0.5, interval=0.02)
+        await asyncio.sleep(1.5)
+        stop()
+        await asyncio.sleep(2)  # a slow shutdown, the loop free
+        """,
+    )
+    status = supervisor.supervise(["run"], 10, str(crash), silent_after=0.5)
+    assert status == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "nor its watchdog" in m], said
+    left = [p.name for p in crash.iterdir() if not p.name.startswith("progress-")]
+    assert left == [], "a clean exit leaves neither its crash file nor its stacks file"

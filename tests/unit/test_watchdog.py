@@ -101,7 +101,8 @@ def test_describe_current_finds_the_delivery_a_thread_is_inside() -> None:
 def test_a_fatal_signal_leaves_every_stack_in_the_crash_file(tmp_path: Path) -> None:
     """Given a process that enabled the crash file, when it segfaults inside a function,
     then crash-<pid>.log holds the dump naming that function, leftovers() returns it once
-    (renamed .seen), and a process that exits cleanly after disable() leaves no file."""
+    (renamed .seen) and removes its stacks file, and a process that exits cleanly after
+    disable() leaves no file."""
     crash = textwrap.dedent(f"""
         import ctypes
         from shunter.crashguard import crashfile
@@ -118,8 +119,10 @@ def test_a_fatal_signal_leaves_every_stack_in_the_crash_file(tmp_path: Path) -> 
     dead = subprocess.run([sys.executable, "-c", crash], capture_output=True, timeout=60)
     assert dead.returncode == -11
     subprocess.run([sys.executable, "-c", clean], check=True, timeout=60)
-    assert [p.name for p in tmp_path.iterdir()] == [f"crash-{_pid_of(tmp_path)}.log"]
+    pid = _pid_of(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"crash-{pid}.log", f"stacks-{pid}.log"]
     found = crashfile.leftovers(tmp_path)
+    assert not (tmp_path / f"stacks-{pid}.log").exists(), "a dead process's stacks file goes"
     assert len(found) == 1
     path, text = found[0]
     assert path.suffix == ".seen"

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not args.no_supervise:
         worker = ["run", "-c", args.config, "--no-supervise"]
-        return supervise(worker, args.max_restarts, crash_dir, workers)
+        silent_after = config.crash_guard.loop_blocked_after  # as its watchdog reports
+        return supervise(worker, args.max_restarts, crash_dir, workers, silent_after)
     for path, dump in crashfile.leftovers(crash_dir):  # unsupervised: nobody logged it yet
         logging.getLogger("shunter").error(
             "an earlier shunter process died of a fatal signal; its dump (%s):\n%s", path, dump

@@ -5,6 +5,10 @@
 from C, with no Python code running. ``leftovers(dir)`` finds the dumps of processes
 that are gone, once, for the next start to log.
 
+Beside it, ``<dir>/stacks-<pid>.log`` takes every thread's stack on SIGUSR2, also from C:
+what the supervisor asks for when a worker's watchdog has gone silent (``beat``), as a
+call that holds the GIL stops it and the event loop both (see supervisor.py).
+
 A dump names functions and lines, not data: *which* delivery was running comes from the
 in-flight journal, or, while the process is alive (the loop watchdog, a debugger),
 from ``describe_current()``, which finds the ``Message`` each thread is handling on its
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import signal
 import sys
 import threading
 import time
@@ -33,23 +38,56 @@ LOOP_THREAD = "shunter loop thread: "
 
 _file: TextIO | None = None
 _path: Path | None = None
+_stacks: TextIO | None = None
 
 
 def enable(path_dir: str | Path) -> Path:
-    """Send faulthandler's fatal-signal dump of every thread to ``<dir>/crash-<pid>.log``."""
-    global _file, _path
+    """Send faulthandler's fatal-signal dump of every thread to ``<dir>/crash-<pid>.log``,
+    and its dump on SIGUSR2 to ``<dir>/stacks-<pid>.log``."""
+    global _file, _path, _stacks
     directory = Path(path_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"crash-{os.getpid()}.log"
+    path = crash_path(directory, os.getpid())
     file = open(path, "w")  # noqa: SIM115 - faulthandler writes to it for the life of the process
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     file.write(f"shunter pid {os.getpid()} started {started}: {' '.join(sys.argv)}\n{HEADER_END}")
     file.flush()
     faulthandler.enable(file, all_threads=True)
+    # Appended to: whoever reads it may empty it, and the next dump starts at the top.
+    stacks = open(stacks_path(directory, os.getpid()), "a")  # noqa: SIM115 - as above
+    faulthandler.register(signal.SIGUSR2, stacks, all_threads=True, chain=False)
     if _file is not None:
         _file.close()
-    _file, _path = file, path
+    if _stacks is not None:
+        _stacks.close()
+    _file, _path, _stacks = file, path, stacks
     return path
+
+
+def crash_path(path_dir: str | Path, pid: int) -> Path:
+    return Path(path_dir) / f"crash-{pid}.log"
+
+
+def stacks_path(path_dir: str | Path, pid: int) -> Path:
+    return Path(path_dir) / f"stacks-{pid}.log"
+
+
+def beat(stopped: bool = False) -> None:
+    """Say that this process's watchdog runs: the crash file's modification time is its
+    heartbeat, which the supervisor watches; ``stopped``: it no longer runs, and none is
+    to be expected (the time is set to 0, which ``heartbeat`` reads as None)."""
+    if _path is not None:
+        with contextlib.suppress(OSError):
+            os.utime(_path, (0, 0) if stopped else None)
+
+
+def heartbeat(path_dir: str | Path, pid: int) -> float | None:
+    """When process ``pid``'s watchdog last beat (wall clock), if it runs (see ``beat``)."""
+    try:
+        beaten = crash_path(path_dir, pid).stat().st_mtime
+    except OSError:
+        return None
+    return beaten or None
 
 
 def current() -> TextIO | None:
@@ -78,14 +116,18 @@ def _write(text: str) -> None:
 
 def disable() -> None:
     """A clean exit: stop writing dumps, and remove the crash file if none was written."""
-    global _file, _path
+    global _file, _path, _stacks
     if _file is None or _path is None:
         return
     faulthandler.disable()
     _file.close()
     if not _dumped(_path.read_text(errors="replace")):
         _path.unlink(missing_ok=True)
-    _file = _path = None
+    if _stacks is not None:
+        faulthandler.unregister(signal.SIGUSR2)
+        _stacks.close()
+        stacks_path(_path.parent, os.getpid()).unlink(missing_ok=True)
+    _file = _path = _stacks = None
 
 
 def leftovers(path_dir: str | Path) -> list[tuple[Path, str]]:
@@ -104,6 +146,10 @@ def leftovers(path_dir: str | Path) -> list[tuple[Path, str]]:
             path.rename(path.with_suffix(".seen"))
             found.append((path.with_suffix(".seen"), text))
         else:
+            path.unlink(missing_ok=True)
+    for path in Path(path_dir).glob("stacks-*.log"):  # a dead process's: nobody reads it
+        pid = path.stem.removeprefix("stacks-")
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             path.unlink(missing_ok=True)
     return found
 

@@ -9,6 +9,15 @@ ends because the crash guard quarantines the message that causes it; as a last r
 more than ``max_restarts`` deaths within ten minutes stop the supervisor with status 1
 so an outer supervisor (systemd, Kubernetes) sees the failure. SIGTERM/SIGINT are
 passed to every worker, which drains, commits and exits 0.
+
+A worker's blocked event loop is reported by its own watchdog thread, unless the call
+blocking it holds the GIL (a regular expression backtracking on a hostile payload, a C
+extension that never releases it): that stops the watchdog too, and the worker would say
+nothing until faulthandler's timer ends it (watchdog.py), a minute or more later. So the
+supervisor watches each worker's watchdog heartbeat (``crashfile.beat``); silent for
+``silent_after`` seconds (``crash_guard.loop_blocked_after``), the worker is asked for
+every thread's stack (SIGUSR2: faulthandler writes them from C, with no GIL), and the
+supervisor logs them, the event loop's first: the blocking line within seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ _WINDOW = 600.0
 # The first line of a dump faulthandler's timer wrote (``dump_traceback_later``).
 _TIMEOUT = re.compile(r"^Timeout \((\d+):(\d\d):(\d\d)(?:\.\d+)?\)!$", re.MULTILINE)
 _HEALTHY = 60.0
+_STACKS_WAIT = 1.0  # seconds a worker's stacks are waited for (see ``_stacks_of``)
 
 
 def describe_exit(status: int) -> str:
@@ -90,6 +100,9 @@ class _Worker:
     last_exit: str = ""
     last_stack: str = ""
     status: int | None = None  # set once it exited for good
+    beat: float = 0.0  # its watchdog's heartbeat, as last seen (wall clock)
+    beating: bool = False  # seen to beat since it started: its silence means something
+    silent: bool = False  # its silence was reported
 
     def name(self, count: int) -> str:
         return "worker" if count == 1 else f"worker {self.index}"
@@ -100,6 +113,7 @@ def supervise(
     max_restarts: int = 10,
     crash_dir: str | None = None,
     workers: int = 1,
+    silent_after: float = 0.0,
 ) -> int:
     """Run ``workers`` processes ``shunter <worker_args> [--worker-index i]`` until they
     exit cleanly; each is restarted on its own after an unclean death.
@@ -108,7 +122,9 @@ def supervise(
     (0-based) gets ``--worker-index i`` (its admin API listens on the port plus ``i``).
     A worker that exits cleanly by itself (SIGTERM sent to it alone) is not restarted; the
     supervisor returns once every worker has exited, or, when one of them died more than
-    ``max_restarts`` times within ten minutes, stops the others and returns 1.
+    ``max_restarts`` times within ten minutes, stops the others and returns 1. A worker
+    whose watchdog is silent for ``silent_after`` seconds has its stacks logged (0: never;
+    see the module's docstring).
     """
     before_exec = _die_with_parent(os.getpid())
     stopping = False
@@ -130,8 +146,15 @@ def supervise(
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    watch_every = min(1.0, silent_after / 2)
+    watched = 0.0
     while True:
         now = time.monotonic()
+        if silent_after > 0 and crash_dir is not None and now - watched >= watch_every:
+            watched = now
+            for worker in pool:
+                if worker.child is not None:
+                    _watch(worker, crash_dir, silent_after, workers)
         for worker in pool:
             if worker.status is not None:
                 continue
@@ -166,6 +189,79 @@ def _start(worker: _Worker, before_exec: Callable[[], None] | None) -> None:
         preexec_fn=before_exec,
     )
     worker.started, worker.started_at = time.monotonic(), time.time()
+    worker.beat, worker.beating, worker.silent = 0.0, False, False
+
+
+def _watch(worker: _Worker, crash_dir: str, silent_after: float, count: int) -> None:
+    """Log a worker's stacks once when its watchdog has been silent for ``silent_after``
+    (see the module's docstring), and say so when it beats again."""
+    assert worker.child is not None
+    pid = worker.child.pid
+    beat = crashfile.heartbeat(crash_dir, pid)
+    if beat is None:  # no watchdog yet, or no longer
+        return
+    if beat != worker.beat:
+        if worker.silent:
+            log.warning(
+                "%s (pid %d): its watchdog runs again, after %.1fs",
+                worker.name(count),
+                pid,
+                beat - worker.beat,
+            )
+        worker.beating = worker.beat != 0.0
+        worker.beat, worker.silent = beat, False
+        return
+    silence = time.time() - beat
+    if not worker.beating or worker.silent or silence < silent_after:
+        return
+    worker.silent = True
+    log.error(
+        "%s (pid %d): neither its event loop nor its watchdog has run for %.1fs: a call "
+        "holds the GIL (a regular expression backtracking on a hostile payload, a C "
+        "extension that never releases it?); every thread's stack, the event loop's "
+        "first:\n%s",
+        worker.name(count),
+        pid,
+        silence,
+        _stacks_of(crash_dir, pid),
+        extra={"worker_pid": pid},
+    )
+
+
+def _stacks_of(crash_dir: str, pid: int) -> str:
+    """Every thread's stack in process ``pid``, written by its faulthandler on SIGUSR2
+    (``crashfile.enable``), the event loop's first."""
+    path = crashfile.stacks_path(crash_dir, pid)
+    try:
+        os.kill(pid, signal.SIGUSR2)
+    except OSError as exc:
+        return f"(none: {exc})"
+    size, deadline = -1, time.monotonic() + _STACKS_WAIT
+    while time.monotonic() < deadline:  # faulthandler writes a thread at a time
+        time.sleep(0.05)
+        with contextlib.suppress(OSError):
+            now = path.stat().st_size
+            if now and now == size:
+                break
+            size = now
+    try:
+        text = path.read_text(errors="replace")
+        os.truncate(path, 0)  # the worker appends: its next dump starts at the top
+        loop = re.search(
+            rf"^{crashfile.LOOP_THREAD}(0x[0-9a-f]+)$",
+            crashfile.crash_path(crash_dir, pid).read_text(errors="replace"),
+            re.MULTILINE,
+        )
+    except OSError as exc:
+        return f"(none: {exc})"
+    sections = text.strip().split("\n\n")
+    if loop is not None:  # its section first, however faulthandler ordered them
+        sections.sort(key=lambda s: not s.startswith(_thread_titles(loop.group(1))))
+    return "\n\n".join(sections) or "(none written)"
+
+
+def _thread_titles(ident: str) -> tuple[str, str]:
+    return f"Thread {ident} ", f"Current thread {ident} "
 
 
 def _died(

@@ -23,7 +23,10 @@ thread that needs no GIL) to ``end_after`` plus a grace: if the loop stops re-ar
 the timer writes every thread's stack into the crash file and exits the process
 (status 1). The crash file names the loop's thread beforehand (``crashfile.LOOP_THREAD``),
 so that the supervisor can tell its stack from the others'. A process stopped (SIGSTOP)
-for longer than that is ended as it resumes.
+for longer than that is ended as it resumes. Such a call is not left unreported until
+then: this thread's heartbeat (``crashfile.beat``) stops with it, and the supervisor,
+seeing it silent for ``threshold``, has faulthandler write every thread's stack and logs
+it, the loop's first (supervisor.py).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ _SIGNAL_GRACE = 5.0  # seconds SIGABRT is given to end the process before SIGKIL
 # not end the process itself. The loop re-arms it at most once per ``_REARM_EVERY``.
 _BACKSTOP_GRACE = 10.0
 _REARM_EVERY = 1.0
+_BEAT_EVERY = 1.0  # seconds between this thread's heartbeats (see ``run``)
 
 
 # "running caller C on T[P]@O": neither a caller's name nor a Kafka topic's has spaces,
@@ -168,10 +172,18 @@ class _Watchdog(threading.Thread):
             faulthandler.cancel_dump_traceback_later()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(1.0)
+        crashfile.beat(stopped=True)  # no heartbeat from here on: none is missing
 
     def run(self) -> None:
+        # Its heartbeat, for the supervisor to see when a call holding the GIL stops this
+        # thread too (``crashfile.beat``): often enough to be seen within ``threshold``.
+        beat_every = min(_BEAT_EVERY, self._threshold / 2)
+        beaten = -math.inf
         while not self._stopped.wait(self._interval):
             now = time.monotonic()
+            if now - beaten >= beat_every:
+                crashfile.beat()
+                beaten = now
             if self._answered:
                 if self._reported:
                     log.warning(
