@@ -147,16 +147,18 @@ def test_a_worker_blocked_holding_the_gil_has_its_stacks_logged_before_it_is_end
 
 
 @pytest.mark.timeout(60)
-def test_a_worker_whose_watchdog_stopped_is_not_reported_silent(
+def test_a_worker_whose_watchdog_has_not_started_or_has_stopped_is_not_reported_silent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Given a worker whose watchdog beat, then was stopped (its shutdown), when the
-    worker takes longer than ``silent_after`` to exit, then nothing is reported: a
-    stopped watchdog says so, and no heartbeat is missing."""
+    """Given a worker that takes longer than ``silent_after`` to start its watchdog (its
+    start-up), then has it beat, then stops it (its shutdown) and takes longer than
+    ``silent_after`` to exit, then nothing is reported: no heartbeat is missing before
+    the watchdog starts, nor after it says it stopped."""
     crash = watched_worker(
         tmp_path,
         monkeypatch,
         """
+        await asyncio.sleep(1.5)  # a slow start-up: importing the handlers, say
         stop = watchdog.start_watchdog(asyncio.get_running_loop(), 0.5, interval=0.02)
         await asyncio.sleep(1.5)
         stop()

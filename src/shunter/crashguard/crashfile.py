@@ -52,6 +52,7 @@ def enable(path_dir: str | Path) -> Path:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     file.write(f"shunter pid {os.getpid()} started {started}: {' '.join(sys.argv)}\n{HEADER_END}")
     file.flush()
+    os.utime(path, (0, 0))  # no heartbeat yet: no watchdog runs (see ``beat``)
     faulthandler.enable(file, all_threads=True)
     # Appended to: whoever reads it may empty it, and the next dump starts at the top.
     stacks = open(stacks_path(directory, os.getpid()), "a")  # noqa: SIM115 - as above
@@ -75,7 +76,8 @@ def stacks_path(path_dir: str | Path, pid: int) -> Path:
 def beat(stopped: bool = False) -> None:
     """Say that this process's watchdog runs: the crash file's modification time is its
     heartbeat, which the supervisor watches; ``stopped``: it no longer runs, and none is
-    to be expected (the time is set to 0, which ``heartbeat`` reads as None)."""
+    to be expected (the time is set to 0, as ``enable`` leaves it, which ``heartbeat``
+    reads as None)."""
     if _path is not None:
         with contextlib.suppress(OSError):
             os.utime(_path, (0, 0) if stopped else None)

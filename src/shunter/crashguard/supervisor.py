@@ -101,7 +101,6 @@ class _Worker:
     last_stack: str = ""
     status: int | None = None  # set once it exited for good
     beat: float = 0.0  # its watchdog's heartbeat, as last seen (wall clock)
-    beating: bool = False  # seen to beat since it started: its silence means something
     silent: bool = False  # its silence was reported
 
     def name(self, count: int) -> str:
@@ -189,7 +188,7 @@ def _start(worker: _Worker, before_exec: Callable[[], None] | None) -> None:
         preexec_fn=before_exec,
     )
     worker.started, worker.started_at = time.monotonic(), time.time()
-    worker.beat, worker.beating, worker.silent = 0.0, False, False
+    worker.beat, worker.silent = 0.0, False
 
 
 def _watch(worker: _Worker, crash_dir: str, silent_after: float, count: int) -> None:
@@ -208,11 +207,9 @@ def _watch(worker: _Worker, crash_dir: str, silent_after: float, count: int) -> 
                 pid,
                 beat - worker.beat,
             )
-        worker.beating = worker.beat != 0.0
         worker.beat, worker.silent = beat, False
-        return
     silence = time.time() - beat
-    if not worker.beating or worker.silent or silence < silent_after:
+    if worker.silent or silence < silent_after:
         return
     worker.silent = True
     log.error(
