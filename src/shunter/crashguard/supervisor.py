@@ -237,10 +237,10 @@ def _stacks_of(crash_dir: str, pid: int) -> str:
     while time.monotonic() < deadline:  # faulthandler writes a thread at a time
         time.sleep(0.05)
         with contextlib.suppress(OSError):
-            now = path.stat().st_size
-            if now and now == size:
+            written = path.stat().st_size
+            if written and written == size:
                 break
-            size = now
+            size = written
     try:
         text = path.read_text(errors="replace")
         os.truncate(path, 0)  # the worker appends: its next dump starts at the top
