@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import re
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ HEADER_END = "--\n"
 # dump written by its timer (no "Current thread") can be read with the loop's stack first.
 # Not a dump, nor a note: a file holding nothing else is a clean exit's.
 LOOP_THREAD = "shunter loop thread: "
+_LOOP_THREAD_LINE = re.compile(rf"^{LOOP_THREAD}(0x[0-9a-f]+)$", re.MULTILINE)
 
 _file: TextIO | None = None
 _path: Path | None = None
@@ -100,6 +102,13 @@ def current() -> TextIO | None:
 def note_loop_thread() -> None:
     """Name the calling thread as the event loop's (see ``LOOP_THREAD``)."""
     _write(f"{LOOP_THREAD}0x{threading.get_ident():016x}\n")
+
+
+def loop_thread(text: str) -> str | None:
+    """The event loop's thread id ("0x…", as faulthandler names threads) that a crash
+    file's text names (``note_loop_thread``), if any."""
+    found = _LOOP_THREAD_LINE.search(text)
+    return None if found is None else found.group(1)
 
 
 def note(line: str) -> None:

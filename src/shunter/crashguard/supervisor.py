@@ -244,21 +244,14 @@ def _stacks_of(crash_dir: str, pid: int) -> str:
     try:
         text = path.read_text(errors="replace")
         os.truncate(path, 0)  # the worker appends: its next dump starts at the top
-        loop = re.search(
-            rf"^{crashfile.LOOP_THREAD}(0x[0-9a-f]+)$",
-            crashfile.crash_path(crash_dir, pid).read_text(errors="replace"),
-            re.MULTILINE,
-        )
+        loop = crashfile.loop_thread(crashfile.crash_path(crash_dir, pid).read_text())
     except OSError as exc:
         return f"(none: {exc})"
     sections = text.strip().split("\n\n")
     if loop is not None:  # its section first, however faulthandler ordered them
-        sections.sort(key=lambda s: not s.startswith(_thread_titles(loop.group(1))))
+        titles = (f"Thread {loop} ", f"Current thread {loop} ")
+        sections.sort(key=lambda section: not section.startswith(titles))
     return "\n\n".join(sections) or "(none written)"
-
-
-def _thread_titles(ident: str) -> tuple[str, str]:
-    return f"Thread {ident} ", f"Current thread {ident} "
 
 
 def _died(
@@ -331,7 +324,7 @@ def dying_stack(dump: str) -> str:
     first, or the event loop's when faulthandler's timer wrote the dump, then the others),
     bounded: what the quarantined record carries."""
     body = dump.split(crashfile.HEADER_END, 1)[-1]
-    loop = re.search(rf"^{crashfile.LOOP_THREAD}(0x[0-9a-f]+)$", body, re.MULTILINE)
+    loop = crashfile.loop_thread(body)
     body = "\n".join(
         line
         for line in body.splitlines()
@@ -343,7 +336,7 @@ def dying_stack(dump: str) -> str:
         s for s in sections if "Current thread" in s or s.startswith(("Fatal Python", "Timeout ("))
     ]
     if loop is not None:
-        current += [s for s in sections if s.startswith(f"Thread {loop.group(1)} ")]
+        current += [s for s in sections if s.startswith(f"Thread {loop} ")]
     others = [s for s in sections if s not in current]
     text = "\n\n".join(current + others)
     return text if len(text) <= _MAX_STACK else text[:_MAX_STACK] + "\n..."
