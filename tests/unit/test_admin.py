@@ -58,7 +58,7 @@ class FakePipeline:
             partition("g.retry.fast", 0, kind="retry", position=-1, end=None, lag=None),
             partition("gift", 2, stalled=True, stuck_seconds=200.0, held="handler running"),
         ]
-        self.callers = [CallerStatus("medal", "revenue", False, 4, 2, 7.25)]
+        self.callers = [CallerStatus("medal", "revenue", False, 4, 2, 7.25, stuck=1)]
 
     def status(self) -> tuple[list[PartitionStatus], list[CallerStatus]]:
         return self.partitions, self.callers
@@ -146,6 +146,7 @@ def test_stats_rows_come_from_status(monkeypatch: pytest.MonkeyPatch) -> None:
         assert (medal["ok"], medal["dlq"], medal["fast"]) == (1, 1, 0)
         assert (medal["queued"], medal["running"], medal["backlog"]) == (4, 2, 6)
         assert medal["oldest_pending_seconds"] == 7.25
+        assert medal["stuck"] == 1
         assert medal["lag"] == 15  # the source partitions of its category, here gift 0..2
         assert len(stats["partitions"]) == 4
 
@@ -172,6 +173,7 @@ def test_metrics_cover_every_partition_and_caller(monkeypatch: pytest.MonkeyPatc
         assert f"shunter_caller_pending{{{caller}}} 6.0" in lines
         assert f"shunter_caller_oldest_pending_seconds{{{caller}}} 7.25" in lines
         assert f"shunter_caller_paused{{{caller}}} 0.0" in lines
+        assert f"shunter_caller_stuck_slots{{{caller}}} 1.0" in lines
         assert "shunter_consumer_lag" not in text  # replaced by kafka_consumergroup_group_lag
 
     run_admin(monkeypatch, scenario)

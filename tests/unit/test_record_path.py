@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -147,8 +149,10 @@ def build(
     where: str | None = None,
     timeout: str = "30s",
     stall_after: str = "60s",
+    runtime: dict[str, Any] | None = None,
 ) -> tuple[Pipeline, Broker, list[tuple[str, int]]]:
-    """A pipeline over one topic whose category (with ``where``) every caller takes."""
+    """A pipeline over one topic whose category (with ``where``) every caller takes;
+    ``runtime``: each caller's ``SubscriberRuntime`` options."""
     category: dict[str, Any] = {"topics": [TOPIC]}
     if where is not None:
         category["where"] = where
@@ -178,7 +182,7 @@ def build(
         return invoke
 
     runtimes = {
-        c: SubscriberRuntime(c, receiving(c, f), settler, timeout=30.0)
+        c: SubscriberRuntime(c, receiving(c, f), settler, **{"timeout": 30.0, **(runtime or {})})
         for c, f in handlers.items()
     }
     pipeline = Pipeline(config, build_decoders(config), Router(config), runtimes, settler, stats)
@@ -625,6 +629,55 @@ def test_a_stuck_partition_is_reported_stalled_with_its_reason_until_it_moves(
         [row] = pipeline.status()[0]
         assert not row.stalled and row.position == 2
         assert any("moves again" in r.message for r in caplog.records)
+
+    asyncio.run(scenario())
+
+
+def test_a_stall_behind_handler_threads_past_their_timeout_says_they_hold_the_slots(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given caller 'blocking' on threads with 2 slots and a 0.1 s timeout, whose handler
+    never returns on offsets 0 and 1, when offset 2 queues behind them, then 0 and 1 are
+    settled as timeouts, and the partition stalls on 2 with a reason saying that all 2
+    slots are held by handlers still running (a thread cannot be stopped); the caller's
+    status counts them; when the threads return, 2 runs and the partition moves."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+        threads = ThreadPoolExecutor(4)
+
+        def blocking(msg: Message) -> None:
+            if msg.offset < 2:
+                gate.wait()
+
+        pipeline, _, received = build(
+            {"blocking": lambda msg: loop.run_in_executor(threads, blocking, msg)},
+            stall_after="0.2s",
+            runtime={"timeout": 0.1, "concurrency": 2, "threaded": True},
+        )
+        await start(pipeline)
+        try:
+            pipeline.handle_batch([KMsg(0), KMsg(1), KMsg(2)])
+            await asyncio.sleep(0.4)  # one key: 1 starts when 0 times out
+            tracker = pipeline.tracker.partitions[TP]
+            assert tracker.committable() == 2, "0 and 1 settled as timeouts (to the tier)"
+            assert ("blocking", 2) not in received
+            for _ in range(6):
+                pipeline.watch()
+                await asyncio.sleep(0.05)
+            [row], [caller] = pipeline.status()
+            assert row.stalled and "offset 2: queued for caller blocking" in row.held, row
+            assert "all 2 of its slots are held by handlers still running" in row.held, row
+            assert caller.stuck == 2 and caller.queued == 1
+            assert any("all 2 of its slots" in r.message for r in caplog.records)
+        finally:
+            gate.set()
+            threads.shutdown(wait=True)
+        await settle()
+        assert ("blocking", 2) in received
+        assert pipeline.tracker.partitions[TP].committable() == 3
+        assert pipeline.status()[1][0].stuck == 0
 
     asyncio.run(scenario())
 

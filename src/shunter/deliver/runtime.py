@@ -319,6 +319,13 @@ class SubscriberRuntime:
             if runner:
                 self._runners -= 1
 
+    @property
+    def stuck(self) -> int:
+        """Slots held by handlers that run on after their delivery was settled without
+        them (a thread past its timeout, a coroutine that ignored its cancellation, a
+        delivery an operator skipped): each frees its slot only when it returns."""
+        return self.lost_slots + len(self._detached)
+
     def may_start(self) -> bool:
         """Whether a queued delivery may start now (not paused, a slot free)."""
         return self._room()

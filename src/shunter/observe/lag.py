@@ -21,6 +21,7 @@ scrapes the same group, filter by ``job``.
 | shunter_caller_pending | per caller: queued + running (the name of earlier versions) |
 | shunter_caller_oldest_pending_seconds | age of the caller's oldest queued/running record |
 | shunter_caller_paused | 1 while the caller is paused |
+| shunter_caller_stuck_slots | slots held by handlers running on after their delivery was settled |
 | shunter_caller_flood_paused | 1 while the dead-letter flood guard holds the caller paused |
 """
 
@@ -123,15 +124,23 @@ def caller_families(
         "1 while the dead-letter flood guard holds the caller paused.",
         labels=_CALLER,
     )
+    stuck = GaugeMetricFamily(
+        "shunter_caller_stuck_slots",
+        "Slots of the caller held by handlers that run on after their delivery was settled "
+        "without them (a thread past its timeout, a coroutine that ignored its "
+        "cancellation, a skipped delivery); at the caller's concurrency nothing of it runs.",
+        labels=_CALLER,
+    )
     for row in rows:
         labels = [row.caller, row.category]
+        stuck.add_metric(labels, row.stuck)
         for state, n in backlog_parts(row).items():
             backlog.add_metric([*labels, state], n)
         pending.add_metric(labels, row.queued + row.running)
         oldest.add_metric(labels, row.oldest_pending_seconds)
         paused.add_metric(labels, 1.0 if row.paused else 0.0)
         flood.add_metric(labels, 1.0 if row.paused and row.caller in flood_paused else 0.0)
-    yield from (backlog, pending, oldest, paused, flood)
+    yield from (backlog, pending, oldest, paused, flood, stuck)
 
 
 def lag_gauges(service: Any) -> Callable[[], Iterator[GaugeMetricFamily]]:

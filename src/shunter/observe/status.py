@@ -58,6 +58,7 @@ class CallerStatus:
     queued: int  # deliveries waiting for a slot or their lane
     running: int  # deliveries suspended in the handler
     oldest_pending_seconds: float  # age (Kafka timestamp) of its oldest queued/running record
+    stuck: int = 0  # slots held by handlers running on after their delivery was settled
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,6 +157,7 @@ def snapshot(pipeline: Pipeline, now: float) -> tuple[list[PartitionStatus], lis
                 queued=runtime.queued,
                 running=runtime.active,
                 oldest_pending_seconds=max(0.0, (wall_ms - min(stamps)) / 1000) if stamps else 0.0,
+                stuck=runtime.stuck,
             )
         )
     return partitions, callers
@@ -170,6 +172,8 @@ class _Oldest:
     caller: str
     running: bool
     paused: bool
+    stuck: int  # the caller's slots held by handlers running on past their delivery
+    concurrency: int
 
 
 def why_held(pipeline: Pipeline, tp: TP, oldest: dict[TP, _Oldest] | None = None) -> str:
@@ -186,11 +190,28 @@ def why_held(pipeline: Pipeline, tp: TP, oldest: dict[TP, _Oldest] | None = None
         if found.running:
             return f"{where}: in the handler of caller {found.caller}"
         paused = " (caller paused)" if found.paused else ""
-        return f"{where}: queued for caller {found.caller}{paused}"
+        return f"{where}: queued for caller {found.caller}{paused}{_stuck(found)}"
     failing = pipeline.settler.failing.get((tp, offset))
     if failing:
         return f"{where}: its write keeps failing ({failing})"
     return f"{where}: waiting for the broker to acknowledge its retry or dead-letter record"
+
+
+def _stuck(found: _Oldest) -> str:
+    """What holds a caller's slots when its handlers run on past their deliveries: the
+    reason a queued delivery may never start (a thread cannot be stopped)."""
+    if not found.stuck:
+        return ""
+    held = (
+        f"all {found.concurrency} of its slots are"
+        if found.stuck >= found.concurrency
+        else f"{found.stuck} of its {found.concurrency} slots are"
+    )
+    return (
+        f"; {held} held by handlers still running after their deliveries were settled "
+        "without them (threads past their timeout, or coroutines that ignored it): each "
+        "frees its slot when it returns, and a restart frees them all"
+    )
 
 
 def watch(pipeline: Pipeline, now: float) -> None:
@@ -226,5 +247,13 @@ def _oldest_pending(pipeline: Pipeline) -> dict[TP, _Oldest]:
             tp = record.ptrack.tp
             found = oldest.get(tp)
             if found is None or record.seq < found.offset:
-                oldest[tp] = _Oldest(record.seq, record.timestamp, caller, running, runtime.paused)
+                oldest[tp] = _Oldest(
+                    record.seq,
+                    record.timestamp,
+                    caller,
+                    running,
+                    runtime.paused,
+                    runtime.stuck,
+                    runtime.concurrency,
+                )
     return oldest
