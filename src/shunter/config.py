@@ -376,7 +376,10 @@ class CrashGuardConfig(_Strict):
     """Turn the crash guard (and its journal writes) off."""
     loop_blocked_after: Duration = 5.0
     """The event-loop watchdog: a loop blocked this long is logged with its stack;
-    0 turns the report off."""
+    0 turns the report off. A call that holds the GIL stops the watchdog's thread too:
+    under ``shunter run``'s supervisor, a watchdog silent this long has every thread's
+    stack logged by the supervisor instead (SIGUSR2 to the worker; ``kill -USR1`` on a
+    worker writes the same to its stderr at any time)."""
     loop_blocked_restart_after: Duration = 60.0
     """A loop blocked this long ends the process (SIGABRT, the blocking line in its
     crash file; a handler that holds the GIL, by faulthandler's timer 10 s later) for its
