@@ -6,15 +6,14 @@ with the loop's stack, while other suspects that hang only time out."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from crashtools import gil_blocked_dump
 
-from shunter.crashguard import crashfile, supervisor
+from shunter.crashguard import supervisor
 from shunter.crashguard.sandbox import Sandbox, SandboxSpec
 from shunter.crashguard.watchdog import blocked_frames, blocked_on
 from shunter.message import Message, Record
@@ -167,32 +166,8 @@ def blocked_loop_stack(tmp_path: Path, ref: str, offset: int) -> str:
     """The stack a dispatcher leaves when faulthandler's timer ends it, its loop blocked
     holding the GIL by ``ref``'s delivery of ``offset``: what the supervisor hands on."""
     module, handler = ref.split(":")
-    script = textwrap.dedent(f"""
-        import asyncio, sys
-        sys.path.insert(0, {str(tmp_path)!r})
-        from {module} import {handler} as handler
-        from shunter.crashguard import crashfile, start_watchdog, watchdog
-        from shunter.deliver import SubscriberRuntime
-        from shunter.testing import make_message
-
-        crashfile.enable({str(tmp_path / "crash")!r})
-        watchdog._BACKSTOP_GRACE = 1.0
-
-        async def main():
-            start_watchdog(asyncio.get_running_loop(), 0.2, interval=0.02, end_after=0.5)
-            await asyncio.sleep(0.3)  # the loop has answered, and armed the timer
-            msg = make_message({{"n": {offset}}}, offset={offset}, caller="medal")
-            rt = SubscriberRuntime(msg.caller, handler, lambda m, o, e: None)
-            rt.submit(msg)
-            rt.kick()
-            await asyncio.sleep(3600)
-
-        asyncio.run(main())
-    """)
-    dead = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
-    assert dead.returncode == 1, dead.stderr.decode()[-2000:]
-    [(_, dump)] = crashfile.leftovers(tmp_path / "crash")
-    return supervisor.dying_stack(dump)
+    define = f"sys.path.insert(0, {str(tmp_path)!r})\nfrom {module} import {handler} as handler"
+    return supervisor.dying_stack(gil_blocked_dump(tmp_path / "crash", define, offset))
 
 
 def test_after_a_gil_holding_hang_only_a_suspect_stuck_where_the_loop_was_counts(

@@ -3,11 +3,11 @@ made progress at once."""
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
 import pytest
+from crashtools import stand_in_worker
 
 from shunter.crashguard import supervisor
 from shunter.crashguard.crashfile import HEADER_END
@@ -38,7 +38,7 @@ def fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deaths: int,
     """A stand-in for ``python -m shunter.cli.main``: dies ``deaths`` times, touching its
     progress file first if ``touch``, then exits 0. Returns the file counting its runs."""
     runs = tmp_path / "runs"
-    (tmp_path / "fakeworker.py").write_text(textwrap.dedent(f"""
+    stand_in_worker(tmp_path, monkeypatch, "fakeworker", textwrap.dedent(f"""
         import os
         def main():
             runs = {str(runs)!r}
@@ -48,12 +48,6 @@ def fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deaths: int,
                 os.utime(os.environ["SHUNTER_PROGRESS_FILE"])
             os._exit(0 if n >= {deaths} else 1)
     """))
-    cli = tmp_path / "shunter" / "cli"
-    cli.mkdir(parents=True)
-    (tmp_path / "shunter" / "__init__.py").write_text("")
-    (cli / "__init__.py").write_text("")
-    (cli / "main.py").write_text("import fakeworker\nfakeworker.main()\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return runs
 
 
@@ -80,7 +74,10 @@ def watched_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -
     Returns the crash directory."""
     crash = tmp_path / "crash"
     runs = tmp_path / "runs"
-    (tmp_path / "watchedworker.py").write_text(
+    stand_in_worker(
+        tmp_path,
+        monkeypatch,
+        "watchedworker",
         textwrap.dedent(f"""
         import asyncio, os, re, sys
 
@@ -103,14 +100,8 @@ def watched_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -
             async def run():
         """)
         + textwrap.indent(textwrap.dedent(body), " " * 12)
-        + "\n    asyncio.run(run())\n    crashfile.disable()\n"
+        + "\n    asyncio.run(run())\n    crashfile.disable()\n",
     )
-    cli = tmp_path / "shunter" / "cli"
-    cli.mkdir(parents=True)
-    (tmp_path / "shunter" / "__init__.py").write_text("")
-    (cli / "__init__.py").write_text("")
-    (cli / "main.py").write_text("import watchedworker\nwatchedworker.main()\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return crash
 
 

@@ -4,11 +4,11 @@ supervisor with status 1."""
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
 import pytest
+from crashtools import stand_in_worker
 
 from shunter.crashguard import supervisor
 
@@ -35,15 +35,8 @@ def main():
 def fake_workers(tmp: Path, monkeypatch: pytest.MonkeyPatch, deaths: int, lives: float) -> None:
     """Worker 1 dies ``deaths`` times, then exits 0; worker 0 lives ``lives`` seconds
     (or until SIGTERM, which it records) and exits 0."""
-    (tmp / "fakeworkers.py").write_text(
-        textwrap.dedent(FAKE.format(tmp=str(tmp), deaths=deaths, lives=lives))
-    )
-    cli = tmp / "shunter" / "cli"
-    cli.mkdir(parents=True)
-    (tmp / "shunter" / "__init__.py").write_text("")
-    (cli / "__init__.py").write_text("")
-    (cli / "main.py").write_text("import fakeworkers\nfakeworkers.main()\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    code = textwrap.dedent(FAKE.format(tmp=str(tmp), deaths=deaths, lives=lives))
+    stand_in_worker(tmp, monkeypatch, "fakeworkers", code)
 
 
 @pytest.mark.timeout(60)
