@@ -7,6 +7,7 @@ The handlers are module-level: worker processes import them from here."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 import shunter
 from shunter.config import SubscriberConfig
 from shunter.deliver import SubscriberRuntime
-from shunter.deliver.process import process_invoke
+from shunter.deliver.process import WorkerPool, process_invoke
 from shunter.errors import ConfigError
 from shunter.outcome import SUCCEEDED, DeadLettered, Failed, Outcome
 from shunter.testing import make_message
@@ -31,6 +32,13 @@ def behaves_as_told(msg: shunter.Message) -> None:
         raise KeyError("anchor_level")
     if what == "hang":
         time.sleep(60)
+
+
+def hangs_in_place(msg: shunter.Message) -> None:
+    if msg.value["do"] == "ignore SIGABRT":  # a handler that took the signal for itself
+        signal.signal(signal.SIGABRT, signal.SIG_IGN)
+    if msg.value["do"] != "ok":
+        time.sleep(3600)
 
 
 async def behaves_as_told_async(msg: shunter.Message) -> None:
@@ -91,6 +99,34 @@ def test_a_delivery_past_its_timeout_kills_its_worker_and_the_pool_goes_on() -> 
     hung, *rest = outcomes
     assert isinstance(hung, Failed) and hung.error_type == "shunter.errors.DeliveryTimeout"
     assert rest == [SUCCEEDED] * 4
+
+
+def test_abort_returns_where_a_hanging_worker_is_stuck_and_the_pool_goes_on() -> None:
+    """Given a delivery hanging in a worker, when the pool aborts it (what the crash
+    guard's sandbox does to see where a suspect hangs), then the worker's faulthandler
+    dump names the hanging line; a worker whose handler ignores SIGABRT is killed after
+    the grace, with no dump; either way the delivery is cancelled and the pool's next
+    delivery succeeds on a fresh worker."""
+
+    async def scenario() -> list[str]:
+        pool = WorkerPool("medal", "test_process_pool:hangs_in_place", 1).start()
+        dumps = []
+        try:
+            for do in ("hang", "ignore SIGABRT"):
+                running = pool.run(make_message({"do": do}, caller="medal"))
+                await asyncio.sleep(2.0)  # started (a worker's start-up), and hanging
+                assert not running.done()
+                dumps.append(await asyncio.wait_for(pool.abort(running), 30))
+                assert running.cancelled()
+            ok = await asyncio.wait_for(pool.run(make_message({"do": "ok"}, caller="medal")), 30)
+            assert ok is None, "the next delivery succeeds"
+        finally:
+            await pool.close()
+        return dumps
+
+    hang, ignored = asyncio.run(scenario())
+    assert "Fatal Python error: Aborted" in hang and "in hangs_in_place" in hang, hang
+    assert ignored == ""
 
 
 def test_a_handler_workers_cannot_import_is_refused_at_start() -> None:

@@ -244,7 +244,8 @@ def _stacks_of(crash_dir: str, pid: int) -> str:
     try:
         text = path.read_text(errors="replace")
         os.truncate(path, 0)  # the worker appends: its next dump starts at the top
-        loop = crashfile.loop_thread(crashfile.crash_path(crash_dir, pid).read_text())
+        crash = crashfile.crash_path(crash_dir, pid).read_text(errors="replace")
+        loop = crashfile.loop_thread(crash)
     except OSError as exc:
         return f"(none: {exc})"
     sections = text.strip().split("\n\n")
