@@ -46,6 +46,7 @@ COMPILED = [
     "src/shunter/observe/flood.py",
     "src/shunter/settle/headers.py",
     "src/shunter/settle/route.py",
+    "src/shunter/outcome.py",
 ]
 
 

@@ -46,9 +46,14 @@ def bounded(text: str, limit: int) -> bytes:
     return b"..." + data[-(limit - 3) :]
 
 
-# Not frozen: a frozen dataclass's __init__ sets each of these 17 fields through
-# object.__setattr__, ~1.5 µs of every failure; nothing changes one after it is built
-# (``dataclasses.replace`` makes a changed copy).
+# Built for every failure. Not frozen: a frozen dataclass's __init__ sets each field
+# through object.__setattr__; nothing changes one after it is built all the same
+# (``dataclasses.replace`` makes a changed copy). Its __init__ is written out: the one
+# ``@dataclass`` generates is interpreted even when this module is compiled, and took
+# ~15,000 instructions of a failure's ~117,000 (called with keywords from compiled code,
+# its 17 fields set one by one through descriptors); the compiled one ~1,000
+# (``scripts/pipeline-cost --failing``). repr, eq and ``replace`` still come from the
+# dataclass, which keeps an __init__ the class defines.
 @dataclass(slots=True)
 class FailureInfo:
     """What the headers of a retry or dead-letter record say."""
@@ -70,6 +75,44 @@ class FailureInfo:
     origin_key: bytes | None = None
     signal: str = ""
     requeued_ms: int = 0  # see REQUEUED; 0: never requeued
+
+    def __init__(
+        self,
+        caller: str,
+        category: str,
+        attempt: int,
+        stage: str,
+        error_type: str,
+        error: str,
+        traceback: str,
+        first_failure_ms: int,
+        not_before_ms: int,
+        origin_topic: str,
+        origin_partition: int,
+        origin_offset: int,
+        origin_timestamp_ms: int,
+        tier: str,
+        origin_key: bytes | None = None,
+        signal: str = "",
+        requeued_ms: int = 0,
+    ) -> None:
+        self.caller = caller
+        self.category = category
+        self.attempt = attempt
+        self.stage = stage
+        self.error_type = error_type
+        self.error = error
+        self.traceback = traceback
+        self.first_failure_ms = first_failure_ms
+        self.not_before_ms = not_before_ms
+        self.origin_topic = origin_topic
+        self.origin_partition = origin_partition
+        self.origin_offset = origin_offset
+        self.origin_timestamp_ms = origin_timestamp_ms
+        self.tier = tier
+        self.origin_key = origin_key
+        self.signal = signal
+        self.requeued_ms = requeued_ms
 
 
 def encode(info: FailureInfo) -> list[tuple[str, bytes]]:

@@ -8,11 +8,16 @@ from ..config import RetryConfig
 from ..outcome import DeadLettered, Failed, Outcome, Succeeded
 
 
-@dataclass(slots=True)  # not frozen: built for every failure (see outcome.Failed)
+@dataclass(slots=True)  # built for every failure: as outcome.Failed
 class Destination:
     tier: str  # done | fast | slow | dlq
     next_attempt: int
     delay: float
+
+    def __init__(self, tier: str, next_attempt: int, delay: float) -> None:
+        self.tier = tier
+        self.next_attempt = next_attempt
+        self.delay = delay
 
 
 DONE = Destination("done", 0, 0.0)
