@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import traceback
 
-from shunter.deliver.failure import format_traceback
+from shunter.deliver.failure import failure, format_traceback
+from shunter.errors import DeadLetter, RetryLater
+from shunter.outcome import DeadLettered, Failed
 
 
 def fails(offset: int) -> BaseException:
@@ -119,3 +121,28 @@ def test_the_exception_line_is_what_python_prints_for_every_kind_of_exception() 
             exc.__context__ = None
             expected = "".join(traceback.format_exception(exc))
             assert format_traceback(exc) == expected, repr(kind)
+
+
+def test_a_dead_letter_whose_reason_was_replaced_is_still_dead_lettered() -> None:
+    """A handler may change the exception after building it: whatever its reason is then,
+    it is dead-lettered with that reason as text, never retried instead (the compiled
+    build checks an attribute's declared type when it reads it)."""
+    exc = DeadLetter("built with text")
+    exc.reason = b"then bytes"  # type: ignore[assignment]
+    outcome = failure(exc)
+    assert isinstance(outcome, DeadLettered)
+    assert outcome.reason == "b'then bytes'"
+
+
+def test_a_retry_whose_attributes_were_replaced_keeps_its_message_and_deferral() -> None:
+    """As above for RetryLater: a delay that is no longer a number falls back to the
+    tier's own; the message and whether the attempt counts stay as raised."""
+    exc = RetryLater(30, "circuit open", count_attempt=False)
+    exc.delay = "soon"  # type: ignore[assignment]
+    outcome = failure(exc)
+    assert isinstance(outcome, Failed)
+    assert (outcome.error, outcome.delay, outcome.counts) == ("circuit open", None, False)
+    exc.delay, exc.count_attempt = 7, 1  # type: ignore[assignment]
+    outcome = failure(exc)
+    assert isinstance(outcome, Failed)
+    assert (outcome.delay, outcome.counts, outcome.traceback != "") == (7.0, True, True)

@@ -13,6 +13,11 @@ from ..errors import DeadLetter, DeliveryTimeout, RetryLater, WorkerDied, checke
 from ..outcome import DeadLettered, Failed
 
 _MAX_TRACEBACK = 16_384
+# getattr itself, an attribute read as an object: compiled, ``getattr(x, name, default)``
+# of a missing attribute raises and clears an AttributeError (its message formatted),
+# ~0.25 µs, where the builtin looks it up without one; and ``x.attr`` of a non-compiled
+# class is checked to be its declared type.
+_lookup: Callable[[object, str, object], object] = builtins.getattr
 # This package's frames: run from source, or compiled (runtime.py; see COMPILED_SOURCE).
 _DELIVER = (os.path.dirname(os.path.abspath(__file__)) + os.sep, COMPILED_SOURCE + "deliver/")
 
@@ -78,12 +83,6 @@ def format_traceback(exc: BaseException) -> str:
     return text
 
 
-# getattr itself: compiled, ``getattr(x, name, default)`` of a missing attribute raises
-# and clears an AttributeError (its message formatted), ~0.25 µs; the builtin looks it up
-# without one.
-_lookup: Callable[[object, str, object], object] = builtins.getattr
-
-
 def _exception_line(exc: BaseException) -> str:
     """``traceback.format_exception_only(exc)`` joined, without the ~3 µs of building a
     ``TracebackException`` for the common case: no notes, not a ``SyntaxError`` (whose
@@ -117,17 +116,24 @@ def failure(exc: BaseException) -> Failed | DeadLettered:
 
 
 def _outcome(exc: BaseException) -> Failed | DeadLettered:
+    # The attributes of shunter's own exceptions are read as objects: a handler may have
+    # replaced one after building it, and compiled, ``exc.reason`` would be checked to be
+    # the str it was built as (a DeadLetter with a reason of bytes would be retried
+    # instead of dead-lettered, a RetryLater lose its message).
     if isinstance(exc, DeadLetter):
-        return DeadLettered(_text(exc.reason), "DeadLetter", format_traceback(exc))
+        reason = _lookup(exc, "reason", "")
+        return DeadLettered(_text(reason), "DeadLetter", format_traceback(exc))
     if isinstance(exc, RetryLater):
-        tb = format_traceback(exc) if exc.count_attempt else ""
-        delay = exc.delay
-        if delay is not None:  # checked at construction; the attribute may have changed
+        counts = bool(_lookup(exc, "count_attempt", True))
+        tb = format_traceback(exc) if counts else ""
+        delay: float | None = None
+        wanted = _lookup(exc, "delay", None)
+        if wanted is not None:  # checked at construction; the attribute may have changed
             try:
-                delay = checked_delay(delay)
+                delay = checked_delay(wanted)
             except (TypeError, ValueError):
                 delay = None
-        return Failed(error_type(exc), _text(exc), tb, delay=delay, counts=exc.count_attempt)
+        return Failed(error_type(exc), _text(exc), tb, delay=delay, counts=counts)
     signal = exc.signal if isinstance(exc, WorkerDied) else ""
     return Failed(error_type(exc), _text(exc), format_traceback(exc), signal=signal)
 
